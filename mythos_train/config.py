@@ -1,0 +1,432 @@
+"""One tree of typed dataclasses for a whole job, loaded from TOML with `--section.field=value` overrides.
+
+Every field carries a one-line docstring (the string literal under it); `python -m mythos_train train --help`
+prints them. All validation happens here, before any process group starts, so a bad config never costs a
+rendezvous: unknown keys (with the closest valid names), wrong types, and semantic conflicts.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from data_pipeline.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any distributed state exists."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Names follow open-mythos 0.5.0's `MythosConfig` so presets and exports line up."""
+
+    vocab_size: int = 8192
+    "Token vocabulary size; must equal the tokenizer's."
+    dim: int = 256
+    "Hidden size of every block."
+    n_heads: int = 8
+    "Query heads (MLA and GQA)."
+    n_kv_heads: int = 2
+    "Key/value heads for GQA (ignored by MLA)."
+    max_seq_len: int = 1024
+    "Longest sequence RoPE tables are built for (training windows and generation)."
+    max_loop_iters: int = 16
+    "Loop steps with their own depth-LoRA scale; deeper inference reuses the last one."
+    prelude_layers: int = 2
+    "Dense blocks run once before the loop."
+    coda_layers: int = 2
+    "Dense blocks run once after the loop."
+    attn_type: Literal["mla", "gqa"] = "mla"
+    "Attention: DeepSeek-V2 multi-latent ('mla') or grouped-query ('gqa')."
+    kv_lora_rank: int = 64
+    "MLA: width of the cached KV latent."
+    q_lora_rank: int = 128
+    "MLA: width of the query latent."
+    qk_rope_head_dim: int = 16
+    "MLA: per-head query/key dims that get RoPE."
+    qk_nope_head_dim: int = 32
+    "MLA: per-head query/key dims without RoPE."
+    v_head_dim: int = 32
+    "MLA: per-head value dim."
+    n_experts: int = 64
+    "Fine-grained routed experts in the looped block's MoE."
+    n_shared_experts: int = 2
+    "Always-on shared experts (each expert_dim * n_experts_per_tok wide, as in open-mythos)."
+    n_experts_per_tok: int = 4
+    "Routed experts each token is sent to (top-k)."
+    expert_dim: int = 64
+    "Hidden width of one routed expert."
+    dense_ffn_dim: int = 0
+    "Hidden width of the prelude/coda SwiGLU; 0 means dim * 4 // 3 (open-mythos)."
+    use_act: bool = False
+    "ACT halting weights the loop outputs; off = the last state. Off by default: OpenMythos PR #58 saw ACT + fixed depth blow up at 16 loops (ppl 57.9 -> 170.7) while random depth without ACT stayed flat to 64."
+    act_threshold: float = 0.99
+    "ACT: cumulative halting probability at which a position stops."
+    injection: Literal["lti", "parcae"] = "lti"
+    "Loop update: 'lti' = A*h + B*e (open-mythos, diagonal B); 'parcae' = exp(-dt*A)*h + dt*(B e) with a full B."
+    lora_rank: int = 8
+    "Rank of the depth-wise LoRA on the looped block's output."
+    rope_theta: float = 500000.0
+    "RoPE base frequency."
+    norm_eps: float = 1e-6
+    "RMSNorm epsilon."
+    init_std: float = 0.02
+    "Std of the normal init of linear and embedding weights (open-mythos)."
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.dense_ffn_dim or self.dim * 4 // 3
+
+
+@dataclass
+class ParallelConfig:
+    """Device mesh and parallelism. Axes: dp_replicate (HSDP, across nodes) x dp_shard (FSDP); ep borrows from dp_shard."""
+
+    dp_replicate: int = 1
+    "HSDP replica groups (usually the node count); 1 = plain FSDP."
+    dp_shard: int = -1
+    "FSDP shard group size; -1 = world_size // dp_replicate."
+    ep: int = 1
+    "Expert-parallel degree: experts split over this many ranks of each dp_shard group (must divide dp_shard)."
+    activation_checkpoint: Literal["none", "loop", "full"] = "loop"
+    "'loop' recomputes each gradient loop iteration in backward; 'full' also each prelude/coda block."
+    reshard_per_iteration: bool = False
+    "Re-shard the looped block after every iteration (one all-gather per iteration): only for blocks too big to keep unsharded across the loop."
+    compile: bool = False
+    "torch.compile each block (the loop stays eager, so sampled depths never recompile)."
+    param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    "Compute dtype of gathered parameters; 'auto' = bfloat16 on CUDA, float32 on CPU (master weights stay fp32)."
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    "Gradient reduce-scatter / all-reduce dtype."
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    "Process-group backend; 'auto' = nccl with CUDA, else gloo."
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop and the per-step loop-depth sampler."""
+
+    run_dir: str = "runs/debug"
+    "Where TensorBoard events, plots, traces and (by default) checkpoints go."
+    steps: int = 200
+    "Optimizer steps to train."
+    seq_len: int = 256
+    "Tokens per training window."
+    micro_batch_size: int = 8
+    "Windows per rank per forward/backward."
+    grad_accum_steps: int = 1
+    "Micro-batches per optimizer step (global batch = micro * accum * data-parallel ranks)."
+    seed: int = 0
+    "Seed for init, depth sampling and data order."
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    "'auto' = CUDA when available."
+    depth_distribution: Literal["fixed", "uniform", "poisson-lognormal", "poisson"] = "poisson-lognormal"
+    "Per-step loop depth: fixed, uniform[min,max], Huginn's Poisson-LogNormal (sigma 0.5), or Parcae's Poisson; random depth keeps more loops at inference stable (PR #58)."
+    mean_depth: float = 4.0
+    "Mean total loop depth (gradient-free + gradient iterations)."
+    min_depth: int = 1
+    "Smallest total depth drawn."
+    max_depth: int = 16
+    "Largest total depth drawn (caps the distribution's tail)."
+    backprop_depth: int = 4
+    "Most iterations that get gradients (truncated backprop: the last k of the loop)."
+    router_bias_rate: float = 1e-3
+    "Aux-loss-free balancing: bias += rate * sign(mean_load - load) per step (DeepSeek-V3)."
+    max_grad_norm: float = 1.0
+    "Clip the global gradient norm (dense and expert meshes together); 0 = off."
+    max_skipped_steps: int = 5
+    "Stop with an error after this many non-finite steps in a row."
+    log_every: int = 10
+    "Console and TensorBoard scalars every N steps."
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay (2-D weights only) and a warmup + decay LR schedule."""
+
+    lr: float = 3e-3
+    "Peak learning rate."
+    min_lr_ratio: float = 0.1
+    "Final LR as a fraction of the peak."
+    warmup_steps: int = 20
+    "Linear warmup steps."
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    "Decay after warmup: cosine, warmup-stable-decay, or constant."
+    wsd_decay_fraction: float = 0.2
+    "WSD: fraction of steps spent in the final linear decay."
+    weight_decay: float = 0.1
+    "AdamW weight decay on matrices; norms, biases, embeddings' scales and 1-D params get none."
+    beta1: float = 0.9
+    "AdamW beta1."
+    beta2: float = 0.95
+    "AdamW beta2."
+    eps: float = 1e-8
+    "AdamW epsilon."
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded torch.distributed.checkpoint saves; resume picks the newest complete one."""
+
+    enabled: bool = True
+    "Save checkpoints."
+    folder: str = ""
+    "Checkpoint directory; empty = <run_dir>/checkpoints."
+    every_steps: int = 50
+    "Save every N steps (and at the end)."
+    keep_last: int = 3
+    "Complete checkpoints kept; older ones are deleted."
+    async_save: bool = False
+    "Save in the background on a dedicated gloo group, overlapping the next steps."
+    resume: bool = True
+    "Resume from the newest complete checkpoint in folder, if any."
+
+
+@dataclass
+class MetricsConfig:
+    """TensorBoard and console metrics."""
+
+    tensorboard: bool = True
+    "Write TensorBoard event files under <run_dir>/tb."
+    loop_telemetry: bool = True
+    "Log per-iteration ||h_t||, expert load and ACT halting depth."
+    cpu_peak_tflops: float = 0.0
+    "Peak FLOP/s for MFU on CPU, in TFLOP/s; 0 = measure an fp32 matmul at startup."
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler schedule; traces land in <run_dir>/profile/rank<N>."""
+
+    enabled: bool = False
+    "Run torch.profiler."
+    wait: int = 5
+    "Profiler schedule: steps skipped first."
+    warmup: int = 1
+    "Profiler schedule: warmup steps."
+    active: int = 2
+    "Profiler schedule: recorded steps."
+    repeat: int = 1
+    "Profiler schedule: cycles (0 = until the end)."
+    memory_snapshot: bool = False
+    "Dump a CUDA memory snapshot (GPU only)."
+
+
+@dataclass
+class EvalConfig:
+    """Validation loss vs inference loop count: the signature plot of a recurrent-depth model."""
+
+    every_steps: int = 100
+    "Evaluate every N steps (and at the end); 0 = only at the end."
+    loop_counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    "Inference loop counts to measure validation loss at."
+    batches: int = 4
+    "Validation micro-batches per loop count."
+    sample_prompt: str = "def main("
+    "Prompt for the greedy sample logged as text."
+    sample_tokens: int = 48
+    "Tokens to generate for the sample."
+    sample_loops: int = 8
+    "Loop count used for the sample."
+
+
+@dataclass
+class JobConfig:
+    """The whole job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check (TOML) or parse (CLI string) `value` as type `tp`; raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1]
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]").split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v.strip() if isinstance(v, str) else v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return _convert(value, next(a for a in typing.get_args(tp) if a is not type(None)), where)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, str):
+            try:
+                value = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not float(value).is_integer()):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _set_section(section: Any, values: dict, where: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    names = [f.name for f in dataclasses.fields(section)]
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(close)}?)" if close else f" (valid: {', '.join(names)})"
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+        setattr(section, key, _convert(value, hints[key], f"{where}.{key}"))
+
+
+def _apply(cfg: JobConfig, tree: dict, where: str) -> None:
+    sections = [f.name for f in dataclasses.fields(cfg)]
+    for name, values in tree.items():
+        if name not in sections:
+            close = difflib.get_close_matches(name, sections, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(close)}?)" if close else f" (valid: {', '.join(sections)})"
+            raise ConfigError(f"{where}: unknown section '[{name}]'{hint}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: '{name}' must be a table [{name}]")
+        _set_section(getattr(cfg, name), values, f"{where}: {name}" if where.endswith(".toml") else name)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--section.field=value` (or `--section.field value`) into a nested dict of strings."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"command line: expected --section.field=value, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"command line: {arg} needs a value")
+        section, name = key.split(".", 1)
+        tree.setdefault(section, {})[name] = value
+        i += 1
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Defaults <- TOML file <- command-line overrides. Does not validate against a world size."""
+    cfg = JobConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            tree = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+        _apply(cfg, tree, str(path))
+    _apply(cfg, parse_overrides(overrides or []), "command line")
+    return cfg
+
+
+def to_dict(cfg: JobConfig) -> dict:
+    """Plain nested dict (for logging the resolved config next to the run)."""
+    return dataclasses.asdict(cfg)
+
+
+def field_docs(section_type: type) -> dict[str, str]:
+    """Field name -> its docstring literal, read from the class source (for --help)."""
+    import inspect
+
+    tree = ast.parse(inspect.getsource(section_type))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
+    """Resolved mesh axis sizes: dp_replicate, dp_shard, ep and efsdp (the experts' own shard axis)."""
+    dp_shard = parallel.dp_shard if parallel.dp_shard != -1 else world_size // max(parallel.dp_replicate, 1)
+    _check(parallel.dp_replicate >= 1 and dp_shard >= 1, "parallel.dp_replicate and parallel.dp_shard must be >= 1 (dp_shard may be -1 = auto)")
+    _check(
+        parallel.dp_replicate * dp_shard == world_size,
+        f"parallel: mesh dp_replicate({parallel.dp_replicate}) x dp_shard({dp_shard}) = "
+        f"{parallel.dp_replicate * dp_shard} != world size {world_size}",
+    )
+    _check(parallel.ep >= 1 and dp_shard % parallel.ep == 0, f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dp_shard})")
+    return {"dp_replicate": parallel.dp_replicate, "dp_shard": dp_shard, "ep": parallel.ep, "efsdp": dp_shard // parallel.ep}
+
+
+def validate(cfg: JobConfig, world_size: int = 1) -> None:
+    """Every cross-field rule, raised as ConfigError naming the field(s), before any process group exists."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    for name in ("vocab_size", "dim", "n_heads", "n_experts", "n_experts_per_tok", "expert_dim", "max_loop_iters", "max_seq_len"):
+        _check(getattr(m, name) > 0, f"model.{name} must be > 0")
+    _check(m.prelude_layers >= 0 and m.coda_layers >= 0, "model.prelude_layers and model.coda_layers must be >= 0")
+    _check(m.dim % m.n_heads == 0, f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
+    if m.attn_type == "gqa":
+        _check(m.n_heads % m.n_kv_heads == 0, f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
+        _check((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for RoPE")
+    else:
+        _check(m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim ({m.qk_rope_head_dim}) must be even for RoPE")
+    _check(m.dim // 8 >= 2 and (m.dim // 8) % 2 == 0, f"model.dim ({m.dim}) must give an even loop-embedding width dim // 8")
+    _check(m.n_experts_per_tok <= m.n_experts, f"model.n_experts_per_tok ({m.n_experts_per_tok}) must be <= model.n_experts ({m.n_experts})")
+    _check(0.0 < m.act_threshold <= 1.0, "model.act_threshold must be in (0, 1]")
+    _check(m.n_experts % p.ep == 0, f"model.n_experts ({m.n_experts}) must be divisible by parallel.ep ({p.ep})")
+    mesh_sizes(p, world_size)
+
+    _check(t.steps >= 0 and t.seq_len > 0 and t.micro_batch_size > 0 and t.grad_accum_steps > 0, "train.steps, seq_len, micro_batch_size, grad_accum_steps must be positive")
+    _check(t.seq_len <= m.max_seq_len, f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
+    _check(1 <= t.min_depth <= t.max_depth, f"train.min_depth ({t.min_depth}) must be in [1, train.max_depth ({t.max_depth})]")
+    _check(t.min_depth <= t.mean_depth <= t.max_depth, f"train.mean_depth ({t.mean_depth}) must lie in [train.min_depth, train.max_depth] = [{t.min_depth}, {t.max_depth}]")
+    _check(1 <= t.backprop_depth <= t.max_depth, f"train.backprop_depth ({t.backprop_depth}) must be in [1, train.max_depth ({t.max_depth})]")
+    if t.depth_distribution == "fixed":
+        _check(float(t.mean_depth).is_integer(), f"train.mean_depth ({t.mean_depth}) must be a whole number with depth_distribution = 'fixed'")
+    _check(t.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
+
+    o = cfg.optim
+    _check(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+    _check(0 <= o.warmup_steps, "optim.warmup_steps must be >= 0")
+    _check(0 < o.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction must be in (0, 1]")
+    _check(cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep_last >= 1, "checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+    _check(all(n >= 1 for n in cfg.eval.loop_counts), "eval.loop_counts must all be >= 1")
+    p_ = cfg.profile
+    _check(min(p_.wait, p_.warmup, p_.repeat) >= 0 and p_.active >= 1, "profile.wait/warmup/repeat must be >= 0 and profile.active >= 1")
+    cfg.data.validate()
