@@ -1,0 +1,227 @@
+"""prepare: lossless tokenizer on real stdlib files, shards that decode back to the source documents (read here
+with plain pyarrow), split rule, atomicity under interruption, and refusal of tampered/mismatched data."""
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_pipeline import DataConfig, DataError, build_loader, load_tokenizer, prepare, tokenizer_vocab_size
+from data_pipeline.shards import ShardWriter
+from data_pipeline.sources import default_corpus
+from data_pipeline.tokenizer import train_tokenizer
+
+VOCAB = 512
+TRICKY = [
+    "naïve café 日本語 🙂\ttab  two  spaces  \r\nwindows line\n\n\n   indented",
+    " leading space",
+    "trailing ",
+    "\n",
+]
+
+
+def _stdlib_texts(n, skip=0):
+    files = [f for f in default_corpus() if 2_000 < os.path.getsize(f) < 10_000][skip : skip + n]
+    return [open(f, encoding="utf-8").read() for f in files]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok") / "tok.model")
+    train_tokenizer(_stdlib_texts(8) + TRICKY, DataConfig(vocab_size=VOCAB), path)
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """12 documents in a Parquet file (2 row groups, plus an empty row), an Arrow IPC file (2 batches) and plain files."""
+    docs = _stdlib_texts(10, skip=20) + TRICKY[:2]
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"text": docs[:5] + [""], "id": list(range(6))}), src / "a.parquet", row_group_size=3)
+    schema = pa.schema([("text", pa.large_string())])
+    with pa.ipc.new_file(str(src / "b.arrow"), schema) as w:
+        for part in (docs[5:7], docs[7:10]):
+            w.write_batch(pa.record_batch([pa.array(part, pa.large_string())], schema=schema))
+    (src / "c.txt").write_text(docs[10], encoding="utf-8")
+    (src / "d.md").write_text(docs[11], encoding="utf-8")
+    (src / "e.txt").write_text("")
+    return str(src), docs  # sorted file order a, b, c, d = document order
+
+
+def _cfg(src, out, tok, **kw):
+    return DataConfig(sources=[src], prepared_dir=str(out), tokenizer_path=tok, **{"vocab_size": VOCAB, **kw})
+
+
+def _read_split(out, split):
+    """Token stream of a split, read with plain pyarrow from the files the manifest lists."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    parts = [pa.ipc.open_file(str(out / s["file"])).read_all().column("tokens").to_numpy() for s in manifest[split]]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def _documents(tokens, sp):
+    eos = sp.eos_id()
+    ends = np.flatnonzero(tokens == eos)
+    assert len(tokens) == 0 or ends[-1] == len(tokens) - 1  # every document is followed by eos
+    return [sp.decode(doc.tolist()) for doc in np.split(tokens, ends + 1)[:-1]]
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_tokenizer_round_trips_real_files(tmp_path, model_type):
+    path = str(tmp_path / "t.model")
+    train_tokenizer(_stdlib_texts(6), DataConfig(vocab_size=VOCAB, tokenizer_type=model_type), path)
+    sp = load_tokenizer(path)
+    assert sp.vocab_size() == VOCAB and sp.eos_id() == 2
+    for text in _stdlib_texts(10, skip=30) + TRICKY:  # files not seen in training, and odd whitespace/unicode
+        ids = sp.encode(text)
+        assert sp.decode(ids) == text
+        assert sp.unk_id() not in ids  # byte fallback instead of <unk>
+
+
+def test_prepare_shards_decode_to_the_documents(tmp_path, corpus, tok):
+    src, docs = corpus
+    out = tmp_path / "out"
+    summary = prepare(_cfg(src, out, tok, val_fraction=0.25, shard_tokens=3000), progress=False)
+    sp = load_tokenizer(tok)
+    train, val = _documents(_read_split(out, "train"), sp), _documents(_read_split(out, "val"), sp)
+    is_val = [int((i + 1) * 0.25) > int(i * 0.25) for i in range(len(docs))]  # every 4th document
+    assert val == [d for d, v in zip(docs, is_val) if v]
+    assert train == [d for d, v in zip(docs, is_val) if not v]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["documents"] == {"train": 9, "val": 3} and manifest["vocab_size"] == VOCAB
+    assert manifest["empty_documents"] == 2 and manifest["eos_id"] == sp.eos_id()
+    assert summary["documents"] == 12 and summary["tokens"] == len(_read_split(out, "train")) + len(
+        _read_split(out, "val")
+    )
+    assert len(manifest["train"]) > 2 and len(summary["shards"]) == len(manifest["train"]) + len(manifest["val"])
+    assert summary["bytes"] == sum(len(d.encode()) for d in docs)
+
+
+def test_sources_as_uri_glob_and_files_give_the_same_data(tmp_path, corpus, tok):
+    src, _ = corpus
+    names = ["a.parquet", "b.arrow", "c.txt", "d.md", "e.txt"]
+    variants = {"dir": [src], "uri": ["file://" + src], "glob": [src + "/*"], "files": [f"{src}/{n}" for n in names]}
+    streams = {}
+    for name, sources in variants.items():
+        out = tmp_path / name
+        prepare(
+            DataConfig(sources=sources, prepared_dir=str(out), tokenizer_path=tok, vocab_size=VOCAB), progress=False
+        )
+        streams[name] = _read_split(out, "train").tolist()
+    assert streams["uri"] == streams["dir"] == streams["glob"] == streams["files"] and streams["dir"]
+
+
+def test_arrow_stream_format_is_read(tmp_path, tok):
+    docs = _stdlib_texts(5, skip=50)
+    src = tmp_path / "cache.arrow"  # Hugging Face datasets write the IPC *stream* format
+    with pa.ipc.new_stream(str(src), pa.schema([("text", pa.string())])) as w:
+        for part in (docs[:2], docs[2:]):
+            w.write_batch(pa.record_batch([pa.array(part)], names=["text"]))
+    out = tmp_path / "out"
+    prepare(
+        DataConfig(sources=[str(src)], prepared_dir=str(out), tokenizer_path=tok, vocab_size=VOCAB, val_fraction=0.0),
+        progress=False,
+    )
+    assert _documents(_read_split(out, "train"), load_tokenizer(tok)) == docs
+
+
+def test_loader_reads_prepared_windows_and_doc_starts(tmp_path, corpus, tok):
+    src, _ = corpus
+    out = tmp_path / "out"
+    prepare(_cfg(src, out, tok, val_fraction=0.25, shard_tokens=3000), progress=False)
+    cfg = _cfg(src, out, "", num_workers=0, return_doc_boundaries=True, return_window_ids=True)
+    stream, seq = _read_split(out, "train"), 64
+    loader = build_loader(
+        cfg, split="train", seq_len=seq, micro_batch_size=4, grad_accum_steps=1, dp_rank=0, dp_world_size=1
+    )
+    assert loader.num_windows == (len(stream) - 1) // seq
+    eos = load_tokenizer(tok).eos_id()
+    for batch in [next(loader) for _ in range(20)]:
+        for row, w in enumerate(batch["window_ids"].tolist()):
+            window = stream[w * seq : w * seq + seq + 1]
+            assert batch["input_ids"][row].tolist() == window[:-1].tolist()
+            assert batch["labels"][row].tolist() == window[1:].tolist()
+            starts = [i == 0 or window[i - 1] == eos for i in range(seq)]
+            assert batch["doc_starts"][row].tolist() == starts
+
+
+def test_interrupted_prepare_leaves_nothing_readable(tmp_path, corpus, tok, monkeypatch):
+    src, _ = corpus
+    out = tmp_path / "out"
+    cfg = _cfg(src, out, tok, shard_tokens=3000)
+
+    def load():
+        return build_loader(
+            cfg, split="train", seq_len=32, micro_batch_size=2, grad_accum_steps=1, dp_rank=0, dp_world_size=1
+        )
+
+    prepare(cfg, progress=False)
+    load()
+    finish = ShardWriter._finish
+
+    def crash_on_second_shard(self):
+        if len(self.shards) == 1:
+            raise KeyboardInterrupt  # the second shard is half written (*.tmp), the first one renamed
+        finish(self)
+
+    monkeypatch.setattr(ShardWriter, "_finish", crash_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, progress=False)
+    assert (
+        not (out / "manifest.json").exists() and list(out.glob("*.arrow.tmp")) and list(out.glob("train-00000.arrow"))
+    )
+    with pytest.raises(DataError, match="manifest.json does not exist"):
+        load()
+    monkeypatch.undo()
+    prepare(cfg, progress=False)
+    assert not list(out.glob("*.tmp"))
+    next(load())
+
+
+def test_tampered_or_mismatched_prepared_data_is_refused(tmp_path, corpus, tok):
+    src, _ = corpus
+    out = tmp_path / "out"
+    cfg = _cfg(src, out, tok, shard_tokens=3000)
+    prepare(cfg, progress=False)
+    shape = dict(split="train", seq_len=32, micro_batch_size=2, grad_accum_steps=1, dp_rank=0, dp_world_size=1)
+    assert tokenizer_vocab_size(cfg) == VOCAB
+
+    with pytest.raises(
+        DataError, match=r"manifest.json: data was tokenized with vocab size 512 but data.vocab_size = 600"
+    ):
+        build_loader(_cfg(src, out, tok, vocab_size=600), **shape)
+    other = str(tmp_path / "other.model")
+    train_tokenizer(_stdlib_texts(4, skip=40), DataConfig(vocab_size=VOCAB, tokenizer_type="unigram"), other)
+    with pytest.raises(DataError, match=r"other.model is not the one .*manifest.json was prepared with"):
+        build_loader(_cfg(src, out, other), **shape)
+    shard = out / "train-00001.arrow"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"train-00001.arrow: cannot open token shard \(corrupt or truncated"):
+        build_loader(cfg, **shape)
+
+
+def test_default_corpus_is_the_stdlib_without_tests():
+    files = default_corpus()
+    assert files == sorted(files) and len(files) > 100
+    assert all(f.endswith(".py") for f in files)
+    parts = {p for f in files for p in f.split(os.sep)}
+    assert not parts & {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+@pytest.mark.slow
+def test_prepare_default_corpus_end_to_end(tmp_path):
+    """The trainer's default path: stdlib corpus, vocab 8192; validation documents decode to the source files."""
+    out = tmp_path / "stdlib"
+    summary = prepare(DataConfig(prepared_dir=str(out)), progress=False)
+    texts = [t for t in (open(f, encoding="utf-8").read() for f in default_corpus()) if t]
+    assert summary["documents"] == len(texts) and summary["skipped_records"] == 0
+    sp = load_tokenizer(str(out / "tokenizer.model"))
+    assert sp.vocab_size() == 8192
+    val = _documents(_read_split(out, "val"), sp)
+    assert val == [t for i, t in enumerate(texts) if int((i + 1) * 0.02) > int(i * 0.02)]
+    assert Counter(_documents(_read_split(out, "train"), sp)) + Counter(val) == Counter(texts)
