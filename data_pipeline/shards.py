@@ -150,7 +150,7 @@ class TokenStream:
                     f"{path}: holds {n} tokens but the manifest lists {expected_tokens[i]} (truncated or replaced?)"
                 )
             lengths.append(n)
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).tolist()
         self._shards: dict[int, tuple[list[int], list[np.ndarray]]] = {}
 
     def __len__(self) -> int:

@@ -1,0 +1,173 @@
+"""`python -m mythos_train {train,prepare,eval,export,bench,plan}` (console script: `mythos-train`).
+
+Every command that reads a job config takes `--config path.toml` plus `--section.field=value` overrides;
+`--help` lists the config fields with their docs. `bench` and `plan` parse their own arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+
+from data_pipeline.config import DataError
+from mythos_train.config import ConfigError, JobConfig, field_docs, load_config, validate
+
+COMMANDS = {
+    "train": "train a model (torchrun for several processes)",
+    "prepare": "tokenize text into Arrow shards (and train the tokenizer)",
+    "eval": "validation loss vs loop count and a sample, from a checkpoint",
+    "export": "consolidated safetensors (ours and open-mythos') from a checkpoint",
+    "bench": "micro-benchmarks of the model (own arguments: bench --help)",
+    "plan": "memory / throughput plan for a config on a GPU type (own arguments: plan --help)",
+}
+SECTIONS = {"prepare": ("data",)}  # which config sections a command's --help lists (default: all)
+
+
+def _type_name(tp: object) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def config_help(sections: tuple[str, ...] | None = None) -> str:
+    """Every config field as `--section.field  type = default` plus its docstring."""
+    lines = []
+    section_types = typing.get_type_hints(JobConfig)
+    for section in dataclasses.fields(JobConfig):
+        if sections and section.name not in sections:
+            continue
+        cls = section_types[section.name]
+        default, hints, docs = cls(), typing.get_type_hints(cls), field_docs(cls)
+        lines.append(f"\n[{section.name}]  {(cls.__doc__ or '').strip()}")
+        for f in dataclasses.fields(cls):
+            lines.append(f"  --{section.name}.{f.name}  {_type_name(hints[f.name])} = {getattr(default, f.name)!r}")
+            if f.name in docs:
+                lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"mythos-train {command}",
+        description=COMMANDS[command],
+        epilog="Config fields (override any with --section.field=value):\n" + config_help(SECTIONS.get(command)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="TOML job config (defaults <- file <- --section.field overrides)")
+    if command in ("eval", "export"):
+        parser.add_argument("--checkpoint", help="a step-N checkpoint directory or a checkpoints folder (default: the run's, newest complete)")
+    if command == "export":
+        parser.add_argument("--out", help="output directory (default: <train.run_dir>/export)")
+        parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the exported weights")
+    return parser
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _checkpoint_folder(cfg: JobConfig) -> str:
+    return cfg.checkpoint.folder or os.path.join(cfg.train.run_dir, "checkpoints")
+
+
+def run_train(cfg: JobConfig) -> int:
+    from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed  # noqa: PLC0415
+    from mythos_train.trainer import NonFiniteError, Trainer, check_vocab  # noqa: PLC0415
+
+    validate(cfg, env_world_size())  # before any rendezvous: a bad config costs nothing
+    check_vocab(cfg)
+    info = init_distributed(cfg)
+    try:
+        trainer = Trainer(cfg, info)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    except NonFiniteError as err:  # every rank stops at the same step with the same message
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def run_eval(cfg: JobConfig, checkpoint: str | None) -> dict[int, float]:
+    """Evaluate a checkpoint under the config's mesh (torchrun or one process)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    import parallel  # noqa: PLC0415
+    from mythos_train.checkpoint import load_model_weights, resolve_checkpoint  # noqa: PLC0415
+    from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed  # noqa: PLC0415
+    from mythos_train.evaluate import Evaluator  # noqa: PLC0415
+    from mythos_train.export import checkpoint_model_config  # noqa: PLC0415
+    from mythos_train.metrics import MetricsLogger  # noqa: PLC0415
+    from mythos_train.trainer import build_model  # noqa: PLC0415
+
+    validate(cfg, env_world_size())
+    path = resolve_checkpoint(checkpoint or _checkpoint_folder(cfg))
+    if (recorded := checkpoint_model_config(path, cfg.model)) != cfg.model:
+        raise ConfigError(f"{path} was trained with a different [model] section than the config given: {recorded}")
+    info = init_distributed(cfg)
+    try:
+        dims = parallel.build_mesh(cfg.parallel, info.world_size, info.device.type)
+        model, _ = build_model(cfg, dims, info.device)
+        step = load_model_weights(model, path)["step"]
+        metrics = MetricsLogger(cfg.metrics, Path(cfg.train.run_dir), enabled=info.is_main)
+        try:
+            return Evaluator(cfg, model, dims, info.device, metrics, Path(cfg.train.run_dir)).run(step)
+        finally:
+            metrics.close()
+    finally:
+        destroy_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: mythos-train {" + ",".join(COMMANDS) + "} [--config file.toml] [--section.field=value ...] [--help]\n")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<8} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    if command == "bench":
+        from mythos_train import bench  # noqa: PLC0415
+
+        return bench.main(rest) or 0
+    if command == "plan":
+        from mythos_train import plan  # noqa: PLC0415
+
+        return plan.main(rest) or 0
+
+    args, overrides = _parser(command).parse_known_args(rest)
+    _setup_logging()
+    try:
+        cfg = load_config(args.config, overrides)
+        if command == "train":
+            return run_train(cfg)
+        elif command == "prepare":
+            from data_pipeline import prepare  # noqa: PLC0415
+
+            cfg.data.validate()
+            prepare(cfg.data)
+        elif command == "eval":
+            run_eval(cfg, args.checkpoint)
+        elif command == "export":
+            from mythos_train.export import export_checkpoint  # noqa: PLC0415
+
+            files = export_checkpoint(args.checkpoint or _checkpoint_folder(cfg), args.out or os.path.join(cfg.train.run_dir, "export"), cfg.model, args.dtype)
+            for kind, path in files.items():
+                print(f"{kind}: {path}")
+    except (ConfigError, DataError) as err:  # both name the file/field at fault: no traceback needed
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): save, keep the last K, resume, reshard.
+
+Layout of one checkpoint, `<folder>/step-<N>/`:
+    .metadata, __<rank>_0.distcp   DCP: {"model": model state (router biases are buffers in it), "optim": AdamW}
+    train_state.json               rank 0: step, tokens, skip counters, LR scheduler, model config
+    rank/rank<r>.pt                each rank's data-loader state and torch CPU (and CUDA) generator states
+    COMPLETE                       written last by rank 0, once every rank's data is on disk
+
+A checkpoint counts only with its COMPLETE marker, so a run killed mid-save resumes from the previous one.
+Nothing is ever unpickled freely: DCP's .metadata goes through an allowlisting unpickler, DCP's non-tensor
+items (optimizer param_group hyper-parameters) through `torch.load(weights_only=True)`, the per-rank files
+likewise, and the rest is JSON. DCP reshards model and optimizer onto any mesh. The pre-tokenized loader's
+state is one stream position, the same on every rank, so a rank without a file of its own (the run grew)
+takes rank 0's and a run may resume on any number of ranks; the text loader's state is per rank and its
+load_state_dict refuses another layout with a clear error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pickle
+import re
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from mythos_train.config import CheckpointConfig
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+TRAIN_STATE = "train_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's .metadata, refusing every global that is not DCP's own bookkeeping."""
+
+    _modules = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    _globals = {("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                ("pathlib", "PureWindowsPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+                ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module, name) in self._globals
+        if module in self._modules:
+            allowed = isinstance(super().find_class(module, name), type)
+        elif module == "torch":
+            allowed = allowed or isinstance(getattr(torch, name, None), torch.dtype)
+        if not allowed:
+            raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        return super().find_class(module, name)
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose metadata load cannot run arbitrary code."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path}: not a DCP Metadata object")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that reads DCP's non-tensor items with weights_only semantics."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def dcp_load(state: dict, path: Path, process_group: dist.ProcessGroup | None = None) -> None:
+    """dcp.load `state` in place from `path` through the safe reader and planner."""
+    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), process_group=process_group)
+
+
+# --------------------------------------------------------------------------- folder scanning
+
+
+def checkpoint_dirs(folder: Path, complete_only: bool = True) -> list[tuple[int, Path]]:
+    """(step, path) of the `step-N` directories in `folder`, oldest first; by default only complete ones."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and (not complete_only or (path / MARKER).is_file()):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_latest(folder: Path) -> Path | None:
+    """The newest complete checkpoint in `folder`, or None."""
+    complete = checkpoint_dirs(folder)
+    return complete[-1][1] if complete else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest complete one inside a checkpoints folder."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    latest = find_latest(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (a step-N directory with a {MARKER} marker)")
+    return latest
+
+
+def read_train_state(path: Path) -> dict:
+    return json.loads((Path(path) / TRAIN_STATE).read_text())
+
+
+def load_model_weights(model: nn.Module, path: Path) -> dict:
+    """Load only the model state of checkpoint `path` into `model` (sharded or not); returns its train state."""
+    model_state = get_model_state_dict(model)
+    state = {"model": model_state}
+    dcp_load(state, path)
+    set_model_state_dict(model, state["model"])
+    return read_train_state(path)
+
+
+def consolidated_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full, unsharded model state dict on CPU (collective under FSDP: call on every rank)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    """Saves and restores everything a resumed run needs to continue bit-for-bit."""
+
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        folder: Path,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        data_loader: Any,
+    ) -> None:
+        self.cfg = cfg
+        self.folder = Path(folder)
+        self.model, self.optimizer, self.lr_scheduler, self.data_loader = model, optimizer, lr_scheduler, data_loader
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        # dcp.async_save on the default gloo group aborts (size mismatch), so it gets a group of its own.
+        self.async_group = dist.new_group(backend="gloo") if cfg.enabled and cfg.async_save and dist.is_initialized() else None
+        self.pending: tuple[Future, Path] | None = None
+
+    # ----------------------------------------------------------------- save
+
+    def should_save(self, step: int, last: bool) -> bool:
+        return self.cfg.enabled and (last or step % self.cfg.every_steps == 0)
+
+    def save(self, step: int, train_state: dict, *, last: bool = False) -> bool:
+        """Checkpoint after optimizer step `step` if due; `train_state` is JSON-able (step, tokens, ...)."""
+        if not self.should_save(step, last):
+            return False
+        self.wait()  # one save in flight at a time
+        path = self.folder / f"step-{step}"
+        if self.rank == 0:
+            if path.exists():  # a partial save of a killed run; never mix its shards with ours
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        _barrier()
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        self._save_rank_state(path)
+        if self.rank == 0:
+            full_state = dict(train_state, lr_scheduler=self.lr_scheduler.state_dict())
+            (path / TRAIN_STATE).write_text(json.dumps(full_state, indent=1))
+
+        if self.async_group is not None:
+            self.pending = (dcp.async_save(state, checkpoint_id=path, process_group=self.async_group), path)
+            if last:
+                self.wait()
+        else:
+            dcp.save(state, checkpoint_id=path)
+            self._complete(path)
+        return True
+
+    def poll(self) -> None:
+        """Finish a background save whose data is all written (cheap; call every step)."""
+        if self.pending is not None and self.pending[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is on disk, then mark it complete."""
+        if self.pending is None:
+            return
+        future, path = self.pending
+        self.pending = None
+        future.result()
+        self._complete(path)
+
+    def _complete(self, path: Path) -> None:
+        # DCP's coordinator writes .metadata only after every rank's shards are written, and the save (or
+        # its future) ends after that, so rank 0 may mark the checkpoint complete here.
+        if self.rank != 0:
+            return
+        (path / MARKER).write_text("ok\n")
+        logger.info("checkpoint saved: %s", path)
+        for _, old in checkpoint_dirs(self.folder)[: -self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _save_rank_state(self, path: Path) -> None:
+        state = {"data_loader": self.data_loader.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        (path / "rank").mkdir(exist_ok=True)
+        torch.save(state, path / "rank" / f"rank{self.rank}.pt")
+
+    # ----------------------------------------------------------------- load
+
+    def load(self) -> dict | None:
+        """Restore the newest complete checkpoint; returns its train state, or None when there is none (or resume is off)."""
+        if not (self.cfg.enabled and self.cfg.resume):
+            return None
+        # Rank 0 picks the checkpoint: on a shared file system other ranks could list the folder differently.
+        latest = find_latest(self.folder) if self.rank == 0 else None
+        step = _broadcast_int(int(latest.name.removeprefix("step-")) if latest else -1, self.model)
+        if step < 0:
+            return None
+        path = self.folder / f"step-{step}"
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp_load(state, path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+        train_state = read_train_state(path)
+        self.lr_scheduler.load_state_dict(train_state.pop("lr_scheduler"))
+        self._load_rank_state(path)
+        logger.info("resumed from %s (step %d)", path, train_state["step"])
+        return train_state
+
+    def _load_rank_state(self, path: Path) -> None:
+        file = path / "rank" / f"rank{self.rank}.pt"
+        state = torch.load(file if file.is_file() else path / "rank" / "rank0.pt", weights_only=True)
+        self.data_loader.load_state_dict(state["data_loader"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng_cuda"])
+
+    def close(self) -> None:
+        self.wait()
+        if self.async_group is not None:
+            dist.destroy_process_group(self.async_group)
+            self.async_group = None
+
+
+def _broadcast_int(value: int, model: nn.Module) -> int:
+    """Rank 0's `value` on every rank (on the model's device, which NCCL needs)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    param = next(model.parameters())
+    device = param.to_local().device if isinstance(param, DTensor) else param.device
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,151 @@
+"""Validation loss vs inference loop count (the signature curve of a recurrent-depth model) and a greedy sample.
+
+Every rank runs the same loop counts on the same number of its own validation windows (FSDP and the expert
+all-to-all are collective: no rank may exit early); the losses are token-weighted means over all ranks. The
+windows are read once and reused, so every loop count and every evaluation sees the same tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+
+import parallel
+from data_pipeline import build_loader
+from data_pipeline.tokenizer import load_tokenizer, tokenizer_path
+from mythos_train.config import JobConfig
+from mythos_train.distributed import all_reduce_sum
+from mythos_train.loss import cross_entropy_sum, token_count
+from mythos_train.metrics import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+
+def plot_loss_vs_loops(history: list[dict], path: Path, train_depth: tuple[float, int] | None = None) -> None:
+    """One line per evaluation (later ones darker): validation loss against loop count, log2 x axis."""
+    import matplotlib  # noqa: PLC0415 (optional, heavy)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.ticker  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    cmap = plt.get_cmap("viridis")
+    for i, record in enumerate(history):
+        loops = sorted(int(n) for n in record["loss"])
+        ax.plot(loops, [record["loss"][str(n)] for n in loops], marker="o", color=cmap(i / max(len(history) - 1, 1)), label=f"step {record['step']}")
+    if train_depth is not None:
+        ax.axvline(train_depth[0], color="gray", linestyle="--", linewidth=1, label="mean train depth")
+        ax.axvline(train_depth[1], color="gray", linestyle=":", linewidth=1, label="max train depth")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({int(n) for record in history for n in record["loss"]}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("loop iterations at inference")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Validation loss vs loop count")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Give FSDP back its sharded parameters after no_grad forwards: the root (reshard_after_forward=False)
+    otherwise keeps unsharded ones registered until a backward, which the optimizer and DCP do not expect."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+class Evaluator:
+    """Runs `eval.loop_counts` on fixed validation windows, plots, and logs a greedy sample (collective)."""
+
+    def __init__(self, cfg: JobConfig, model: torch.nn.Module, dims: parallel.ParallelDims, device: torch.device, metrics: MetricsLogger, run_dir: Path) -> None:
+        self.cfg, self.model, self.dims, self.device, self.metrics = cfg, model, dims, device, metrics
+        self.folder = Path(run_dir) / "eval"
+        self.is_main = dims.dp_rank == 0
+        self._batches: list[dict[str, torch.Tensor]] | None = None
+
+    def validation_batches(self) -> list[dict[str, torch.Tensor]]:
+        """`eval.batches` micro-batches of this rank's validation share, read once (CPU tensors)."""
+        if self._batches is None:
+            t = self.cfg.train
+            loader = build_loader(
+                self.cfg.data, split="val", seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+                grad_accum_steps=1, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_size,
+            )
+            # The val loader restarts at its first window and cycles: every rank gets exactly eval.batches.
+            batches = [{k: b[k] for k in ("input_ids", "labels")} for b in itertools.islice(loader, self.cfg.eval.batches)]
+            loader.close()
+            self._batches = batches
+        return self._batches
+
+    @torch.no_grad()
+    def losses(self) -> dict[int, float]:
+        """Token-weighted validation loss at each loop count, identical on every rank."""
+        batches = self.validation_batches()
+        results = {}
+        for loops in self.cfg.eval.loop_counts:
+            total = torch.zeros(2, device=self.device, dtype=torch.float64)  # [loss sum, tokens]
+            for batch in batches:
+                labels = batch["labels"].to(self.device)
+                logits = self.model(batch["input_ids"].to(self.device), n_nograd=0, n_grad=loops)
+                total[0] += cross_entropy_sum(logits, labels)
+                total[1] += token_count(labels)
+            all_reduce_sum(total)
+            results[loops] = float(total[0] / total[1])
+        return results
+
+    @torch.no_grad()
+    def sample(self) -> str | None:
+        """Greedy continuation of `eval.sample_prompt` (None when the data has no tokenizer)."""
+        path = tokenizer_path(self.cfg.data)
+        if not os.path.isfile(path):
+            return None
+        tokenizer = load_tokenizer(path)
+        e = self.cfg.eval
+        prompt_ids = tokenizer.encode(e.sample_prompt)[-self.cfg.model.max_seq_len // 2 :] or [tokenizer.bos_id()]
+        new_tokens = min(e.sample_tokens, self.cfg.model.max_seq_len - len(prompt_ids))
+        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        out = self.model.generate(prompt, max_new_tokens=new_tokens, n_loops=e.sample_loops, greedy=True)
+        return e.sample_prompt + tokenizer.decode(out[0, len(prompt_ids) :].tolist())
+
+    def run(self, step: int) -> dict[int, float]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            losses = self.losses()
+            text = self.sample() if self.cfg.eval.sample_tokens > 0 else None
+        finally:
+            self.model.train(was_training)
+            reshard(self.model)
+        if self.is_main:
+            self.metrics.scalars(step, {f"eval/loss/loops_{n:03d}": v for n, v in losses.items()})
+            if text is not None:
+                self.metrics.text(step, "eval/sample", text)
+            self._save(step, losses)
+            self.metrics.console(f"eval step {step} | " + " | ".join(f"loops {n}: {v:.4f}" for n, v in losses.items()))
+        return losses
+
+    def _save(self, step: int, losses: dict[int, float]) -> None:
+        """Append to eval/history.jsonl and redraw eval/loss_vs_loops.png from the whole history."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        history_file = self.folder / "history.jsonl"
+        with open(history_file, "a") as f:
+            f.write(json.dumps({"step": step, "loss": {str(n): v for n, v in losses.items()}}) + "\n")
+        by_step = {}  # a resumed run may evaluate a step again: keep the latest record of each step
+        for line in history_file.read_text().splitlines():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+        history = [by_step[s] for s in sorted(by_step)]
+        t = self.cfg.train
+        plot_loss_vs_loops(history, self.folder / "loss_vs_loops.png", (t.mean_depth, t.max_depth))
+

@@ -1,0 +1,19 @@
+"""The training objective: summed token cross-entropy, normalised by the caller (global token count)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+"Label value that contributes no loss and no token count."
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token cross-entropy in fp32: logits [B, S, V], labels [B, S] -> []."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
+
+
+def token_count(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens that count towards the loss (on device, no host sync)."""
+    return (labels != IGNORE_INDEX).sum()

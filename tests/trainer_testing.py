@@ -1,0 +1,108 @@
+"""Shared helpers for the trainer/checkpoint/metrics/export/CLI tests: a tiny prepared dataset and a tiny job.
+
+The corpus is the source of a few stdlib modules (deterministic, no download), prepared by data_pipeline's own
+`prepare` with a 512-piece tokenizer; the model is dim 64 with 4 experts, seq 32, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from data_pipeline import DataConfig, prepare
+from mythos_train.config import JobConfig, load_config
+
+VOCAB = 512
+MODULES = ("textwrap", "json.decoder", "json.encoder", "string", "shlex", "fnmatch", "glob", "csv", "heapq", "bisect",
+           "colorsys", "keyword", "numbers", "pprint", "queue", "sched", "stat", "calendar", "difflib", "base64")
+
+
+def prepare_tiny_data(root: Path) -> Path:
+    """Write one text file per module and run prepare; returns the prepared directory."""
+    import importlib
+
+    src = root / "text"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in MODULES:
+        (src / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
+    out = root / "prepared"
+    prepare(DataConfig(sources=[str(src)], prepared_dir=str(out), vocab_size=VOCAB, val_fraction=0.2, num_workers=0), progress=False)
+    return out
+
+
+TINY_TOML = """
+[model]
+vocab_size = {vocab}
+dim = 64
+n_heads = 4
+n_kv_heads = 2
+max_seq_len = 64
+max_loop_iters = 4
+prelude_layers = 1
+coda_layers = 1
+attn_type = "mla"
+kv_lora_rank = 16
+q_lora_rank = 24
+qk_rope_head_dim = 8
+qk_nope_head_dim = 8
+v_head_dim = 16
+n_experts = 4
+n_shared_experts = 1
+n_experts_per_tok = 2
+expert_dim = 32
+lora_rank = 4
+
+[parallel]
+activation_checkpoint = "loop"
+
+[train]
+run_dir = "{run_dir}"
+steps = 4
+seq_len = 32
+micro_batch_size = 2
+grad_accum_steps = 1
+device = "cpu"
+depth_distribution = "uniform"
+mean_depth = 2.0
+min_depth = 1
+max_depth = 3
+backprop_depth = 2
+log_every = 1
+
+[optim]
+lr = 1e-2
+warmup_steps = 1
+
+[checkpoint]
+every_steps = 2
+keep_last = 2
+
+[metrics]
+cpu_peak_tflops = 0.1
+
+[eval]
+every_steps = 0
+loop_counts = [1, 2]
+batches = 1
+sample_prompt = "def main("
+sample_tokens = 4
+sample_loops = 2
+
+[data]
+prepared_dir = "{data_dir}"
+vocab_size = {vocab}
+num_workers = 0
+"""
+
+
+def tiny_config(data_dir: Path, run_dir: Path, overrides: list[str] | None = None) -> JobConfig:
+    """The tiny job as a TOML file in run_dir's parent (so the CLI tests can use the same file)."""
+    path = Path(run_dir).parent / f"{Path(run_dir).name}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(TINY_TOML.format(vocab=VOCAB, run_dir=run_dir, data_dir=data_dir))
+    return load_config(path, overrides)
+
+
+def config_file(data_dir: Path, run_dir: Path) -> Path:
+    tiny_config(data_dir, run_dir)
+    return Path(run_dir).parent / f"{Path(run_dir).name}.toml"
