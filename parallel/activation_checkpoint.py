@@ -1,0 +1,68 @@
+"""Activation checkpointing: per loop iteration (the model calls `wrap_iteration(fn, *args)`), optionally per block.
+
+The loop is where activations pile up (k gradient iterations of a MoE block), so 'loop' recomputes each
+gradient iteration in backward and keeps only its inputs. 'full' also recomputes each prelude/coda block.
+Non-reentrant checkpointing: works with FSDP2 hooks, autograd-only inputs, and torch.compile'd blocks. The
+iteration function returns its expert counts as outputs, so the recompute never counts tokens twice.
+
+With expert parallelism the recompute would repeat the token all-to-alls; a selective-checkpoint policy keeps
+their outputs instead (as torchtitan's op-level SAC does), so backward only runs the all-to-alls' own backward.
+Not with `reshard_per_iteration`: FSDP hooks inside the checkpointed region issue different ops in forward and
+recompute, which selective checkpointing rejects.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from parallel.expert_parallel import ExpertParallel
+
+_SAVE_OPS = {torch.ops._c10d_functional.all_to_all_single.default, torch.ops._c10d_functional.wait_tensor.default}
+
+
+def _save_collectives(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_iteration(fn: Callable, *args):
+    """The `wrap_iteration` the model calls for each gradient iteration."""
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def checkpoint_iteration_keep_collectives(fn: Callable, *args):
+    """`checkpoint_iteration` that saves all-to-all results rather than re-communicating them in backward."""
+    context_fn = functools.partial(create_selective_checkpoint_contexts, _save_collectives)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
+
+
+def checkpoint_module(module: nn.Module) -> None:
+    """Recompute `module`'s forward in backward. Patches the instance's forward, so parameter names stay as they are."""
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def checkpointed_forward(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    module.forward = checkpointed_forward
+
+
+def apply_activation_checkpointing(model: nn.Module, policy: str, keep_collectives: bool = True) -> Callable | None:
+    """Returns the loop's `wrap_iteration` (None for policy 'none'); 'full' also wraps prelude and coda blocks.
+
+    keep_collectives: save expert all-to-all outputs when the model has ExpertParallel modules (see above).
+    """
+    if policy not in ("none", "loop", "full"):
+        raise ValueError(f"parallel.activation_checkpoint: unknown policy {policy!r} (none | loop | full)")
+    if policy == "none":
+        return None
+    if policy == "full":
+        for block in [*model.prelude, *model.coda]:
+            checkpoint_module(block)
+    if keep_collectives and any(isinstance(m, ExpertParallel) for m in model.modules()):
+        return checkpoint_iteration_keep_collectives
+    return checkpoint_iteration

@@ -1,0 +1,88 @@
+"""FSDP2 from outside the model: prelude/coda blocks, the looped module, the root.
+
+The looped block runs n + k times per step. Sharding `model.recurrent` (whose forward runs the whole loop) makes
+that one FSDP unit: one all-gather in forward, one in backward, one reduce-scatter, at any depth (per-iteration
+activation checkpointing recomputes inside the backward unshard window, so it adds none).
+`reshard_per_iteration` shards the inner block instead, trading one all-gather per iteration for memory.
+
+Expert weights (DTensors over ep after expert parallelism) join the same unit through a per-parameter mesh:
+FSDP gives them their own param group over (dp_replicate, efsdp), hooked to the same forward, so they too are
+gathered once per step. Their gradients already hold every ep rank's tokens (the all-to-all backward brought
+them), so they are summed over efsdp x dp_replicate and divided by the whole data-parallel size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo, ShardPlacementResult
+from torch.distributed.tensor import Shard
+
+from mythos_train.config import ParallelConfig
+from parallel.expert_parallel import ExpertParallel
+from parallel.mesh import ParallelDims
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def mixed_precision_policy(parallel: ParallelConfig, device_type: str) -> MixedPrecisionPolicy:
+    """param_dtype 'auto' = bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow there); reductions in reduce_dtype."""
+    if parallel.param_dtype == "auto":
+        param_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    else:
+        param_dtype = _DTYPES[parallel.param_dtype]
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=_DTYPES[parallel.reduce_dtype])
+
+
+def _expert_placement_fn(model: nn.Module, dims: ParallelDims):
+    """Per-parameter mesh: expert DTensors shard over efsdp (+ replicate over dp_replicate), the rest default."""
+    if not dims.ep_enabled:
+        return None
+    expert_params = {id(p) for m in model.modules() if isinstance(m, ExpertParallel) for p in m.parameters()}
+    mesh = dims.efsdp_mesh
+    if mesh.ndim == 2:
+        info = HSDPMeshInfo(mesh, shard_mesh_dim=1, replicate_mesh_dim=0)
+    else:
+        info = FSDPMeshInfo(mesh, shard_mesh_dim=0)
+    expert = ShardPlacementResult(placement=Shard(0), mesh_info=info)
+    return lambda p: expert if id(p) in expert_params else None
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, parallel: ParallelConfig) -> None:
+    mp = mixed_precision_policy(parallel, dims.device_type)
+    mesh = dims.fsdp_mesh
+    placement_fn = _expert_placement_fn(model, dims)
+    for block in model.prelude:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    if parallel.reshard_per_iteration:
+        fully_shard(model.recurrent.block, mesh=mesh, mp_policy=mp, shard_placement_fn=placement_fn)
+        fully_shard(model.recurrent, mesh=mesh, mp_policy=mp)
+    else:
+        fully_shard(model.recurrent, mesh=mesh, mp_policy=mp, shard_placement_fn=placement_fn)
+    for block in model.coda:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    # The root (embedding/tied head, final norm) is needed first in backward: keep it gathered after forward.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        if dims.ep_enabled:
+            # Every group (dense and expert) averages over all data-parallel ranks.
+            module.set_gradient_divide_factor(float(dims.dp_size))
+        if dims.device_type == "cpu" or dist.get_backend() == "gloo":
+            _force_sum_reduction(module)
+
+
+def _force_sum_reduction(module: FSDPModule) -> None:
+    """gloo has no PREMUL_SUM: reduce with SUM and let FSDP divide afterwards, per param group.
+
+    Groups whose reduce-scatter spans one rank (e.g. experts with efsdp = 1) are left alone: they issue no
+    reduce-scatter, and torch 2.13's foreach_reduce would divide their gradient twice under forced SUM
+    (once in the single-rank copy, once as the post-divide).
+    """
+    for group in module._get_fsdp_state()._fsdp_param_groups:
+        if group.mesh_info.shard_mesh_size > 1:
+            group.force_sum_reduction_for_comms = True

@@ -1,0 +1,114 @@
+"""The device mesh: one world of data-parallel ranks, viewed two ways.
+
+Dense weights see (dp_replicate, dp_shard): HSDP across nodes, FSDP inside. Expert weights see
+(dp_replicate, efsdp, ep): `ep` borrows the innermost ranks of each dp_shard group (so the all-to-all stays
+on the fastest links) and `efsdp = dp_shard / ep` is what is left over to shard each expert group with FSDP.
+Both views are `_unflatten`s of the same 1-D world mesh, so DTensors on them share a root mesh (FSDP and DCP
+need that to combine the ep sharding with the efsdp sharding).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from mythos_train.config import ConfigError, ParallelConfig, mesh_sizes
+
+
+@dataclass
+class ParallelDims:
+    """Resolved axis sizes and the meshes built from them (sizes are those of `config.mesh_sizes`)."""
+
+    dp_replicate: int
+    dp_shard: int
+    ep: int
+    efsdp: int
+    device_type: str
+    world_mesh: DeviceMesh
+    "1-D mesh over every rank; with data parallelism only, it is also the data-parallel mesh."
+    fsdp_mesh: DeviceMesh
+    "Dense weights: (dp_shard,) or (dp_replicate, dp_shard) for HSDP."
+    efsdp_mesh: DeviceMesh
+    "Expert weights' own data-parallel mesh: (efsdp,) or (dp_replicate, efsdp)."
+    ep_mesh: DeviceMesh | None
+    "Expert-parallel mesh; None when ep == 1."
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        """Ranks that see different tokens (dp_replicate x dp_shard flattened): data loader rank/world."""
+        return self.world_mesh
+
+    @property
+    def dp_rank(self) -> int:
+        return self.world_mesh.get_local_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_mesh.size()
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+
+def resolve_device_type(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _init_process_group(parallel: ParallelConfig, world_size: int, device_type: str) -> None:
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        # A single process without torchrun: an in-memory store, so one code path serves 1 and N ranks.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend, world_size=world_size)
+
+
+def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "auto") -> ParallelDims:
+    """Validate the axis sizes (ConfigError before any collective), init the process group if needed, build meshes.
+
+    The process group is started here when the caller has not (torchrun env vars, or an in-memory store for a
+    lone process); backend 'auto' = nccl on CUDA, gloo on CPU.
+    """
+    sizes = mesh_sizes(parallel, world_size)
+    device_type = resolve_device_type(device_type)
+    if not dist.is_initialized():
+        _init_process_group(parallel, world_size, device_type)
+    if dist.get_world_size() != world_size:
+        raise ConfigError(f"build_mesh: world_size {world_size} != process group size {dist.get_world_size()}")
+    r, s, ep, f = sizes["dp_replicate"], sizes["dp_shard"], sizes["ep"], sizes["efsdp"]
+    world = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
+    dense = world._unflatten(0, (r, s), ("dp_replicate", "dp_shard"))
+    sparse = world._unflatten(0, (r, f, ep), ("dp_replicate", "efsdp", "ep"))
+    return ParallelDims(
+        dp_replicate=r,
+        dp_shard=s,
+        ep=ep,
+        efsdp=f,
+        device_type=device_type,
+        world_mesh=world,
+        fsdp_mesh=dense if r > 1 else dense["dp_shard"],
+        efsdp_mesh=sparse["dp_replicate", "efsdp"] if r > 1 else sparse["efsdp"],
+        ep_mesh=sparse["ep"] if ep > 1 else None,
+    )
+
+
+def all_ranks_agree(flag: bool, dims: ParallelDims) -> bool:
+    """True only if `flag` is True on every rank (all-reduce MIN): e.g. an eval-time ACT early exit."""
+    device = torch.device(dims.device_type, torch.cuda.current_device()) if dims.device_type == "cuda" else None
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=dims.world_mesh.get_group())
+    return bool(t.item())

@@ -1,0 +1,28 @@
+"""Apply every parallelism to a model, in torchtitan's order: EP (swaps modules) -> AC -> compile -> FSDP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.compile import apply_compile
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.fsdp import apply_fsdp, mixed_precision_policy
+from parallel.mesh import ParallelDims
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Callable | None:
+    """`cfg` is the JobConfig. Returns the per-iteration wrapper for `model(..., wrap_iteration=...)`, or None."""
+    parallel = cfg.parallel
+    apply_expert_parallel(model, dims)
+    wrap_iteration = apply_activation_checkpointing(
+        model, parallel.activation_checkpoint, keep_collectives=not parallel.reshard_per_iteration
+    )
+    if parallel.compile:
+        bf16 = mixed_precision_policy(parallel, dims.device_type).param_dtype == torch.bfloat16
+        apply_compile(model, compile_experts=bf16)
+    apply_fsdp(model, dims, parallel)
+    return wrap_iteration

@@ -1,0 +1,90 @@
+"""Run a function on N local gloo processes (tests and benchmarks): `run_distributed(fn, 2, *args)`.
+
+`fn(rank, world_size, *args)` runs in a spawned process with the default process group initialised; what it
+returns comes back as a list indexed by rank. A failure on any rank raises here with that rank's traceback; the
+whole job is bounded by `timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import socket
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, fn, world_size: int, port: int, out_dir: str, threads: int, args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
+            pickle.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, threads: int | None = None) -> list:
+    """Spawn `world_size` processes running `fn(rank, world_size, *args)`; returns their results by rank."""
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(
+            _worker,
+            args=(fn, world_size, _free_port(), out_dir, threads, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"run_distributed({fn.__name__}, {world_size}) exceeded {timeout:.0f} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(out_dir, f"{rank}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+        return results
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts collective calls by op name while active (c10d ops of `torch.distributed` and functional collectives).
+
+    A dispatch mode sees the real calls, in forward and in backward, whoever issues them (FSDP hooks, DTensor,
+    all-to-all). Usage: `with CollectiveCounter() as c: ...; c.counts -> {"_allgather_base_": 7, ...}`.
+    """
+
+    _NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if (
+            func.namespace in ("c10d", "_c10d_functional", "_c10d_functional_autograd")
+            and name not in self._NOT_COLLECTIVES
+        ):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))

@@ -1,0 +1,94 @@
+"""parallel/ in one process: config errors before any collective, activation checkpointing, a world of one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_parallel_fsdp_ep import global_batch, lm_loss, tiny_config
+from torch.distributed.tensor import DTensor
+
+from mythos_train.config import ConfigError, ParallelConfig
+from mythos_train.model import MythosModel
+from parallel import all_ranks_agree, build_mesh, clip_grad_norm_, parallelize
+from parallel.activation_checkpoint import apply_activation_checkpointing
+
+
+@pytest.mark.parametrize(
+    "parallel, world, match",
+    [
+        (ParallelConfig(ep=3), 4, "ep"),
+        (ParallelConfig(dp_replicate=3), 4, "world size"),
+        (ParallelConfig(dp_replicate=2, dp_shard=3), 4, "world size"),
+    ],
+)
+def test_bad_mesh_is_a_config_error_before_any_process_group(parallel, world, match):
+    with pytest.raises(ConfigError, match=match):
+        build_mesh(parallel, world, "cpu")
+    assert not dist.is_initialized()
+
+
+def grads_after_step(model, wrap, n=2, k=3):
+    lm_loss(model, global_batch(0, 2), n, k, wrap).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("policy", ["loop", "full"])
+def test_activation_checkpointing_gives_identical_grads_and_counts(policy):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    plain = MythosModel(cfg.model)
+    model = copy.deepcopy(plain)
+    wrap = apply_activation_checkpointing(model, policy)
+    expected = grads_after_step(plain, None)
+    got = grads_after_step(model, wrap)
+    for name, g in expected.items():
+        torch.testing.assert_close(got[name], g, rtol=0, atol=0, msg=name)
+    # Expert counts come out of the iteration, so the recompute in backward does not add to them.
+    assert torch.equal(model.recurrent.last_stats.tokens_per_expert, plain.recurrent.last_stats.tokens_per_expert)
+
+
+def test_no_checkpointing_policy():
+    assert apply_activation_checkpointing(MythosModel(tiny_config().model), "none") is None
+    with pytest.raises(ValueError, match="policy"):
+        apply_activation_checkpointing(MythosModel(tiny_config().model), "sometimes")
+
+
+def test_world_of_one_matches_plain_model():
+    """The trainer's single-process path: build_mesh starts its own process group, FSDP over one rank is exact."""
+    cfg = tiny_config(activation_checkpoint="full")
+    torch.manual_seed(0)
+    plain = MythosModel(cfg.model)
+    model = copy.deepcopy(plain)
+    try:
+        dims = build_mesh(cfg.parallel, 1, "cpu")
+        wrap = parallelize(model, dims, cfg)
+        assert isinstance(model.tok_embeddings.weight, DTensor) and dims.dp_size == 1 and dims.ep_mesh is None
+        assert all_ranks_agree(True, dims) and not all_ranks_agree(False, dims)
+        expected = grads_after_step(plain, None)
+        got = grads_after_step(model, wrap)
+        for name, g in expected.items():
+            torch.testing.assert_close(got[name].full_tensor(), g, rtol=1e-6, atol=1e-7, msg=name)
+        norm = clip_grad_norm_(model.parameters(), 0.1, dims)
+        ref_norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.1)
+        torch.testing.assert_close(norm, ref_norm)
+        for p, rp in zip(model.parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), rp.grad, rtol=1e-5, atol=1e-8)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_clip_grad_norm_plain_tensors_matches_torch():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, twin in zip(params, twins):
+        p.grad = torch.randn_like(p)
+        twin.grad = p.grad.clone()
+    expected_inf = torch.nn.utils.get_total_norm([t.grad for t in twins], float("inf"))
+    torch.testing.assert_close(clip_grad_norm_(params, 0.0, norm_type=float("inf")), expected_inf)
+    torch.testing.assert_close(clip_grad_norm_(params, 1.0), torch.nn.utils.clip_grad_norm_(twins, 1.0))
+    for p, twin in zip(params, twins):
+        torch.testing.assert_close(p.grad, twin.grad)
