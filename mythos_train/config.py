@@ -131,7 +131,7 @@ class TrainConfig:
     depth_distribution: Literal["fixed", "uniform", "poisson-lognormal", "poisson"] = "poisson-lognormal"
     "Per-step loop depth: fixed, uniform[min,max], Huginn's Poisson-LogNormal (sigma 0.5), or Parcae's Poisson; random depth keeps more loops at inference stable (PR #58)."
     mean_depth: float = 4.0
-    "Mean total loop depth (gradient-free + gradient iterations)."
+    "Expected total loop depth per step (gradient-free + gradient iterations), before clamping to [min_depth, max_depth]."
     min_depth: int = 1
     "Smallest total depth drawn."
     max_depth: int = 16

@@ -23,9 +23,11 @@ class DepthSampler:
     Distributions of the total depth (clamped to [min_depth, max_depth]):
       fixed              mean_depth
       uniform            integer uniform on [min_depth, max_depth]
-      poisson-lognormal  Huginn: rate ~ LogNormal with E[rate] = mean_depth, total = Poisson(rate) + 1
-                         (so E[total] = mean_depth + 1 before clamping, as in Huginn's recpre code)
+      poisson-lognormal  Huginn: rate ~ LogNormal(sigma 0.5), total = Poisson(rate) + 1, with E[rate] =
+                         mean_depth - 1 so that E[total] = mean_depth like every other distribution
+                         (Huginn's own mean r counts the +1 on top: its E[total] is r + 1)
       poisson            Parcae: total = Poisson(mean_depth - 1) + 1 (E[total] = mean_depth)
+    mean_depth is the expected total before clamping to [min_depth, max_depth].
     """
 
     def __init__(self, train: TrainConfig):
@@ -44,8 +46,9 @@ class DepthSampler:
         elif self.distribution == "uniform":
             total = int(rng.integers(self.min_depth, self.max_depth + 1))
         elif self.distribution == "poisson-lognormal":
-            mu = math.log(self.mean_depth) - LOGNORMAL_SIGMA**2 / 2
-            total = int(rng.poisson(rng.lognormal(mu, LOGNORMAL_SIGMA))) + 1
+            rate_mean = self.mean_depth - 1.0
+            rate = rng.lognormal(math.log(rate_mean) - LOGNORMAL_SIGMA**2 / 2, LOGNORMAL_SIGMA) if rate_mean > 0 else 0.0
+            total = int(rng.poisson(rate)) + 1
         elif self.distribution == "poisson":
             total = int(rng.poisson(max(self.mean_depth - 1.0, 0.0))) + 1
         else:
