@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from mythos_train.config import CheckpointConfig
+from mythos_train.distributed import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ class CheckpointManager:
     def _complete(self, path: Path) -> None:
         # DCP's coordinator writes .metadata only after every rank's shards are written, and the save (or
         # its future) ends after that, so rank 0 may mark the checkpoint complete here.
+        fault_point("save", int(path.name.removeprefix("step-")))  # test-only: MYTHOS_FAULT_KILL_AT_STEP=r:s:save
         if self.rank != 0:
             return
         (path / MARKER).write_text("ok\n")

@@ -1,13 +1,27 @@
-"""Process-group setup and teardown.
+"""Process-group setup and teardown, safe across torchrun's elastic restarts.
 
 There is always a process group, also for a single process: FSDP2, the device mesh and DCP then take one code
 path. Under torchrun the env:// rendezvous is used; a plain `python` process (tests, a laptop) gets a
 world-size-1 group on an in-process HashStore, so it needs no port and cannot collide with other runs.
+
+Restarts: by default torchrun (c10d rendezvous) hands its workers a TCPStore that the agent keeps alive across
+restarts, so the keys of the previous attempt are still in it; gloo or NCCL then read a dead peer's address
+("connectFullMesh ... Connection refused", NCCL "Failed to connect", or a hang: pytorch issue 135712).
+Prefixing keys with TORCHELASTIC_RESTART_COUNT is not enough: the count is kept per node and differs between
+nodes after one of them failed. So under a shared store each attempt gets a fresh store of its own, hosted by
+rank 0, whose address is published in the shared one; a stale address is recognised because no live store
+answers there with this attempt's token. `launch/env.sh` also sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which
+makes torchrun itself start a fresh store per attempt; both are safe together.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import socket
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,6 +29,11 @@ import torch
 import torch.distributed as dist
 
 from mythos_train.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+FAULT_ENV = "MYTHOS_FAULT_KILL_AT_STEP"
+ATTEMPT_STORE_KEY = "mythos_train/attempt_store"
 
 
 @dataclass(frozen=True)
@@ -34,6 +53,11 @@ class DistInfo:
 def env_world_size() -> int:
     """WORLD_SIZE set by torchrun, or 1; known before any process group exists (for `validate`)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this node's workers (0 on the first attempt and outside torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def resolve_device(cfg: JobConfig, local_rank: int) -> torch.device:
@@ -56,6 +80,42 @@ def resolve_backend(cfg: JobConfig, device: torch.device) -> str:
     return backend
 
 
+def _answers(host: str, port: int) -> bool:
+    """Whether something accepts connections at host:port (a refused probe costs a millisecond, no log spam)."""
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            return True
+    except OSError:
+        return False
+
+
+def attempt_store(rank: int, timeout: timedelta) -> dist.Store:
+    """A TCPStore that holds this attempt's keys only, bootstrapped through torchrun's shared store.
+
+    Rank 0 starts it on a free port and publishes "port token" in the shared store; the others read that entry
+    until it names a store that is up and holds the token (an entry left by an earlier attempt names a store
+    that died with that attempt's rank 0, or one without this token).
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    shared = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    if rank == 0:
+        store = dist.TCPStore(host, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+        token = uuid.uuid4().hex
+        store.set(token, "")
+        shared.set(ATTEMPT_STORE_KEY, f"{store.port} {token}")
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        store_port, token = shared.get(ATTEMPT_STORE_KEY).decode().split()
+        if _answers(host, int(store_port)):
+            store = dist.TCPStore(host, int(store_port), is_master=False, timeout=timeout)
+            if store.check([token]):
+                return store
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: no store of this attempt published by rank 0 within {timeout} (last entry: port {store_port})")
+        time.sleep(0.1)
+
+
 def init_distributed(cfg: JobConfig, timeout_s: float = 600.0) -> DistInfo:
     """Start (or join) the default process group and bind this process to its device."""
     world_size = env_world_size()
@@ -67,8 +127,17 @@ def init_distributed(cfg: JobConfig, timeout_s: float = 600.0) -> DistInfo:
     if not dist.is_initialized():
         backend = resolve_backend(cfg, device)
         timeout = timedelta(seconds=timeout_s)
+        device_id = device if device.type == "cuda" else None
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, device_id=device if device.type == "cuda" else None)
+            shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            if local_rank == 0 and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+                logger.info(
+                    "torchrun attempt: restart %d of at most %s on this node, world size %d, process-group store: %s",
+                    restart_count(), os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"), world_size,
+                    "fresh for this attempt (torchrun's is shared across restarts)" if shared else "torchrun's, fresh per attempt",
+                )
+            store = attempt_store(rank, timeout) if shared else None  # None: env:// (rank 0 hosts a new store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id)
         else:
             if world_size != 1:
                 raise RuntimeError(f"WORLD_SIZE={world_size} without MASTER_ADDR: launch multi-process runs with torchrun")
@@ -88,3 +157,22 @@ def all_reduce_sum(values: torch.Tensor, group: dist.ProcessGroup | None = None)
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
     return values
 
+
+def fault_point(where: str, step: int) -> None:
+    """Test-only fault injection; does nothing unless MYTHOS_FAULT_KILL_AT_STEP is set.
+
+    MYTHOS_FAULT_KILL_AT_STEP=RANK:STEP[:WHERE] makes global rank RANK SIGKILL itself at STEP, on the first
+    torchrun attempt only (so the restarted run goes on): WHERE 'step' (default) = right after that optimizer
+    step, before its log and checkpoint; 'save' = while its checkpoint is saved, after every shard is written
+    and before the COMPLETE marker. The trainer calls this at both places.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or restart_count() != 0:
+        return
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2]) or parts[2:] not in ([], ["step"], ["save"]):
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected RANK:STEP or RANK:STEP:step|save")
+    rank = int(os.environ.get("RANK", "0"))
+    if (int(parts[0]), int(parts[1]), (parts[2:] or ["step"])[0]) == (rank, step, where):
+        print(f"fault injection: SIGKILL rank {rank} at {where} {step} (unix time {time.time():.3f})", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)

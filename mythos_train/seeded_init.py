@@ -4,8 +4,11 @@
 state, so the weights would depend on the mesh (and DTensor's offset-based RNG does not cover CPU). Here each
 `nn.init.*` call and random in-place method (`normal_`, `uniform_`, ...) on a DTensor is replayed on a full-size
 tensor drawn from the default generator, in the model's own init order, and each rank keeps its shard of it.
-Every rank thus consumes the generator exactly like one unsharded process, for any mesh and device. Other ops
-(`zero_()`, `mul_`, buffers) run on the shards as usual. Costs one full parameter of transient memory at a time.
+Every rank thus consumes the generator exactly like one unsharded process, for any mesh. Other ops
+(`zero_()`, `mul_`, buffers) run on the shards as usual. Costs one full parameter of transient memory at a time,
+so it is used only where DTensor has no RNG of its own (CPU meshes, i.e. tests and small runs). On CUDA, DTensor's
+offset-based Philox tracker already draws each shard as its slice of the full tensor, with no full-size copy —
+the only way a 1T model's stacked experts (hundreds of GB each) can be initialised.
 """
 
 from __future__ import annotations
@@ -52,5 +55,9 @@ class _FullTensorInit(TorchFunctionMode):
 def init_weights_seeded(model: nn.Module, seed: int) -> None:
     """`torch.manual_seed(seed)` then `model.init_weights()`, with mesh-independent random draws."""
     torch.manual_seed(seed)
+    param = next(model.parameters(), None)
+    if param is not None and isinstance(param, DTensor) and param.device.type == "cuda":
+        model.init_weights()  # DTensor's own offset-based RNG: shard-local and mesh-independent
+        return
     with _FullTensorInit():
         model.init_weights()

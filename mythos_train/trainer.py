@@ -24,7 +24,7 @@ from data_pipeline import build_loader, tokenizer_path, tokenizer_vocab_size
 from mythos_train.checkpoint import CheckpointManager
 from mythos_train.config import ConfigError, JobConfig, to_dict
 from mythos_train.depth import DepthSampler
-from mythos_train.distributed import DistInfo, all_reduce_sum
+from mythos_train.distributed import DistInfo, all_reduce_sum, fault_point
 from mythos_train.evaluate import Evaluator
 from mythos_train.loss import cross_entropy_sum, token_count
 from mythos_train.metrics import MetricsLogger, console_line, loop_scalars, memory_gib, peak_flops
@@ -242,6 +242,7 @@ class Trainer:
                 self._data_wait_ms = (time.perf_counter() - t0) * 1e3
                 result = self.train_step(micro_batches)
                 self.step += 1
+                fault_point("step", self.step)  # test-only: MYTHOS_FAULT_KILL_AT_STEP
                 self._account(result, time.perf_counter() - t0)
                 profiler.step()
                 last = self.step == cfg.train.steps

@@ -1,0 +1,186 @@
+"""Single-process training-step benchmark: tokens/s and MFU against this machine's measured fp32 matmul peak.
+
+`python -m mythos_train.bench` times forward + backward + AdamW on the bench shape (dim 256, MLA, 64 experts top-4,
+2+2 dense blocks, 8 gradient loops, seq 256, batch 8, fp32) and, when importable, open-mythos 0.5.0's own step on
+the same shape. The peak is the median of timed square fp32 matmuls, measured before and after the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mythos_train.config import ModelConfig
+from mythos_train.model import MythosModel
+from mythos_train.model.flops import training_flops_per_token
+from mythos_train.model.open_mythos_compat import open_mythos_config_kwargs
+
+BENCH_SHAPE = dict(
+    vocab_size=8192,
+    dim=256,
+    n_heads=8,
+    max_seq_len=256,
+    max_loop_iters=8,
+    prelude_layers=2,
+    coda_layers=2,
+    attn_type="mla",
+    q_lora_rank=128,
+    kv_lora_rank=64,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    n_experts=64,
+    n_experts_per_tok=4,
+    expert_dim=64,
+    n_shared_experts=2,
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops_per_s(device: torch.device, n: int) -> float:
+    """FLOP/s of one timed n x n fp32 matmul."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    _sync(device)
+    start = time.perf_counter()
+    a @ b
+    _sync(device)
+    return 2 * n**3 / (time.perf_counter() - start)
+
+
+def time_steps(step, device: torch.device, warmup: int, steps: int, peak_size: int) -> tuple[list[float], list[float]]:
+    """(seconds of each timed step(), matmul FLOP/s measured right before each): interleaving the two keeps the
+    peak and the step measured under the same load when other processes share the machine.
+    """
+    for _ in range(warmup):
+        step()
+    times, peaks = [], []
+    for _ in range(steps):
+        peaks.append(matmul_flops_per_s(device, peak_size))
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times, peaks
+
+
+def _train_step(model: torch.nn.Module, forward, tokens: torch.Tensor):
+    """forward + cross-entropy + backward + AdamW step of `model` on tokens [B, S + 1]."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        logits = forward(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def load_open_mythos():
+    """open-mythos 0.5.0's main module (installed package, else the unpacked copy under /tmp/om/x), or None."""
+    spec = importlib.util.find_spec("open_mythos")
+    paths = [Path(p) / "main.py" for p in (spec.submodule_search_locations or [])] if spec else []
+    path = next((p for p in [*paths, Path("/tmp/om/x/open_mythos/main.py")] if p.is_file()), None)
+    if path is None:
+        return None
+    ref_spec = importlib.util.spec_from_file_location("open_mythos_bench_main", path)
+    module = importlib.util.module_from_spec(ref_spec)
+    sys.modules[ref_spec.name] = module
+    ref_spec.loader.exec_module(module)
+    return module
+
+
+def _report(name: str, times: list[float], peaks: list[float], step_flops: float, n_tokens: int) -> dict:
+    """Median-based numbers, plus best-case ones (fastest step / highest peak) that show what an idle machine gives."""
+    step_s, peak = statistics.median(times), statistics.median(peaks)
+    mfu, best_mfu = step_flops / step_s / peak, step_flops / min(times) / max(peaks)
+    print(
+        f"{name:<44s} step {step_s * 1e3:7.1f} ms  {n_tokens / step_s:6.0f} tok/s  {step_flops / 1e9:5.1f} GFLOP  "
+        f"peak {peak / 1e9:5.1f} GFLOP/s  MFU {100 * mfu:4.1f}%  (best: step {min(times) * 1e3:.1f} ms, "
+        f"peak {max(peaks) / 1e9:.1f}, MFU {100 * best_mfu:.1f}%)"
+    )
+    return {"step_s": step_s, "tokens_per_s": n_tokens / step_s, "peak_flops": peak, "mfu": mfu, "best_mfu": best_mfu}
+
+
+def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = MythosModel(cfg).to(device)
+    step = _train_step(model, lambda x: model(x, n_grad=args.loops), tokens)
+    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size)
+    flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(
+            activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]
+        ) as prof:
+            step()
+        Path(args.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    return _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
+
+
+def _bench_reference(
+    reference, cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.device, full_depth: bool
+) -> dict:
+    """open-mythos' training step. Its ACT leaves the loop once every position halted (after ~3 iterations at init),
+    so FLOPs count the iterations it really ran; full_depth raises its halting threshold out of reach instead.
+    """
+    torch.manual_seed(0)
+    kwargs = open_mythos_config_kwargs(cfg) | ({"act_threshold": float("inf")} if full_depth else {})
+    model = reference.OpenMythos(reference.MythosConfig(**kwargs)).to(device)
+    iterations = []
+    model.recurrent.block.register_forward_hook(lambda *_: iterations.append(1))
+    step = _train_step(model, lambda x: model(x, n_loops=args.loops), tokens)
+    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size)
+    loops_run = len(iterations) / (args.warmup + args.steps)
+    ref_cfg = dataclasses.replace(cfg, use_act=True)
+    one, two = (training_flops_per_token(ref_cfg, args.seq, 0, n) for n in (1, 2))
+    flops = (one + (loops_run - 1) * (two - one)) * tokens[:, 1:].numel()
+    name = f"open-mythos 0.5.0 ({'no early exit' if full_depth else 'ACT exit'}, {loops_run:.1f} loops)"
+    return _report(name, times, peaks, flops, tokens[:, 1:].numel()) | {"loops_run": loops_run}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--loops", type=int, default=8, help="loop iterations, all with gradients")
+    parser.add_argument("--attn", choices=["mla", "gqa"], default="mla")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--peak-size", type=int, default=4096, help="side of the square matmul that measures the peak")
+    parser.add_argument("--no-reference", action="store_true", help="skip timing open-mythos")
+    parser.add_argument("--profile", default="", help="write a torch.profiler table of one of our steps to this file")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = ModelConfig(**(BENCH_SHAPE | {"max_seq_len": args.seq, "max_loop_iters": args.loops, "attn_type": args.attn}))
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
+    print(
+        f"device {device.type}, {torch.get_num_threads()} threads, batch {args.batch} x seq {args.seq}, "
+        f"{args.loops} loops; medians of {args.steps} steps, each right after one {args.peak_size}^2 fp32 matmul"
+    )
+    results = {"mythos_train": _bench_ours(cfg, args, tokens, device)}
+    reference = None if args.no_reference else load_open_mythos()
+    if reference is not None:
+        results["open_mythos"] = _bench_reference(reference, cfg, args, tokens, device, full_depth=False)
+        results["open_mythos_full_depth"] = _bench_reference(reference, cfg, args, tokens, device, full_depth=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

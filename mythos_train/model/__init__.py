@@ -1,0 +1,6 @@
+"""Single-device recurrent-depth transformer (never imports torch.distributed)."""
+
+from mythos_train.model.model import MythosModel, TransformerBlock
+from mythos_train.model.recurrent import LoopStats
+
+__all__ = ["LoopStats", "MythosModel", "TransformerBlock"]

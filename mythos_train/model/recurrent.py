@@ -1,0 +1,223 @@
+"""The looped part of the model: one MoE transformer block applied n times with input injection.
+
+One iteration (open-mythos `RecurrentBlock`):  x = norm(h + loop_emb(t) + e);  y = block(x);  y = y + lora(y, t);
+h' = A h + B e + y;  and, with ACT, a halting probability p(h'). A is diagonal with entries in [0, 1) for any
+parameter value, so the linear part of the update is contractive by construction (Parcae).
+
+Training never exits early (every rank must run the same number of collectives under FSDP): the first n_nograd
+iterations run without autograd, the last n_grad with it (truncated backprop through depth).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mythos_train.config import ModelConfig
+from mythos_train.model.attention import Rope
+
+
+def cache_slot(kv_cache: dict | None, name: str) -> dict | None:
+    """The KV-cache slot of one layer or loop step (created on first use), or None when not caching."""
+    return None if kv_cache is None else kv_cache.setdefault(name, {})
+
+
+def loop_index_embedding(
+    loop_t: int, dim: int, loop_dim: int, device: torch.device, theta: float = 10000.0
+) -> torch.Tensor:
+    """[dim] vector: sin/cos of loop_t * freqs in the first loop_dim channels, zeros after (open-mythos, fp32)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, loop_dim, 2, device=device, dtype=torch.float32) / loop_dim))
+    angles = loop_t * freqs  # [loop_dim / 2]
+    return nn.functional.pad(torch.cat([angles.sin(), angles.cos()]), (0, dim - loop_dim))
+
+
+class DepthLoRA(nn.Module):
+    """Depth-wise LoRA on the block output: delta = (down(x) * scale[t]) @ B, one rank-sized scale per loop step.
+
+    Steps past max_loop_iters reuse the last scale, so inference can loop deeper than training.
+    """
+
+    def __init__(self, dim: int, rank: int, max_loops: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.B = nn.Parameter(torch.empty(rank, dim))
+        self.scale = nn.Embedding(max_loops, rank)
+
+    def init_weights(self, init_std: float) -> None:
+        nn.init.normal_(self.B, std=init_std)  # down and scale are a Linear and an Embedding, initialised as such
+
+    def forward(self, x: torch.Tensor, loop_t: int) -> torch.Tensor:
+        scale = self.scale.weight[min(loop_t, self.scale.num_embeddings - 1)]  # [rank]
+        return (self.down(x) * scale) @ self.B
+
+
+class LTIInjection(nn.Module):
+    """open-mythos: h' = A h + B e + y with A = exp(-exp(log_dt + log_A)) in (0, 1) and a diagonal B."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.log_A = nn.Parameter(torch.empty(dim))
+        self.log_dt = nn.Parameter(torch.empty(1))
+        self.B = nn.Parameter(torch.empty(dim))
+
+    def init_weights(self, init_std: float) -> None:
+        nn.init.zeros_(self.log_A)
+        nn.init.zeros_(self.log_dt)
+        nn.init.constant_(self.B, 0.1)
+
+    def get_A(self) -> torch.Tensor:
+        """Diagonal of A [dim] in fp32, in [0, 1) for any parameter value.
+
+        open-mythos' formula; its clamp keeps exp finite, but below log_dt + log_A ~ -16.6 the result rounds to
+        exactly 1.0 in fp32, so A is also capped at the largest fp32 below 1 (a no-op everywhere else).
+        """
+        A = torch.exp(-torch.exp((self.log_dt.float() + self.log_A.float()).clamp(-20, 20)))
+        return A.clamp(max=1.0 - 2.0**-24)
+
+    def spectral_radius(self) -> torch.Tensor:
+        return self.get_A().detach().max()
+
+    def input_term(self, e: torch.Tensor) -> torch.Tensor:
+        """B e: the same every iteration, so it is computed once per forward."""
+        return self.B * e
+
+    def forward(self, h: torch.Tensor, input_term: torch.Tensor, block_out: torch.Tensor) -> torch.Tensor:
+        return self.get_A().to(h.dtype) * h + input_term + block_out
+
+
+class ParcaeInjection(LTIInjection):
+    """Parcae: h' = exp(-dt A) h + dt (B e) + y, zero-order-hold discretised with a per-channel step dt and a full B.
+
+    B = diag(B_diag) + W, with B_diag = 0.1 and W = 0 at init: exactly the LTI update at its start (and an init
+    made of fills only, which works on sharded parameters where eye_ does not). Weight decay pulls W towards 0.
+    """
+
+    def __init__(self, dim: int):
+        nn.Module.__init__(self)
+        self.log_A = nn.Parameter(torch.empty(dim))
+        self.log_dt = nn.Parameter(torch.empty(dim))
+        self.B = nn.Parameter(torch.empty(dim))
+        self.W = nn.Parameter(torch.empty(dim, dim))
+
+    def init_weights(self, init_std: float) -> None:
+        super().init_weights(init_std)
+        nn.init.zeros_(self.W)
+
+    def input_term(self, e: torch.Tensor) -> torch.Tensor:
+        return self.log_dt.clamp(-20, 20).exp() * (self.B * e + nn.functional.linear(e, self.W))
+
+
+class ACTHalting(nn.Module):
+    """Per-position halting probability sigmoid(w h + b) (Graves 2016; open-mythos `ACTHalting`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.halt = nn.Linear(dim, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.halt(h)).squeeze(-1)  # [B, T]
+
+
+@dataclass
+class LoopStats:
+    """Telemetry of the last forward, all detached tensors on the model's device (no host sync)."""
+
+    h_norm: torch.Tensor
+    "[n_iters] mean L2 norm of the hidden state after each iteration."
+    tokens_per_expert: torch.Tensor
+    "[n_iters, E] float32 routed (token, choice) slots per expert, counted once per real forward (never by AC recompute)."
+    halting_depth_mean: torch.Tensor
+    "[] mean over positions of the iteration at which ACT halted them (n_iters if never / ACT off)."
+    halting_depth_max: torch.Tensor
+    "[] max of the same."
+
+
+WrapIteration = Callable[..., tuple]
+
+
+class RecurrentBlock(nn.Module):
+    """Loop driver around `block` (a MoE TransformerBlock returning (out, tokens_per_expert))."""
+
+    def __init__(self, cfg: ModelConfig, block: nn.Module):
+        super().__init__()
+        self.max_loop_iters, self.act_threshold = cfg.max_loop_iters, cfg.act_threshold
+        self.loop_dim = cfg.dim // 8
+        self.block = block
+        self.injection = ParcaeInjection(cfg.dim) if cfg.injection == "parcae" else LTIInjection(cfg.dim)
+        self.act = ACTHalting(cfg.dim) if cfg.use_act else None
+        self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.last_stats: LoopStats | None = None
+
+    def iteration(
+        self,
+        h: torch.Tensor,
+        e: torch.Tensor,
+        input_term: torch.Tensor,
+        loop_t: int,
+        rope: Rope,
+        kv_cache: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One loop step -> (h_next [B, T, dim], tokens_per_expert [E], halting prob [B, T] or None).
+
+        Telemetry is returned, never stored, so activation checkpointing may rerun this freely.
+        """
+        x = self.norm(h + loop_index_embedding(loop_t, h.shape[-1], self.loop_dim, h.device).to(h.dtype) + e)
+        y, tokens_per_expert = self.block(x, rope, cache_slot(kv_cache, f"loop_{loop_t}"))
+        y = y + self.lora(y, loop_t)
+        h_next = self.injection(h, input_term, y)
+        return h_next, tokens_per_expert, (self.act(h_next) if self.act is not None else None)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        e: torch.Tensor,
+        rope: Rope,
+        n_nograd: int = 0,
+        n_grad: int | None = None,
+        wrap_iteration: WrapIteration | None = None,
+        kv_cache: dict | None = None,
+    ) -> torch.Tensor:
+        """Run n_nograd iterations without autograd, then n_grad with it; h, e [B, T, dim] -> [B, T, dim].
+
+        With ACT the output is the halting-weighted sum of the states (remainder trick), else the last state.
+        Positions keep being computed after they halt (their weight is 0), so every call does the same work.
+        """
+        n_grad = self.max_loop_iters if n_grad is None else n_grad
+        n_iters = n_nograd + n_grad
+        if n_nograd < 0 or n_grad < 0 or n_iters < 1:
+            raise ValueError(f"need n_nograd >= 0, n_grad >= 0 and at least one iteration, got {n_nograd=}, {n_grad=}")
+        input_term = self.injection.input_term(e)
+        if self.act is not None:
+            h_out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+            cumulative_p = torch.zeros(h.shape[:-1], dtype=torch.float32, device=h.device)
+            running = torch.ones(h.shape[:-1], dtype=torch.float32, device=h.device)  # 1 until a position halts
+            halting_depth = torch.zeros_like(cumulative_p)
+        h_norms, loads = [], []
+        for t in range(n_iters):
+            if t < n_nograd:
+                with torch.no_grad():
+                    h, tokens_per_expert, p = self.iteration(h, e, input_term, t, rope, kv_cache)
+            elif wrap_iteration is not None:
+                h, tokens_per_expert, p = wrap_iteration(self.iteration, h, e, input_term, t, rope, kv_cache)
+            else:
+                h, tokens_per_expert, p = self.iteration(h, e, input_term, t, rope, kv_cache)
+            if self.act is not None:
+                p = p.float()
+                remainder = (1.0 - cumulative_p).clamp(min=0)
+                weight = torch.where(cumulative_p + p >= self.act_threshold, remainder, p) * running
+                h_out = h_out + weight.unsqueeze(-1) * h
+                cumulative_p = cumulative_p + p * running
+                halting_depth = halting_depth + running
+                running = running * (cumulative_p < self.act_threshold)
+            h_norms.append(torch.linalg.vector_norm(h.detach(), dim=-1, dtype=torch.float32).mean())
+            loads.append(tokens_per_expert.detach())
+        if self.act is not None:
+            depth_mean, depth_max = halting_depth.mean(), halting_depth.max()
+        else:
+            depth_mean = depth_max = torch.full((), float(n_iters), device=h.device)
+        self.last_stats = LoopStats(torch.stack(h_norms), torch.stack(loads), depth_mean, depth_max)
+        return h_out.to(h.dtype) if self.act is not None else h

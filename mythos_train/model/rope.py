@@ -1,0 +1,48 @@
+"""Rotary position embedding in real arithmetic.
+
+open-mythos rotates adjacent feature pairs (x[2i], x[2i+1]) as one complex number times e^{i m theta_i}. Complex
+tensors break torch.compile and FSDP mixed precision, so the same rotation is written out with cos/sin tables:
+(x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Angles [len(positions), head_dim // 2], computed exactly as open-mythos' `precompute_rope_freqs` (fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    return torch.outer(positions.float(), inv_freq)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, T, H, D] by tables cos/sin [T, D // 2]; computed in fp32, returned in x's dtype."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each [B, T, H, D/2]
+    cos, sin = cos[:, None], sin[:, None]  # [T, 1, D/2]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [B, T, H, D/2, 2]
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions [0, max_seq_len) as non-persistent buffers (rebuilt by init_weights after to_empty)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        angles = rope_angles(self.head_dim, torch.arange(self.max_seq_len, device=self.cos.device), self.theta)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
+
+    def forward(self, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions [start_pos, start_pos + seq_len), each [seq_len, head_dim // 2]."""
+        if start_pos + seq_len > self.max_seq_len:
+            raise ValueError(f"position {start_pos + seq_len - 1} is beyond model.max_seq_len ({self.max_seq_len})")
+        return self.cos[start_pos : start_pos + seq_len], self.sin[start_pos : start_pos + seq_len]

@@ -1,0 +1,157 @@
+"""Activation memory of one micro-batch, from the model config: what autograd saves, per token, per block.
+
+Each count below is one tensor autograd keeps for backward in mythos_train/model as written (listed with
+`torch.autograd.graph.saved_tensors_hooks` and checked by tests/test_plan_activations.py, which fails when the
+model changes under this formula). Units are elements per token, at the activation dtype `a` (the FSDP
+param_dtype) unless marked fp32 (`F`) or int64 (`I`). Weights are never counted: FSDP frees the gathered
+copies that autograd references, and recomputes nothing to get them back.
+
+RMSNorm: the fused CUDA kernel saves its input and the fp32 rstd; the CPU composite also saves x * rstd
+(`cpu` picks the CPU kernels' behaviour, here and in one SDPA layout case). Flash/efficient SDPA saves q, k, v,
+the output and the fp32 log-sum-exp, never the S x S scores, so everything here is linear in sequence length.
+
+    dense block   input D, attention (below), x + attn D, ffn_norm, its output D, SwiGLU 4 * ffn_dim
+    attention     attn_norm and its output D;
+                  MLA: q_down out q_lora, q_norm, c_q q_lora, kv_down out kv_lora + rope, kv_norm, its output
+                       kv_lora; q, k, out H * P (P = max(nope + rope, v), the narrower side zero-padded);
+                       v H * (nope + v) (a view of kv_up's output) or H * P when padded; wo input H * v when
+                       the output had to be sliced (v < nope + rope; on CPU also v > nope + rope); lse F * H
+                  GQA: q H * hd, k Hkv * hd, v Hkv * hd (view of wv's output), out H * hd, lse F * H
+    loop step     s = h + loop_emb + e D, norm, x D, attention, x + attn D, ffn_norm, its output D,
+                  MoE: scores F * E, top-k ids I * k, gates F * (2k + 1) (+ a * k if a != fp32), two sort
+                       indices I * 2k, routed rows 3 * k * D (sorted input, expert output kept by
+                       index_copy, combined rows; 4 * k * D and I * k more under EP: the all-to-all's output
+                       and the received-order index), SwiGLU of the routed rows 4 * k * expert_dim,
+                       shared SwiGLU 4 * shared_dim,
+                  block output D (LoRA input), LoRA 2 * lora_rank, and the step's input h D (injection A*h)
+    head          final norm input D and norm, its output D, logits a * V (held by the caller for the loss),
+                  log-softmax output F * V
+
+Policies (k = iterations with gradients): 'none' keeps k full loop steps and every dense block; 'loop' keeps
+only each gradient step's input h (plus the loop-invariant B*e); 'full' also keeps only each prelude/coda
+block's input. Under expert parallelism a checkpointed step also keeps its two all-to-all outputs (2 k D):
+parallel/activation_checkpoint.py saves them so the recompute does not communicate (`keep_all_to_all`; not
+with reshard_per_iteration, which recomputes them). The peak of a micro-batch is the largest of a few
+candidate moments of its backward (see `micro_batch_activations`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mythos_train.config import ModelConfig
+
+FP32, INT64 = 4, 8
+
+
+def _norm(width: int, a: int, cpu: bool) -> int:
+    """Bytes RMSNorm itself saves (its input and output are counted where they are made)."""
+    return FP32 + (width * a if cpu else 0)
+
+
+def attention_bytes(m: ModelConfig, a: int, cpu: bool) -> int:
+    """Per-token bytes saved by attn_norm + attention (the block input itself not included)."""
+    total = _norm(m.dim, a, cpu) + m.dim * a  # attn_norm, its output
+    H = m.n_heads
+    if m.attn_type == "mla":
+        qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+        P = max(qk, v)
+        total += m.q_lora_rank * a + _norm(m.q_lora_rank, a, cpu) + m.q_lora_rank * a  # q_down out, q_norm, c_q
+        total += (m.kv_lora_rank + m.qk_rope_head_dim) * a + _norm(m.kv_lora_rank, a, cpu) + m.kv_lora_rank * a
+        total += 3 * H * P * a  # q, k, out
+        total += (H * (m.qk_nope_head_dim + v) if v >= qk else H * P) * a  # v: kv_up's output viewed, or padded
+        # wo's input is a copy when the output was sliced, or (CPU flash kernel) laid out from padded q
+        total += (H * v * a if v < P or (cpu and v > qk) else 0) + H * FP32  # ... ; log-sum-exp
+    else:
+        hd = m.dim // H
+        total += (2 * H * hd + 2 * m.n_kv_heads * hd) * a + H * FP32  # q, out, k, v; log-sum-exp
+    return total
+
+
+def dense_block_bytes(m: ModelConfig, a: int, cpu: bool) -> int:
+    """Per-token bytes one prelude/coda block saves, including its input."""
+    ffn = m.dim * a + attention_bytes(m, a, cpu) + m.dim * a  # input, attention, x + attn
+    return ffn + _norm(m.dim, a, cpu) + m.dim * a + 4 * m.ffn_dim * a  # ffn_norm, its output, SwiGLU
+
+
+def moe_bytes(m: ModelConfig, a: int, ep: int) -> int:
+    """Per-token bytes the MoE saves (router, sort indices, routed and shared SwiGLUs); routing assumed balanced."""
+    k = m.n_experts_per_tok
+    shared_dim = m.n_shared_experts * m.expert_dim * k
+    router = FP32 * (m.n_experts + 2 * k + 1) + INT64 * k + (k * a if a != FP32 else 0)
+    routed_rows = (4 if ep > 1 else 3) * k * m.dim * a + (INT64 * k if ep > 1 else 0)
+    return router + INT64 * 2 * k + routed_rows + 4 * k * m.expert_dim * a + 4 * shared_dim * a
+
+
+def loop_step_bytes(m: ModelConfig, a: int, cpu: bool, ep: int) -> int:
+    """Per-token bytes one gradient loop iteration saves without checkpointing, including its input h."""
+    step = m.dim * a + _norm(m.dim, a, cpu) + m.dim * a  # h + loop_emb + e, loop norm, x
+    step += attention_bytes(m, a, cpu) + m.dim * a  # attention, x + attn
+    step += _norm(m.dim, a, cpu) + m.dim * a + moe_bytes(m, a, ep)  # ffn_norm, its output, MoE
+    step += m.dim * a + 2 * m.lora_rank * a + m.dim * a  # block output (LoRA input), LoRA, h
+    if m.use_act:
+        step += 4 * FP32  # halting probability, its weight and the running masks (small)
+    return step
+
+
+def head_bytes(m: ModelConfig, a: int, cpu: bool) -> int:
+    """Per-token bytes of the final norm, the tied head's logits (kept by the caller) and the log-softmax."""
+    return m.dim * a + _norm(m.dim, a, cpu) + m.dim * a + m.vocab_size * a + m.vocab_size * FP32
+
+
+@dataclass
+class ActivationMemory:
+    """Activation bytes of one micro-batch: saved at the end of forward, and live at each backward peak moment."""
+
+    saved: int
+    "Everything autograd holds when the loss is computed."
+    phases: dict[str, int]
+    "Live activation + activation-gradient bytes at the backward's candidate peaks: 'head', 'head_grad', 'loop', 'dense'."
+    loop_step: int
+    "Bytes of one full loop step (what 'loop' recomputes)."
+
+
+def micro_batch_activations(
+    m: ModelConfig, tokens: int, n_grad: int, n_nograd: int, policy: str, a: int, cpu: bool, ep: int = 1,
+    keep_all_to_all: bool = True,
+) -> ActivationMemory:
+    """Activation bytes of `tokens` tokens (micro_batch_size * seq_len) at backprop depth `n_grad`.
+
+    Candidate peaks of the backward (the caller adds the FSDP buffers live at each and takes the largest):
+      head   everything saved + the loss gradient and the log-softmax's input gradient (2 F * V)
+      head_grad  then the log-softmax output is freed and the logits' gradient (a * V) meets the head's
+             weight gradient (added by the caller)
+      loop   prelude + the loop inputs + logits (the caller holds them) + the step being differentiated
+             (recomputed under 'loop'/'full', else already saved) + its gradient working set: the gradients
+             of the routed SwiGLU's hidden rows and of the routed rows (2 k * expert_dim + k * D)
+      dense  prelude inputs + logits + one prelude block (recomputed under 'full') + its SwiGLU gradients
+    """
+    D = m.dim
+    step, dense, head = loop_step_bytes(m, a, cpu, ep), dense_block_bytes(m, a, cpu), head_bytes(m, a, cpu)
+    k = m.n_experts_per_tok
+    step_grads = (2 * k * m.expert_dim + k * D) * a
+    dense_grads = 2 * m.ffn_dim * a
+    if policy == "none":
+        loop_saved, pre_saved, coda_saved = n_grad * step, m.prelude_layers * dense, m.coda_layers * dense
+    elif policy == "loop":
+        loop_saved, pre_saved, coda_saved = n_grad * D * a + D * a, m.prelude_layers * dense, m.coda_layers * dense
+    elif policy == "full":
+        loop_saved, pre_saved, coda_saved = n_grad * D * a + D * a, m.prelude_layers * D * a, m.coda_layers * D * a
+    else:
+        raise ValueError(f"parallel.activation_checkpoint: unknown policy {policy!r}")
+    if ep > 1 and policy != "none" and keep_all_to_all:
+        loop_saved += n_grad * 2 * k * D * a  # the step's two all-to-all outputs (module doc)
+    if n_nograd > 0:
+        loop_saved += D * a  # e (the loop's input injection) is then not the first gradient step's input
+    if m.use_act:
+        loop_saved += D * FP32  # the fp32 halting-weighted output accumulator
+    saved = pre_saved + loop_saved + coda_saved + head
+    logits = m.vocab_size * a
+    recompute = policy != "none"
+    phases = {
+        "head": saved + 2 * FP32 * m.vocab_size,
+        "head_grad": saved - FP32 * m.vocab_size + logits,
+        "loop": pre_saved + loop_saved + logits + (step if recompute else 0) + step_grads,
+        "dense": pre_saved + logits + (dense if policy == "full" else 0) + dense_grads if m.prelude_layers else 0,
+    }
+    return ActivationMemory(saved * tokens, {k_: v * tokens for k_, v in phases.items()}, step * tokens)

@@ -1,0 +1,119 @@
+"""Collective traffic of one optimizer step per rank, and how long it takes on a cluster's links.
+
+Counts per micro-batch follow what parallel/ issues (checked by tests/test_plan.py with a dispatch mode that
+sees every collective of a real step):
+  * all-gather: the root once (kept gathered through backward), every other FSDP unit twice (forward and
+    backward). With reshard_per_iteration the looped block is gathered once per forward iteration (n + k) and
+    once per gradient iteration in backward (k; the checkpoint's recompute runs inside that window).
+  * reduce-scatter: each unit once per micro-batch (FSDP2 reduces every micro-batch); HSDP adds an all-reduce
+    of the reduced shard over dp_replicate.
+  * expert all-to-all: a dispatch and a combine per MoE call: n + k calls forward and k in backward (the
+    gradients travel back the same way). Activation checkpointing keeps the all-to-all outputs instead of
+    re-communicating them (parallel/activation_checkpoint.py), except with reshard_per_iteration, where the
+    recompute runs them again (k more).
+A group of size 1 issues nothing. Bytes are what one rank sends: (w - 1) / w of the reduce-scatter input or of
+the all-to-all input (uniform routing), (w - 1) times its shard for an all-gather, 2 (w - 1) / w for all-reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mythos_train.config import JobConfig
+from mythos_train.plan_hw import COLLECTIVE_EFFICIENCY, Accelerator
+from mythos_train.plan_memory import UnitSizes
+
+LATENCY_S = {"intra": 20e-6, "inter": 50e-6}
+"Fixed cost per collective call (NCCL small-message latency, about 10-30 us in a node and 30-80 us across)."
+
+
+@dataclass
+class Collective:
+    """One kind of collective over one mesh axis: calls and bytes this rank sends per optimizer step."""
+
+    name: str
+    axis: str
+    calls: int
+    payload: int
+    "Sum over calls of the input tensor bytes (all-gather: this rank's shard)."
+    sent: int
+    "Bytes this rank puts on the wire."
+    seconds: float = 0.0
+    overlapped: bool = True
+    "FSDP traffic hides behind compute (prefetch); the expert all-to-all sits on the critical path."
+
+
+def _axis_groups(sizes: dict[str, int]) -> dict[str, int]:
+    return {"dp_shard": sizes["dp_shard"], "efsdp": sizes["efsdp"], "ep": sizes["ep"], "dp_replicate": sizes["dp_replicate"]}
+
+
+def step_collectives(
+    cfg: JobConfig, sizes: dict[str, int], units: UnitSizes, n_nograd: float, n_grad: float, param_bytes: int, reduce_bytes: int
+) -> list[Collective]:
+    """Collectives of one optimizer step (grad_accum_steps micro-batches) at (mean) depth n + k."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    groups = _axis_groups(sizes)
+    micro = t.grad_accum_steps
+    out: list[Collective] = []
+
+    def add(name: str, axis: str, calls: float, payload_per_call: float, sent_per_call: float, overlapped: bool = True) -> None:
+        if groups[axis] > 1 and calls > 0:
+            out.append(Collective(name, axis, round(calls * micro), round(calls * micro * payload_per_call), round(calls * micro * sent_per_call), overlapped=overlapped))
+
+    for shard, axis in ((units.dense_sharded, "dp_shard"), (units.expert_sharded, "efsdp")):
+        w = groups[axis]
+        for unit, numel in shard.items():
+            if unit == "root":
+                gathers = 1
+            elif unit == "recurrent.block":
+                gathers = n_nograd + 2 * n_grad
+            else:
+                gathers = 2
+            add("all-gather", axis, gathers, numel * param_bytes, (w - 1) * numel * param_bytes)
+            add("reduce-scatter", axis, 1, w * numel * reduce_bytes, (w - 1) * numel * reduce_bytes)
+            r = groups["dp_replicate"]
+            add("all-reduce", "dp_replicate", 1, numel * reduce_bytes, 2 * (r - 1) / r * numel * reduce_bytes)
+    if sizes["ep"] > 1:
+        ep = sizes["ep"]
+        rows = t.micro_batch_size * t.seq_len * m.n_experts_per_tok  # routed (token, choice) slots per rank
+        recomputed = n_grad if p.activation_checkpoint != "none" and p.reshard_per_iteration else 0
+        calls = 2 * (n_nograd + n_grad + recomputed + n_grad)
+        payload = rows * m.dim * param_bytes
+        add("all-to-all", "ep", calls, payload, payload * (ep - 1) / ep, overlapped=False)
+    return _merge(out)
+
+
+def _merge(collectives: list[Collective]) -> list[Collective]:
+    merged: dict[tuple[str, str, bool], Collective] = {}
+    for c in collectives:
+        key = (c.name, c.axis, c.overlapped)
+        if key in merged:
+            merged[key].calls += c.calls
+            merged[key].payload += c.payload
+            merged[key].sent += c.sent
+        else:
+            merged[key] = c
+    return list(merged.values())
+
+
+def axis_span(axis: str, sizes: dict[str, int], gpus_per_node: int) -> str:
+    """'intra' when every group of this mesh axis sits inside one node, else 'inter'.
+
+    parallel/mesh.py lays ranks out as (dp_replicate, dp_shard) and (dp_replicate, efsdp, ep), innermost
+    contiguous: ep groups are `ep` consecutive ranks, dp_shard and efsdp groups live inside dp_shard
+    consecutive ranks, dp_replicate groups stride over dp_shard.
+    """
+    world = sizes["dp_replicate"] * sizes["dp_shard"]
+    if axis == "ep":
+        return "intra" if sizes["ep"] <= gpus_per_node else "inter"
+    if axis in ("dp_shard", "efsdp"):
+        return "intra" if sizes["dp_shard"] <= gpus_per_node else "inter"
+    return "intra" if world <= gpus_per_node else "inter"
+
+
+def time_collectives(collectives: list[Collective], sizes: dict[str, int], gpus_per_node: int, hw: Accelerator) -> None:
+    """Fill `seconds`: bytes sent / (link bandwidth x collective efficiency) + a fixed latency per call."""
+    for c in collectives:
+        span = axis_span(c.axis, sizes, gpus_per_node)
+        bandwidth = (hw.intra_node_gbps if span == "intra" else hw.inter_node_gbps) * 1e9 * COLLECTIVE_EFFICIENCY
+        c.seconds = c.sent / bandwidth + c.calls * LATENCY_S[span]

@@ -1,0 +1,198 @@
+"""Per-rank parameter, gradient and optimizer bytes under FSDP2 + EP, from the real model built on the meta device.
+
+Sharding follows parallel/fsdp.py and parallel/expert_parallel.py exactly:
+  * FSDP units: each prelude block, `model.recurrent` (or `recurrent.block` + the rest of `recurrent` with
+    parallel.reshard_per_iteration), each coda block, and the root (embedding = tied head, final norm).
+  * dense parameters are chunked along dim 0 over dp_shard (torch.chunk: ceil(rows / shards) rows each, the last
+    ranks get fewer or none); replicated over dp_replicate (HSDP).
+  * expert weights [E, ...] are first split over ep (E / ep rows each), then chunked over efsdp the same way.
+  * FSDP2 stores each shard padded to ceil(rows / shards) rows (`_sharded_param_data`), and gradients are views
+    into the padded reduce-scatter output; AdamW's exp_avg / exp_avg_sq are `zeros_like` of the *unpadded*
+    local shard, plus a 4-byte fp32 `step` per parameter.
+Master weights, gradients and optimizer state are fp32 (the model is built in fp32; FSDP's param_dtype only
+changes the gathered copies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mythos_train.config import ModelConfig
+
+FP32 = 4
+EXPERT_PREFIX = "recurrent.block.moe.experts."
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter of the unsharded model: name, global shape, FSDP unit, and whether EP splits it."""
+
+    name: str
+    shape: tuple[int, ...]
+    unit: str
+    expert: bool
+
+    @property
+    def row_numel(self) -> int:
+        n = 1
+        for s in self.shape[1:]:
+            n *= s
+        return n
+
+
+def fsdp_unit(name: str, reshard_per_iteration: bool) -> str:
+    """The FSDP module (parallel/fsdp.py) a parameter belongs to."""
+    parts = name.split(".")
+    if parts[0] in ("prelude", "coda"):
+        return f"{parts[0]}.{parts[1]}"
+    if parts[0] == "recurrent":
+        return "recurrent.block" if reshard_per_iteration and parts[1] == "block" else "recurrent"
+    return "root"
+
+
+def model_parameters(m: ModelConfig, reshard_per_iteration: bool = False) -> tuple[list[ParamInfo], int]:
+    """Every parameter of `MythosModel(m)` built on the meta device (no memory), and the bytes of its buffers."""
+    from mythos_train.model import MythosModel  # noqa: PLC0415  (keeps `plan --help` fast)
+
+    with torch.device("meta"):
+        model = MythosModel(m)
+    params = [
+        ParamInfo(name, tuple(p.shape), fsdp_unit(name, reshard_per_iteration), name.startswith(EXPERT_PREFIX))
+        for name, p in model.named_parameters()
+    ]
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return params, buffers
+
+
+def chunk_rows(rows: int, shards: int, shard_rank: int) -> tuple[int, int]:
+    """(rows this shard holds, padded rows every shard stores) of torch.chunk(rows, shards) as FSDP2 does it."""
+    padded = -(-rows // shards)
+    return min(padded, max(0, rows - shard_rank * padded)), padded
+
+
+def mesh_coords(rank: int, sizes: dict[str, int]) -> dict[str, int]:
+    """A global rank's coordinates on parallel/mesh.py's meshes: (dp_replicate, dp_shard) and (dp_replicate, efsdp, ep)."""
+    return {"dp_shard": rank % sizes["dp_shard"], "efsdp": (rank // sizes["ep"]) % sizes["efsdp"], "ep": rank % sizes["ep"]}
+
+
+def shard_layout(p: ParamInfo, sizes: dict[str, int], rank: int) -> tuple[int, int, int]:
+    """(local rows, padded rows, shard count) of parameter `p` on global rank `rank`."""
+    coords = mesh_coords(rank, sizes)
+    if len(p.shape) == 0:
+        return 1, 1, 1
+    if p.expert and sizes["ep"] > 1:
+        local_experts = p.shape[0] // sizes["ep"]
+        return (*chunk_rows(local_experts, sizes["efsdp"], coords["efsdp"]), sizes["efsdp"])
+    return (*chunk_rows(p.shape[0], sizes["dp_shard"], coords["dp_shard"]), sizes["dp_shard"])
+
+
+@dataclass
+class StaticMemory:
+    """Bytes one rank holds for the whole run (fp32 master weights, gradients, AdamW state, buffers)."""
+
+    params: int
+    "Padded fp32 shards as allocated."
+    grads: int
+    "Padded fp32 gradient shards (views into the reduce-scatter output)."
+    optimizer: int
+    "exp_avg + exp_avg_sq of the unpadded shards, and one fp32 step per parameter."
+    buffers: int
+    "Unsharded buffers (RoPE tables, router expert_bias)."
+    param_numel: int
+    "Unpadded local elements (what `sum(p.to_local().numel())` reports)."
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.buffers
+
+
+def static_memory(params: list[ParamInfo], buffers: int, sizes: dict[str, int], rank: int = 0) -> StaticMemory:
+    padded_numel = local_numel = 0
+    for p in params:
+        local, padded, _ = shard_layout(p, sizes, rank)
+        padded_numel += padded * p.row_numel
+        local_numel += local * p.row_numel
+    return StaticMemory(
+        params=padded_numel * FP32,
+        grads=padded_numel * FP32,
+        optimizer=2 * local_numel * FP32 + FP32 * len(params),
+        buffers=buffers,
+        param_numel=local_numel,
+    )
+
+
+@dataclass
+class UnitSizes:
+    """Per FSDP unit: elements of the gathered (unsharded, padded) parameters on one rank, dense and expert part."""
+
+    gathered: dict[str, int] = field(default_factory=dict)
+    "Unit -> elements of its all-gather outputs, padded (experts: only this rank's E / ep experts)."
+    unsharded: dict[str, int] = field(default_factory=dict)
+    "Unit -> elements of its unsharded parameters without padding (the shape their gradients have)."
+    dense_sharded: dict[str, int] = field(default_factory=dict)
+    "Unit -> padded elements of its dp_shard-sharded parameters on one rank (what an all-gather sends)."
+    expert_sharded: dict[str, int] = field(default_factory=dict)
+    "Unit -> padded elements of its efsdp-sharded expert parameters on one rank."
+    largest_param: dict[str, int] = field(default_factory=dict)
+    "Unit -> elements of its largest gathered parameter (size of one fresh gradient before accumulation)."
+
+
+def unit_sizes(params: list[ParamInfo], sizes: dict[str, int]) -> UnitSizes:
+    out = UnitSizes()
+    for p in params:
+        _, padded, shards = shard_layout(p, sizes, 0)
+        gathered = padded * shards * p.row_numel
+        out.gathered[p.unit] = out.gathered.get(p.unit, 0) + gathered
+        rows = p.shape[0] // sizes["ep"] if p.expert and sizes["ep"] > 1 else (p.shape[0] if p.shape else 1)
+        out.unsharded[p.unit] = out.unsharded.get(p.unit, 0) + rows * p.row_numel
+        out.largest_param[p.unit] = max(out.largest_param.get(p.unit, 0), gathered)
+        part = out.expert_sharded if p.expert and sizes["ep"] > 1 else out.dense_sharded
+        part[p.unit] = part.get(p.unit, 0) + padded * p.row_numel
+    return out
+
+
+def parameter_counts(params: list[ParamInfo], m: ModelConfig) -> dict[str, int]:
+    """Total, expert and active-per-token parameter counts of the unsharded model."""
+    total = sum(_numel(p.shape) for p in params)
+    experts = sum(_numel(p.shape) for p in params if p.expert)
+    active = total - experts + experts * m.n_experts_per_tok // m.n_experts
+    return {"total": total, "experts": experts, "active": active}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def working_memory(phases: dict[str, int], units: UnitSizes, m: ModelConfig, param_bytes: int, policy: str) -> dict[str, int]:
+    """Activation phases plus the FSDP buffers live at each: bytes above the static memory, per candidate peak.
+
+    Gathered copies (padded, as FSDP2 allocates them) and their gradients (unpadded: autograd makes them in
+    the parameters' shapes) are in param_dtype (`param_bytes`). The root (embedding =
+    tied head) stays gathered from forward to the end of backward; its gradient is born at the head and
+    finished at the embedding, so from the head's backward on it lives too. The loop's unit stays gathered
+    through the loop's backward and accumulates gradients over the k iterations: with recomputation the peak
+    step is a later one, when every gradient of the unit already exists; without, it is the first, when only
+    the gradient of the largest weight (an expert matrix, differentiated first) has been born. The next unit
+    in backward order is being prefetched.
+    """
+    G, U = units.gathered, units.unsharded
+    root = G.get("root", 0)
+    loop_units = [u for u in ("recurrent", "recurrent.block") if u in G]
+    loop_weights = sum(G[u] for u in loop_units)
+    loop_grads = sum(U[u] for u in loop_units) if policy != "none" else max(units.largest_param[u] for u in loop_units)
+    last_coda = G[f"coda.{m.coda_layers - 1}"] if m.coda_layers else loop_weights
+    last_prelude = G.get(f"prelude.{m.prelude_layers - 1}", 0)
+    out = {
+        "head": phases["head"] + root * param_bytes,
+        "head_grad": phases["head_grad"] + (root + U.get("root", 0) + last_coda) * param_bytes,
+        "loop": phases["loop"] + (root + U.get("root", 0) + loop_weights + loop_grads + last_prelude) * param_bytes,
+    }
+    if m.prelude_layers:
+        block = G["prelude.0"]
+        out["dense"] = phases["dense"] + (root + U.get("root", 0) + block + units.largest_param["prelude.0"]) * param_bytes
+    return out

@@ -1,0 +1,92 @@
+"""The planner's output: a table for people (`render`) and a dict for machines (`to_json`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mythos_train.config import JobConfig
+from mythos_train.plan import GIB, Plan
+from mythos_train.plan_comm import axis_span
+from mythos_train.plan_hw import MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:8.2f}"
+
+
+def render(plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, Plan]] | None) -> str:
+    m, t, p, mem = cfg.model, cfg.train, cfg.parallel, plan.memory
+    s, st, act = plan.sizes, mem.static, mem.activations
+    lines = [
+        f"plan: {config_name} on {plan.nodes} x {plan.gpus_per_node} {plan.gpu.name} ({plan.world_size} GPUs)",
+        f"model    {plan.params['total'] / 1e9:.2f}B parameters ({plan.params['experts'] / 1e9:.2f}B in {m.n_experts} experts), "
+        f"{plan.params['active'] / 1e9:.2f}B active per token per pass",
+        f"mesh     dp_replicate {s['dp_replicate']} x dp_shard {s['dp_shard']}; experts: ep {s['ep']} x efsdp {s['efsdp']}; "
+        f"AC '{p.activation_checkpoint}'; reshard_per_iteration {str(p.reshard_per_iteration).lower()}; "
+        f"param {mem.param_dtype}, reduce {p.reduce_dtype}",
+        f"batch    {t.micro_batch_size} x {t.seq_len} tokens x {t.grad_accum_steps} micro-batches x {plan.world_size} ranks "
+        f"= {plan.tokens_per_step / 1e6:.2f}M tokens/step",
+        f"depth    {t.depth_distribution}: mean n {plan.depth.mean_nograd:.2f} gradient-free + k {plan.depth.mean_grad:.2f} "
+        f"with gradients; memory at k = {mem.n_grad} (largest drawn: {plan.depth.max_grad})",
+        "",
+        "memory per GPU (rank 0)                          GiB",
+        f"  parameters (fp32 shards, padded)         {_gib(st.params)}",
+        f"  gradients (fp32 shards)                  {_gib(st.grads)}",
+        f"  optimizer (AdamW exp_avg, exp_avg_sq)    {_gib(st.optimizer)}",
+        f"  buffers (RoPE tables, expert bias)       {_gib(st.buffers)}",
+        f"  activations saved at end of forward      {_gib(act.saved)}",
+        f"  working set at the peak ('{mem.peak_phase}')".ljust(43) + f"{_gib(mem.working[mem.peak_phase])}",
+        f"    of which activations                   {_gib(act.phases[mem.peak_phase])}",
+        f"    of which gathered weights + grads      {_gib(mem.working[mem.peak_phase] - act.phases[mem.peak_phase])}",
+        f"  peak                                     {_gib(mem.peak)}",
+        f"  usable {USABLE_MEMORY_FRACTION:.0%} of {plan.gpu.memory_gib:.1f} GiB".ljust(43) + f"{_gib(plan.capacity)}   "
+        + ("FITS" if plan.fits else f"DOES NOT FIT (over by {(mem.peak - plan.capacity) / GIB:.1f} GiB)"),
+        "",
+        "communication per step per GPU",
+        "  collective      axis           calls    GB sent  link     seconds",
+    ]
+    for c in plan.collectives:
+        lines.append(
+            f"  {c.name:<15} {c.axis:<13} {c.calls:6d} {c.sent / 1e9:10.2f}  {axis_span(c.axis, s, plan.gpus_per_node):<6} {c.seconds:9.3f}"
+            + ("" if c.overlapped else "  (not overlapped)")
+        )
+    flops = plan.depth.model_flops_per_token
+    lines += [
+        "",
+        f"compute  {flops / 1e9:.2f} GFLOP/token (mean depth) + {plan.depth.recompute_flops_per_token / 1e9:.2f} recomputed; "
+        f"{plan.gpu.peak_bf16_tflops:.0f} TFLOP/s peak at {MATMUL_EFFICIENCY:.0%}",
+        f"step     {plan.step_s:.2f} s = compute {plan.compute_s:.2f} + all-to-all {plan.all_to_all_s:.2f} "
+        f"+ exposed FSDP {plan.exposed_fsdp_s:.2f}",
+        f"speed    {plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {plan.mfu:.1%} (model FLOPs / peak)",
+    ]
+    if alts is not None:
+        lines += ["", "alternatives that fit (per node count, fastest first):" if alts else "no nearby alternative fits: shrink the model or use more/larger GPUs"]
+        for desc, alt in alts:
+            lines.append(
+                f"  {alt.memory.peak / GIB:6.1f} GiB  {alt.tokens_per_s_per_gpu:9,.0f} tok/s/GPU  MFU {alt.mfu:5.1%}  {desc}"
+            )
+    return "\n".join(lines)
+
+
+def to_json(plan: Plan, alts: list[tuple[str, Plan]] | None) -> dict:
+    def summary(p: Plan) -> dict:
+        return {
+            "nodes": p.nodes, "gpus_per_node": p.gpus_per_node, "gpu": dataclasses.asdict(p.gpu), "mesh": p.sizes,
+            "parameters": p.params, "fits": p.fits, "capacity_bytes": p.capacity,
+            "memory": {
+                "static": dataclasses.asdict(p.memory.static), "activations_saved": p.memory.activations.saved,
+                "activation_phases": p.memory.activations.phases, "working_phases": p.memory.working,
+                "peak_phase": p.memory.peak_phase, "peak_bytes": p.memory.peak, "param_dtype": p.memory.param_dtype,
+                "backprop_depth": p.memory.n_grad,
+            },
+            "depth": dataclasses.asdict(p.depth),
+            "collectives": [dataclasses.asdict(c) for c in p.collectives],
+            "tokens_per_step": p.tokens_per_step, "step_seconds": p.step_s, "compute_seconds": p.compute_s,
+            "all_to_all_seconds": p.all_to_all_s, "exposed_fsdp_seconds": p.exposed_fsdp_s,
+            "tokens_per_s_per_gpu": p.tokens_per_s_per_gpu, "mfu": p.mfu,
+        }  # fmt: skip
+
+    out = summary(plan)
+    if alts is not None:
+        out["alternatives"] = [{"change": desc, **summary(alt)} for desc, alt in alts]
+    return out

@@ -1,0 +1,157 @@
+"""Build on meta (the trainer's path: meta -> shard -> to_empty -> init_weights) and initialise in place."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mythos_train.config import ModelConfig
+from mythos_train.model import MythosModel
+from mythos_train.model.rope import rope_angles
+
+# open-mythos 0.5.0 variants.py, architecture fields (mythos_1b, mythos_1t)
+PRESETS = {
+    "1b": dict(
+        vocab_size=32000,
+        dim=2048,
+        n_heads=16,
+        n_kv_heads=4,
+        max_seq_len=4096,
+        max_loop_iters=16,
+        prelude_layers=2,
+        coda_layers=2,
+        attn_type="mla",
+        kv_lora_rank=256,
+        q_lora_rank=512,
+        qk_rope_head_dim=32,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        n_experts=64,
+        n_shared_experts=2,
+        n_experts_per_tok=4,
+        expert_dim=2048,
+        act_threshold=0.99,
+        rope_theta=500000.0,
+        lora_rank=8,
+    ),
+    "1t": dict(
+        vocab_size=100000,
+        dim=16384,
+        n_heads=128,
+        n_kv_heads=16,
+        max_seq_len=1000000,
+        max_loop_iters=64,
+        prelude_layers=6,
+        coda_layers=6,
+        attn_type="mla",
+        kv_lora_rank=1024,
+        q_lora_rank=4096,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=128,
+        v_head_dim=128,
+        n_experts=512,
+        n_shared_experts=8,
+        n_experts_per_tok=8,
+        expert_dim=34560,
+        act_threshold=0.99,
+        rope_theta=2000000.0,
+        lora_rank=256,
+    ),
+}
+
+
+def _reference_param_count(kwargs: dict) -> int | None:
+    """open-mythos' own count, from building it on meta, when the package is around."""
+    spec = importlib.util.find_spec("open_mythos")
+    path = next(
+        (Path(p) / "main.py" for p in (spec.submodule_search_locations if spec else [])),
+        Path("/tmp/om/x/open_mythos/main.py"),
+    )
+    if not path.is_file():
+        return None
+    ref_spec = importlib.util.spec_from_file_location("open_mythos_reference_main_build", path)
+    ref = importlib.util.module_from_spec(ref_spec)
+    sys.modules[ref_spec.name] = ref
+    ref_spec.loader.exec_module(ref)
+    with torch.device("meta"):
+        model = ref.OpenMythos(ref.MythosConfig(**kwargs))
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", ["1b", "1t"])
+@pytest.mark.parametrize("use_act", [False, True])
+def test_presets_build_on_meta(preset, use_act):
+    with torch.device("meta"):
+        model = MythosModel(ModelConfig(**PRESETS[preset], use_act=use_act))
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    n_params = sum(p.numel() for p in model.parameters())
+    expected = {"1b": (1.0e9, 2.0e9), "1t": (0.9e12, 1.2e12)}[preset]
+    assert expected[0] < n_params < expected[1], n_params
+    reference = _reference_param_count(PRESETS[preset]) if use_act and preset == "1b" else None
+    if reference is not None:  # same parameters as open-mythos (its tied head counted once)
+        assert n_params == reference
+
+
+def test_init_weights_after_to_empty_overwrites_everything():
+    cfg = ModelConfig(
+        vocab_size=64,
+        dim=32,
+        n_heads=4,
+        max_seq_len=16,
+        max_loop_iters=3,
+        prelude_layers=1,
+        coda_layers=1,
+        kv_lora_rank=8,
+        q_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=4,
+        n_experts=64,
+        n_shared_experts=1,
+        n_experts_per_tok=2,
+        expert_dim=32,
+        lora_rank=4,
+        use_act=True,
+        injection="parcae",
+    )
+    with torch.device("meta"):
+        model = MythosModel(cfg)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.fill_(float("nan"))
+    torch.manual_seed(0)
+    model.init_weights()
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert all(torch.isfinite(t).all() for t in state.values()), [
+        n for n, t in state.items() if not torch.isfinite(t).all()
+    ]
+
+    for name in [
+        "tok_embeddings.weight",
+        "recurrent.block.moe.experts.w1",
+        "recurrent.block.moe.experts.w2",
+        "recurrent.block.attn.q_down.weight",
+        "recurrent.block.moe.router.weight",
+        "recurrent.lora.B",
+    ]:
+        assert abs(state[name].std().item() - 0.02) < 0.003 and abs(state[name].mean().item()) < 0.003, name
+    assert all((p == 1).all() for n, p in state.items() if "norm" in n)
+    assert torch.equal(state["recurrent.block.moe.router.expert_bias"], torch.zeros(64))
+    assert torch.equal(state["recurrent.injection.B"], torch.full((32,), 0.1))
+    assert torch.equal(state["recurrent.injection.W"], torch.zeros(32, 32))
+    torch.testing.assert_close(
+        model.recurrent.injection.get_A(), torch.full((32,), torch.exp(torch.tensor(-1.0)).item())
+    )
+    angles = rope_angles(4, torch.arange(16), cfg.rope_theta)
+    assert torch.equal(state["rope.cos"], angles.cos()) and torch.equal(state["rope.sin"], angles.sin())
+    assert (state["recurrent.act.halt.bias"].abs() <= 32**-0.5).all()
+
+    torch.manual_seed(0)
+    fresh = MythosModel(cfg)
+    torch.manual_seed(0)
+    fresh.init_weights()  # same seed, same draws: init does not depend on how the model was built
+    for name, t in {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}.items():
+        assert torch.equal(t, state[name]), name
