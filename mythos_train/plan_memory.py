@@ -5,7 +5,8 @@ Sharding follows parallel/fsdp.py and parallel/expert_parallel.py exactly:
     parallel.reshard_per_iteration), each coda block, and the root (embedding = tied head, final norm).
   * dense parameters are chunked along dim 0 over dp_shard (torch.chunk: ceil(rows / shards) rows each, the last
     ranks get fewer or none); replicated over dp_replicate (HSDP).
-  * expert weights [E, ...] are first split over ep (E / ep rows each), then chunked over efsdp the same way.
+  * expert weights [E, ...] are first split over ep (E / ep rows each), then chunked over efsdp on dim 0, or on
+    dim 1 when there are fewer local experts than efsdp ranks (`parallel.fsdp.expert_shard_dim`).
   * FSDP2 stores each shard padded to ceil(rows / shards) rows (`_sharded_param_data`), and gradients are views
     into the padded reduce-scatter output; AdamW's exp_avg / exp_avg_sq are `zeros_like` of the *unpadded*
     local shard, plus a 4-byte fp32 `step` per parameter.
@@ -15,11 +16,13 @@ changes the gathered copies).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from mythos_train.config import ModelConfig
+from parallel.fsdp import expert_shard_dim
 
 FP32 = 4
 EXPERT_PREFIX = "recurrent.block.moe.experts."
@@ -36,10 +39,7 @@ class ParamInfo:
 
     @property
     def row_numel(self) -> int:
-        n = 1
-        for s in self.shape[1:]:
-            n *= s
-        return n
+        return math.prod(self.shape[1:])
 
 
 def fsdp_unit(name: str, reshard_per_iteration: bool) -> str:
@@ -78,14 +78,21 @@ def mesh_coords(rank: int, sizes: dict[str, int]) -> dict[str, int]:
 
 
 def shard_layout(p: ParamInfo, sizes: dict[str, int], rank: int) -> tuple[int, int, int]:
-    """(local rows, padded rows, shard count) of parameter `p` on global rank `rank`."""
+    """(local elements, padded elements, shard count) of parameter `p` on global rank `rank`."""
     coords = mesh_coords(rank, sizes)
     if len(p.shape) == 0:
         return 1, 1, 1
     if p.expert and sizes["ep"] > 1:
         local_experts = p.shape[0] // sizes["ep"]
-        return (*chunk_rows(local_experts, sizes["efsdp"], coords["efsdp"]), sizes["efsdp"])
-    return (*chunk_rows(p.shape[0], sizes["dp_shard"], coords["dp_shard"]), sizes["dp_shard"])
+        if expert_shard_dim(local_experts, sizes["efsdp"]) == 1:
+            row_numel = local_experts * math.prod(p.shape[2:])
+            local, padded = chunk_rows(p.shape[1], sizes["efsdp"], coords["efsdp"])
+        else:
+            row_numel = p.row_numel
+            local, padded = chunk_rows(local_experts, sizes["efsdp"], coords["efsdp"])
+        return local * row_numel, padded * row_numel, sizes["efsdp"]
+    local, padded = chunk_rows(p.shape[0], sizes["dp_shard"], coords["dp_shard"])
+    return local * p.row_numel, padded * p.row_numel, sizes["dp_shard"]
 
 
 @dataclass
@@ -112,8 +119,8 @@ def static_memory(params: list[ParamInfo], buffers: int, sizes: dict[str, int], 
     padded_numel = local_numel = 0
     for p in params:
         local, padded, _ = shard_layout(p, sizes, rank)
-        padded_numel += padded * p.row_numel
-        local_numel += local * p.row_numel
+        padded_numel += padded
+        local_numel += local
     return StaticMemory(
         params=padded_numel * FP32,
         grads=padded_numel * FP32,
@@ -143,38 +150,31 @@ def unit_sizes(params: list[ParamInfo], sizes: dict[str, int]) -> UnitSizes:
     out = UnitSizes()
     for p in params:
         _, padded, shards = shard_layout(p, sizes, 0)
-        gathered = padded * shards * p.row_numel
+        gathered = padded * shards
         out.gathered[p.unit] = out.gathered.get(p.unit, 0) + gathered
         rows = p.shape[0] // sizes["ep"] if p.expert and sizes["ep"] > 1 else (p.shape[0] if p.shape else 1)
         out.unsharded[p.unit] = out.unsharded.get(p.unit, 0) + rows * p.row_numel
         out.largest_param[p.unit] = max(out.largest_param.get(p.unit, 0), gathered)
         part = out.expert_sharded if p.expert and sizes["ep"] > 1 else out.dense_sharded
-        part[p.unit] = part.get(p.unit, 0) + padded * p.row_numel
+        part[p.unit] = part.get(p.unit, 0) + padded
     return out
 
 
 def parameter_counts(params: list[ParamInfo], m: ModelConfig) -> dict[str, int]:
     """Total, expert and active-per-token parameter counts of the unsharded model."""
-    total = sum(_numel(p.shape) for p in params)
-    experts = sum(_numel(p.shape) for p in params if p.expert)
+    total = sum(math.prod(p.shape) for p in params)
+    experts = sum(math.prod(p.shape) for p in params if p.expert)
     active = total - experts + experts * m.n_experts_per_tok // m.n_experts
     return {"total": total, "experts": experts, "active": active}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def working_memory(phases: dict[str, int], units: UnitSizes, m: ModelConfig, param_bytes: int, policy: str) -> dict[str, int]:
     """Activation phases plus the FSDP buffers live at each: bytes above the static memory, per candidate peak.
 
     Gathered copies (padded, as FSDP2 allocates them) and their gradients (unpadded: autograd makes them in
-    the parameters' shapes) are in param_dtype (`param_bytes`). The root (embedding =
-    tied head) stays gathered from forward to the end of backward; its gradient is born at the head and
-    finished at the embedding, so from the head's backward on it lives too. The loop's unit stays gathered
+    the parameters' shapes) are in param_dtype (`param_bytes`). The root (embedding = tied head) stays
+    gathered from forward to the end of backward; its gradient is born at the head and finished at the
+    embedding, so from the head's backward on it lives too. The loop's unit stays gathered
     through the loop's backward and accumulates gradients over the k iterations: with recomputation the peak
     step is a later one, when every gradient of the unit already exists; without, it is the first, when only
     the gradient of the largest weight (an expert matrix, differentiated first) has been born. The next unit

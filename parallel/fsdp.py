@@ -36,17 +36,26 @@ def mixed_precision_policy(parallel: ParallelConfig, device_type: str) -> MixedP
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=_DTYPES[parallel.reduce_dtype])
 
 
+def expert_shard_dim(local_experts: int, efsdp: int) -> int:
+    """Dim the efsdp axis shards stacked expert weights [E/ep, ...] on: 0 (experts), or 1 when there are fewer
+    local experts than efsdp ranks (dim 0 would pad the shards and every all-gather, e.g. 32 over 64 ranks doubles
+    them); torchtitan makes the same switch."""
+    return 1 if efsdp > local_experts else 0
+
+
 def _expert_placement_fn(model: nn.Module, dims: ParallelDims):
     """Per-parameter mesh: expert DTensors shard over efsdp (+ replicate over dp_replicate), the rest default."""
     if not dims.ep_enabled:
         return None
-    expert_params = {id(p) for m in model.modules() if isinstance(m, ExpertParallel) for p in m.parameters()}
+    experts = [m for m in model.modules() if isinstance(m, ExpertParallel)]
+    expert_params = {id(p) for m in experts for p in m.parameters()}
+    local_experts = next(iter(experts[0].parameters())).to_local().shape[0]
     mesh = dims.efsdp_mesh
     if mesh.ndim == 2:
         info = HSDPMeshInfo(mesh, shard_mesh_dim=1, replicate_mesh_dim=0)
     else:
         info = FSDPMeshInfo(mesh, shard_mesh_dim=0)
-    expert = ShardPlacementResult(placement=Shard(0), mesh_info=info)
+    expert = ShardPlacementResult(placement=Shard(expert_shard_dim(local_experts, dims.efsdp)), mesh_info=info)
     return lambda p: expert if id(p) in expert_params else None
 
 

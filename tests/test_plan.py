@@ -122,6 +122,8 @@ CASES = {
     "full, reshard per iteration": (small_debug("--parallel.activation_checkpoint=full", "--parallel.reshard_per_iteration=true"), 2, 1),
 }
 HSDP_CASE = ("HSDP 2 x 2", small_debug("--parallel.dp_replicate=2"), 1, 2)  # 4 ranks only
+# 4 ranks only: one local expert over efsdp 2, so experts shard on dim 1 (parallel.fsdp.expert_shard_dim).
+FEW_EXPERTS_CASE = ("experts on dim 1", small_debug("--model.n_experts=2", "--model.n_experts_per_tok=1"), 1, 2)
 
 
 @pytest.mark.slow
@@ -133,8 +135,9 @@ def test_plan_matches_sharded_step(world: int):
         cfg.parallel.ep = min(cfg.parallel.ep, world)
         cases.append((cfg, n, k))
     if world == 4:
-        names.append(HSDP_CASE[0])
-        cases.append(HSDP_CASE[1:])
+        for case in (HSDP_CASE, FEW_EXPERTS_CASE):
+            names.append(case[0])
+            cases.append(case[1:])
     measured = run_distributed(measure_cases, world, cases, timeout=600)
     report = []
     for i, (name, (cfg, n, k)) in enumerate(zip(names, cases)):
