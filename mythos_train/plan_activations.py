@@ -19,9 +19,9 @@ the output and the fp32 log-sum-exp, never the S x S scores, so everything here 
                   GQA: q H * hd, k Hkv * hd, v Hkv * hd (view of wv's output), out H * hd, lse F * H
     loop step     s = h + loop_emb + e D, norm, x D, attention, x + attn D, ffn_norm, its output D,
                   MoE: scores F * E, top-k ids I * k, gates F * (2k + 1) (+ a * k if a != fp32), two sort
-                       indices I * 2k, routed rows 3 * k * D (sorted input, expert output kept by
-                       index_copy, combined rows; 4 * k * D and I * k more under EP: the all-to-all's output
-                       and the received-order index), SwiGLU of the routed rows 4 * k * expert_dim,
+                       indices I * 3k (order, token of each slot, inverse order), routed rows 2 * k * D
+                       (sorted input, combined rows; 3 * k * D and I * 2k more under EP: the all-to-all's
+                       output and the received-order index and its inverse), SwiGLU of the routed rows 4 * k * expert_dim,
                        shared SwiGLU 4 * shared_dim,
                   block output D (LoRA input), LoRA 2 * lora_rank, and the step's input h D (injection A*h)
     head          final norm input D and norm, its output D, logits a * V (held by the caller for the loss),
@@ -79,8 +79,8 @@ def moe_bytes(m: ModelConfig, a: int, ep: int) -> int:
     k = m.n_experts_per_tok
     shared_dim = m.n_shared_experts * m.expert_dim * k
     router = FP32 * (m.n_experts + 2 * k + 1) + INT64 * k + (k * a if a != FP32 else 0)
-    routed_rows = (4 if ep > 1 else 3) * k * m.dim * a + (INT64 * k if ep > 1 else 0)
-    return router + INT64 * 2 * k + routed_rows + 4 * k * m.expert_dim * a + 4 * shared_dim * a
+    routed_rows = (3 if ep > 1 else 2) * k * m.dim * a + (INT64 * 2 * k if ep > 1 else 0)
+    return router + INT64 * 3 * k + routed_rows + 4 * k * m.expert_dim * a + 4 * shared_dim * a
 
 
 def loop_step_bytes(m: ModelConfig, a: int, cpu: bool, ep: int) -> int:

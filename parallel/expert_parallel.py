@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.func import functional_call
 
+from mythos_train.model.moe import inverse_permutation
 from parallel.mesh import ParallelDims
 
 
@@ -96,8 +97,8 @@ class ExpertParallel(nn.Module):
         x_recv = _wait(x_recv)  # [total, dim] in (source rank, local expert) order
         idx = _source_to_expert_order(recv_counts, total)
         local_weights = {name: p.to_local() for name, p in self.named_parameters(recurse=False)}
-        y = functional_call(self._local_experts, local_weights, (x_recv[idx], recv_counts.sum(0)))
-        y_by_source = torch.empty_like(y).index_copy(0, idx, y)
+        y = functional_call(self._local_experts, local_weights, (x_recv.index_select(0, idx), recv_counts.sum(0)))
+        y_by_source = y.index_select(0, inverse_permutation(idx))
         out = funcol.all_to_all_single_autograd(y_by_source, send_splits, recv_splits, self.group)
         return _wait(out)  # [N, dim] in the caller's (global expert) order
 

@@ -63,6 +63,12 @@ def grouped_swiglu(
     return F.grouped_mm(hidden, w2, offs=offsets)
 
 
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """inv with inv[perm[i]] = i: undoing a permutation by `index_select(0, inv)` keeps only the index for backward
+    (index_copy into a fresh tensor would also keep a copy of the permuted rows)."""
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
 class GroupedExperts(nn.Module):
     """n_experts SwiGLU experts stored stacked ([E, in, out], so expert e computes x @ w[e]) and run as grouped GEMMs."""
 
@@ -105,7 +111,7 @@ class MoE(nn.Module):
         tokens_per_expert = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
         tokens_per_expert.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
         routed = self.experts(x.index_select(0, order // self.top_k), tokens_per_expert)  # [N * k, dim], expert order
-        routed = routed.new_empty(routed.shape).index_copy_(0, order, routed)  # back to slot order
+        routed = routed.index_select(0, inverse_permutation(order))  # back to slot order
         out = torch.bmm(gates.to(routed.dtype).unsqueeze(1), routed.view(-1, self.top_k, shape[-1])).squeeze(1)
         if self.shared is not None:
             out = out + self.shared(x)
