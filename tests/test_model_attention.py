@@ -2,36 +2,15 @@
 
 import pytest
 import torch
+from model_testing import tiny_model_config
 
-from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel
 
 
 def _model(attn_type: str, seed: int = 0, **overrides) -> MythosModel:
-    kwargs = dict(
-        vocab_size=64,
-        dim=64,
-        n_heads=4,
-        n_kv_heads=2,
-        max_seq_len=48,
-        max_loop_iters=3,
-        prelude_layers=1,
-        coda_layers=1,
-        attn_type=attn_type,
-        kv_lora_rank=16,
-        q_lora_rank=24,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=12,
-        n_experts=8,
-        n_shared_experts=1,
-        n_experts_per_tok=2,
-        expert_dim=16,
-        lora_rank=4,
-        init_std=0.1,
-    )
     torch.manual_seed(seed)
-    return MythosModel(ModelConfig(**(kwargs | overrides))).eval()
+    cfg = tiny_model_config(max_seq_len=48, attn_type=attn_type, init_std=0.1, **overrides)
+    return MythosModel(cfg).eval()
 
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_testing import DIM32, tiny_model_config
 
 from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel
@@ -95,27 +96,7 @@ def test_presets_build_on_meta(preset, use_act):
 
 
 def test_init_weights_after_to_empty_overwrites_everything():
-    cfg = ModelConfig(
-        vocab_size=64,
-        dim=32,
-        n_heads=4,
-        max_seq_len=16,
-        max_loop_iters=3,
-        prelude_layers=1,
-        coda_layers=1,
-        kv_lora_rank=8,
-        q_lora_rank=16,
-        qk_rope_head_dim=4,
-        qk_nope_head_dim=4,
-        v_head_dim=4,
-        n_experts=64,
-        n_shared_experts=1,
-        n_experts_per_tok=2,
-        expert_dim=32,
-        lora_rank=4,
-        use_act=True,
-        injection="parcae",
-    )
+    cfg = tiny_model_config(**DIM32, n_experts=64, expert_dim=32, use_act=True, injection="parcae")
     with torch.device("meta"):
         model = MythosModel(cfg)
     model.to_empty(device="cpu")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from model_testing import tiny_model_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
 
@@ -21,24 +21,15 @@ from mythos_train.model.flops import training_flops_per_token
 )
 def test_flops_match_flop_counter(attn_type, injection, use_act, n_nograd, n_grad):
     # v_head_dim = nope + rope, so SDPA needs no padding and the math kernel's matmuls are exactly the model's
-    cfg = ModelConfig(
+    cfg = tiny_model_config(
         vocab_size=512,
-        dim=64,
-        n_heads=4,
-        n_kv_heads=2,
         max_seq_len=64,
         max_loop_iters=4,
-        prelude_layers=1,
         coda_layers=2,
         attn_type=attn_type,
         kv_lora_rank=32,
         q_lora_rank=48,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
         v_head_dim=16,
-        n_experts=8,
-        n_shared_experts=1,
-        n_experts_per_tok=2,
         expert_dim=32,
         lora_rank=8,
         injection=injection,

@@ -5,36 +5,15 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from model_testing import DIM32, tiny_model_config
 from torch.utils.checkpoint import checkpoint
 
-from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel
 
 
 def _model(seed: int = 0, **overrides) -> MythosModel:
-    kwargs = dict(
-        vocab_size=50,
-        dim=32,
-        n_heads=4,
-        n_kv_heads=2,
-        max_seq_len=16,
-        max_loop_iters=3,
-        prelude_layers=1,
-        coda_layers=1,
-        kv_lora_rank=8,
-        q_lora_rank=16,
-        qk_rope_head_dim=4,
-        qk_nope_head_dim=4,
-        v_head_dim=4,
-        n_experts=4,
-        n_shared_experts=1,
-        n_experts_per_tok=2,
-        expert_dim=8,
-        lora_rank=4,
-        init_std=0.1,
-    )
     torch.manual_seed(seed)
-    model = MythosModel(ModelConfig(**(kwargs | overrides)))
+    model = MythosModel(tiny_model_config(**DIM32, vocab_size=50, n_experts=4, expert_dim=8, init_std=0.1, **overrides))
     with torch.no_grad():  # make the injection and ACT parameters non-trivial
         for name, p in model.recurrent.named_parameters():
             if not name.startswith("block."):

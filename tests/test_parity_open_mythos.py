@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_testing import tiny_model_config
 
 from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel
@@ -35,31 +36,8 @@ def reference():
 
 
 def _cfg(attn_type: str, **overrides) -> ModelConfig:
-    kwargs = dict(
-        vocab_size=97,
-        dim=64,
-        n_heads=4,
-        n_kv_heads=2,
-        max_seq_len=32,
-        max_loop_iters=3,
-        prelude_layers=2,
-        coda_layers=1,
-        attn_type=attn_type,
-        kv_lora_rank=16,
-        q_lora_rank=24,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=12,
-        n_experts=8,
-        n_shared_experts=2,
-        n_experts_per_tok=2,
-        expert_dim=16,
-        use_act=True,
-        act_threshold=0.99,
-        injection="lti",
-        lora_rank=4,
-    )
-    return ModelConfig(**(kwargs | overrides))
+    base = dict(vocab_size=97, prelude_layers=2, n_shared_experts=2, attn_type=attn_type, use_act=True, injection="lti")
+    return tiny_model_config(**(base | overrides))
 
 
 def _build_pair(reference, cfg: ModelConfig, seed: int):
