@@ -89,6 +89,8 @@ def run_train(cfg: JobConfig) -> int:
             trainer.train()
         finally:
             trainer.close()
+        if info.is_main:
+            print(trainer.summary(), flush=True)
     except NonFiniteError as err:  # every rank stops at the same step with the same message
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -122,6 +122,8 @@ class Trainer:
         self.step = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
+        self.loss_range: tuple[float, float] | None = None  # (first, last) finite loss of this process's steps
+        self.last_eval: dict[int, float] = {}
         self._interval = {"steps": 0, "time": 0.0, "flops": 0.0}
         self._data_wait_ms = 0.0
         self._marks: tuple = ()
@@ -174,8 +176,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         t0 = self._clock()
         for mb in micro_batches:
-            logits = self.model(mb["input_ids"], n_nograd=n_nograd, n_grad=n_grad, wrap_iteration=self.wrap_iteration)
-            ce = cross_entropy_sum(logits, mb["labels"])
+            # No name holds the logits [B, S, vocab]: the loss keeps what its backward needs, nothing more.
+            ce = cross_entropy_sum(
+                self.model(mb["input_ids"], n_nograd=n_nograd, n_grad=n_grad, wrap_iteration=self.wrap_iteration),
+                mb["labels"],
+            )
             (ce * scale).backward()
             loss_sum += ce.detach()
             self.balancer.accumulate(self.model.recurrent.last_stats)
@@ -242,6 +247,8 @@ class Trainer:
                 self._data_wait_ms = (time.perf_counter() - t0) * 1e3
                 result = self.train_step(micro_batches)
                 self.step += 1
+                if not result.skipped:
+                    self.loss_range = (self.loss_range[0] if self.loss_range else result.loss, result.loss)
                 fault_point("step", self.step)  # test-only: MYTHOS_FAULT_KILL_AT_STEP
                 self._account(result, time.perf_counter() - t0)
                 profiler.step()
@@ -249,7 +256,7 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == 1 or last:
                     self.log(result)
                 if last or (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0):
-                    self.evaluator.run(self.step)
+                    self.last_eval = self.evaluator.run(self.step)
                 self.checkpoint.save(self.step, self.train_state(), last=last)
                 self.checkpoint.poll()
                 if self.step == stop_after:
@@ -307,7 +314,22 @@ class Trainer:
         load = all_reduce_sum(stats.tokens_per_expert.clone())
         return loop_scalars(stats.h_norm.cpu(), load.cpu(), float(stats.halting_depth_mean), float(stats.halting_depth_max), spectral_radius(self.model))
 
+    def summary(self) -> str:
+        """Where the results are and how far the loss fell in this process's steps (printed at the end of train)."""
+        first, last = self.loss_range or (math.nan, math.nan)
+        eval_losses = self.last_eval
+        lines = [
+            f"done: {self.step} steps; train loss {first:.4f} -> {last:.4f} ({(last - first) / first:+.1%})",
+            f"  TensorBoard   tensorboard --logdir {self.run_dir / 'tb'}",
+            f"  loss vs loops {self.evaluator.folder / 'loss_vs_loops.png'}",
+            f"  checkpoints   {self.checkpoint.folder}",
+        ]
+        if eval_losses:
+            lines.insert(1, "  val loss by loops: " + ", ".join(f"{n}: {v:.4f}" for n, v in eval_losses.items()))
+        return "\n".join(lines)
+
     def close(self) -> None:
         self.checkpoint.close()
         self.metrics.close()
+        self.data_loader.close()
 
