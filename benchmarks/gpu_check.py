@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.train_step import build_train_step  # noqa: E402
+from mythos_train.bench_sweep import build_train_step  # noqa: E402
 from mythos_train.config import JobConfig, load_config, validate  # noqa: E402
 from mythos_train.metrics import gpu_peak_flops, measure_cpu_peak_flops  # noqa: E402
 from mythos_train.model.flops import training_flops_per_token  # noqa: E402

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "bench":
         from mythos_train import bench  # noqa: PLC0415
 
-        return bench.main(rest) or 0
+        bench.main(rest)  # prints its table; returns the rows for programmatic use
+        return 0
     if command == "plan":
         from mythos_train import plan  # noqa: PLC0415
 

@@ -3,6 +3,8 @@
 `python -m mythos_train.bench` times forward + backward + AdamW on the bench shape (dim 256, MLA, 64 experts top-4,
 2+2 dense blocks, 8 gradient loops, seq 256, batch 8, fp32) and, when importable, open-mythos 0.5.0's own step on
 the same shape. The peak is the median of timed square fp32 matmuls, measured before and after the models.
+`bench --sweep --config job.toml` instead times the trainer's real step over checkpointing policy x micro-batch x
+loop depth (mythos_train/bench_sweep.py; `bench --sweep --help`).
 """
 
 from __future__ import annotations
@@ -154,7 +156,12 @@ def _bench_reference(
     return _report(name, times, peaks, flops, tokens[:, 1:].numel()) | {"loops_run": loops_run}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--sweep" in argv:
+        from mythos_train import bench_sweep  # noqa: PLC0415
+
+        return bench_sweep.main([a for a in argv if a != "--sweep"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
@@ -165,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-size", type=int, default=4096, help="side of the square matmul that measures the peak")
     parser.add_argument("--no-reference", action="store_true", help="skip timing open-mythos")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one of our steps to this file")
+    parser.add_argument("--sweep", action="store_true", help="sweep AC policy x micro-batch x depth of a job config instead (bench --sweep --help)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

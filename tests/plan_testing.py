@@ -13,42 +13,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
 
+from mythos_train.bench_sweep import allocation_curve, tensor_bytes
 from mythos_train.config import JobConfig
 from mythos_train.optim import build_optimizer
 from mythos_train.trainer import build_model
 from parallel import build_mesh
-
-
-def allocation_curve(prof) -> tuple[int, int]:
-    """(peak, final) bytes allocated minus freed since the profiler started (CPU allocator events in time order)."""
-    events = [
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    events.sort(key=lambda e: e[0])
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak, current
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def tensor_bytes(tensors) -> tuple[int, int]:
-    """(sum of local numel x element size, bytes of the distinct storages behind them)."""
-    logical, storages = 0, {}
-    for t in tensors:
-        t = _local(t)
-        logical += t.numel() * t.element_size()
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return logical, sum(storages.values())
 
 
 def measure_step(rank: int, world: int, cfg: JobConfig, n_nograd: int, n_grad: int) -> dict:
