@@ -49,6 +49,9 @@ def _dataloader(cfg: DataConfig, dataset, **kwargs) -> StatefulDataLoader:
             num_workers=workers,
             prefetch_factor=cfg.prefetch_factor if workers else None,
             pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+            # Forked workers inherit a copy of a threaded parent (gloo/NCCL, OpenMP): they can segfault, and their
+            # exit can abort on inherited std::thread objects. forkserver workers start from a clean process.
+            multiprocessing_context="forkserver" if workers else None,
             **kwargs,
         )
 
