@@ -1,29 +1,55 @@
-# Sourced by every launcher: environment that makes torchrun jobs reliable, on GPUs and on CPUs.
-#
-# Elastic restarts: torchrun's c10d rendezvous shares its TCPStore with the workers by default; after a
-# restart, workers can then read the previous attempt's addresses (pytorch issue 135712: gloo
-# "connectFullMesh ... Connection refused", NCCL "Failed to connect", or a hang). A per-attempt store avoids it.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# Sourced by every launcher: the environment that makes torchrun jobs run, and restart, reliably on GPUs and CPUs.
+# Sets PYTHON (the repository's .venv if there is one), NPROC_PER_NODE (GPUs, or 2 gloo processes without
+# CUDA) and the function threads_per_process N; every value already in the environment is kept.
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # `-m mythos_train` from any working directory
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x $repo/.venv/bin/python ]]; then PYTHON=$repo/.venv/bin/python; else PYTHON=python3; fi
+fi
 export PYTHONUNBUFFERED=1
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    GPUS_PER_NODE=${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}
-    # NCCL (documented in NVIDIA's NCCL environment-variable reference):
-    #  NCCL_ASYNC_ERROR_HANDLING / TORCH_NCCL_ASYNC_ERROR_HANDLING=1: a failed or hung collective tears the
-    #    process down instead of hanging, so torchrun can restart the group.
-    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-    #  Record collective traces for a post-mortem of hangs (dumped on timeout).
-    export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
-    #  Let the caching allocator grow segments instead of fragmenting under variable loop depth.
-    export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-    #  Set NCCL_SOCKET_IFNAME / NCCL_IB_HCA to your fabric's interfaces if NCCL picks the wrong one;
-    #  NCCL_DEBUG=WARN (or INFO when debugging) prints the chosen transport.
-    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-    OMP_DEFAULT=4
+# Elastic restarts. torchrun's c10d rendezvous shares its TCPStore with the workers by default, and in torch 2.13
+# that store outlives a restart: the next attempt's workers can read the previous attempt's addresses (pytorch
+# issue 135712: gloo "connectFullMesh ... Connection refused", NCCL "Failed to connect", or a hang), and when a
+# node joins a running job the agents wait on each other until the join timeout (measured here). With 1, the
+# agents publish a fresh store address every rendezvous round. (The trainer also guards itself when it is not
+# set: mythos_train/distributed.py.)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
+if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then  # set, even empty: CUDA sees exactly these devices
+    gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true)
+elif command -v nvidia-smi >/dev/null 2>&1; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 else
-    GPUS_PER_NODE=${GPUS_PER_NODE:-2}
-    # CPU (gloo): one intra-op thread per process unless there are cores to spare.
-    OMP_DEFAULT=$(( $(nproc) / GPUS_PER_NODE > 0 ? $(nproc) / GPUS_PER_NODE : 1 ))
+    gpus=0
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$OMP_DEFAULT}
-export GPUS_PER_NODE
+if (( gpus > 0 )); then
+    NPROC_PER_NODE=${NPROC_PER_NODE:-$gpus}
+    # PyTorch's "ProcessGroupNCCL Environment Variables" page:
+    #  TORCH_NCCL_ASYNC_ERROR_HANDLING=1: on a failed or timed-out collective, abort the communicator and tear the
+    #    process down (the default, 3, does not abort it), so torchrun sees a dead worker and restarts the group
+    #    instead of the job hanging. torchrun sets 1 for its workers too unless told otherwise.
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    #  TORCH_NCCL_TRACE_BUFFER_SIZE > 0 with TORCH_NCCL_DUMP_ON_TIMEOUT=1: keep the last collectives of each
+    #    rank (flight recorder) and dump them when the watchdog times out, to find the rank that hung.
+    export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+    export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+    # PyTorch "CUDA semantics", memory management: expandable segments let the caching allocator grow a segment
+    # instead of fragmenting when allocation sizes change from step to step (the sampled loop depth does that).
+    export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+    # NCCL's environment-variable reference: NCCL_DEBUG=WARN prints only problems (INFO shows the chosen
+    # transports when debugging). If NCCL picks the wrong network, set NCCL_SOCKET_IFNAME / NCCL_IB_HCA to this
+    # cluster's interfaces; they are site-specific, so nothing is set here.
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+else
+    NPROC_PER_NODE=${NPROC_PER_NODE:-2}
+fi
+
+# Intra-op threads: the cores this process may use (nproc honours the CPU affinity SLURM gives the task), split
+# between the processes of the node, at least 1. torchrun would otherwise force 1 thread per process.
+threads_per_process() {
+    local cores
+    cores=$(nproc)
+    echo $(( cores / $1 > 0 ? cores / $1 : 1 ))
+}

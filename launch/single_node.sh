@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One node: N processes (GPU count, or 2 gloo processes on a CPU-only machine).
+# One node: N processes (one per GPU, or 2 gloo processes on a CPU-only machine). When a process dies (crash,
+# OOM kill, SIGKILL), torchrun stops the others and starts the group again, up to --max-restarts times; the
+# trainer then resumes from the newest complete checkpoint.
 # usage: launch/single_node.sh [--nproc N] [--max-restarts R] --config configs/debug.toml [--section.field=value ...]
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-source "$here/env.sh"
-nproc=$GPUS_PER_NODE
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+nproc=$NPROC_PER_NODE
 max_restarts=${MAX_RESTARTS:-3}
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -13,6 +14,7 @@ while [[ $# -gt 0 ]]; do
         *) break ;;
     esac
 done
-PYTHON=${PYTHON:-python3}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(threads_per_process "$nproc")}
+# --standalone: a c10d rendezvous on a free local port, so several jobs can share the machine.
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" --max-restarts="$max_restarts" \
     -m mythos_train train "$@"
