@@ -22,6 +22,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -206,6 +207,7 @@ def main() -> None:
                 break
     finally:
         _kill_tree(proc.pid)
+        shutil.rmtree(root, ignore_errors=True)
 
     store = "torchrun's shared store + the trainer's per-attempt store" if args.shared_store else "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
     print(f"\nrestarts attempted {attempted}, recovered {len(recover)} ({store}; 2 CPU processes, gloo)")
