@@ -36,6 +36,7 @@ def _worker(rank: int, fn, world_size: int, port: int, out_dir: str, threads: in
         result = fn(rank, world_size, *args)
         with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
+        dist.barrier()  # tear down together (see mythos_train.distributed.destroy_distributed)
     finally:
         dist.destroy_process_group()
     # The result is on disk: skip interpreter teardown, where torch 2.13 CPU processes that ran gloo + DCP
