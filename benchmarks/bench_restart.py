@@ -16,8 +16,6 @@ guard (mythos_train/distributed.py) is what makes the restarts work.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import os
 import queue
 import random
@@ -34,71 +32,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
-from data_pipeline import DataConfig, prepare  # noqa: E402
+from trainer_testing import config_file, prepare_tiny_data  # noqa: E402  (the tests' tiny job, one definition)
 
-CONFIG = """
-[model]
-vocab_size = 512
-dim = 64
-n_heads = 4
-n_kv_heads = 2
-max_seq_len = 64
-max_loop_iters = 4
-prelude_layers = 1
-coda_layers = 1
-kv_lora_rank = 16
-q_lora_rank = 24
-qk_rope_head_dim = 8
-qk_nope_head_dim = 8
-v_head_dim = 16
-n_experts = 4
-n_shared_experts = 1
-n_experts_per_tok = 2
-expert_dim = 32
-lora_rank = 4
-
-[parallel]
-ep = 2
-
-[train]
-run_dir = "{run_dir}"
-steps = 100000
-seq_len = 32
-micro_batch_size = 2
-device = "cpu"
-depth_distribution = "uniform"
-mean_depth = 2.0
-min_depth = 1
-max_depth = 3
-backprop_depth = 2
-log_every = 1
-
-[checkpoint]
-every_steps = {every}
-keep_last = 2
-
-[metrics]
-tensorboard = false
-loop_telemetry = false
-cpu_peak_tflops = 0.1
-
-[data]
-prepared_dir = "{data_dir}"
-vocab_size = 512
-num_workers = 0
-"""
 STEP = re.compile(r"^step +(\d+)/")
 ATTEMPT = re.compile(r"torchrun attempt: restart (\d+)")
 SAVED = re.compile(r"checkpoint saved: .*step-(\d+)")
-
-
-def prepare_data(root: Path) -> Path:
-    (root / "text").mkdir(parents=True)
-    for name in ("textwrap", "json.decoder", "string", "shlex", "csv", "heapq", "difflib", "calendar", "pprint", "base64"):
-        (root / "text" / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
-    prepare(DataConfig(sources=[str(root / "text")], prepared_dir=str(root / "data"), vocab_size=512, num_workers=0), progress=False)
-    return root / "data"
 
 
 def _read_lines(stream, lines: queue.Queue) -> None:
@@ -134,11 +74,14 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     root = Path(tempfile.mkdtemp(prefix="bench_restart_"))
-    config = root / "job.toml"
-    config.write_text(CONFIG.format(run_dir=root / "run", every=args.checkpoint_every, data_dir=prepare_data(root)))
+    config = config_file(prepare_tiny_data(root), root / "run")
+    overrides = [
+        "--train.steps=100000", "--parallel.ep=2", f"--checkpoint.every_steps={args.checkpoint_every}",
+        "--metrics.tensorboard=false", "--metrics.loop_telemetry=false",
+    ]
     env = dict(os.environ, PYTHON=sys.executable, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0" if args.shared_store else "1")
     env.pop("MYTHOS_FAULT_KILL_AT_STEP", None)
-    cmd = ["bash", str(REPO / "launch" / "single_node.sh"), "--nproc", "2", "--max-restarts", str(args.trials), "--config", str(config)]
+    cmd = ["bash", str(REPO / "launch" / "single_node.sh"), "--nproc", "2", "--max-restarts", str(args.trials), "--config", str(config), *overrides]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
