@@ -2,11 +2,12 @@
 
 Runs the `small` config and the 1B preset (one GPU: ep 1, experts kept whole) with activation checkpointing
 none / loop at a fixed total loop depth of 4 / 8 / 16 (k = train.backprop_depth of those gradient, the rest
-gradient-free), bf16 FSDP2 on a world of one, synthetic tokens. Each run times `--steps` optimizer steps after
+gradient-free), bf16 FSDP2 on a world of one, synthetic tokens, eager unless `--compile` (blocks compiled whole;
+the cold compile falls in the warm-up steps). Each run times `--steps` optimizer steps after
 `--warmup`; the medians are printed as a table, with the planner's predicted peak memory and MFU beside the
 measured ones (so a GPU run validates the bf16/fused-kernel side of the memory model, which CPU tests cannot).
 
-    python benchmarks/gpu_check.py [--steps 20] [--warmup 3] [--out DIR]
+    python benchmarks/gpu_check.py [--steps 20] [--warmup 3] [--out DIR] [--compile --models 1b --depths 8]
     python benchmarks/gpu_check.py --dry-run      # CPU, tiny model, 2 steps per run: checks the script itself
 """
 
@@ -31,8 +32,8 @@ from mythos_train.model.flops import training_flops_per_token  # noqa: E402
 from mythos_train.plan import memory_plan  # noqa: E402
 
 GIB = 2**30
-RUN = ["--parallel.ep=1", "--parallel.dp_replicate=1", "--parallel.dp_shard=-1", "--parallel.compile=false"]
-"One GPU: no expert parallelism. Compile off: its cold start (about a minute per config) would not fit 10 minutes."
+RUN = ["--parallel.ep=1", "--parallel.dp_replicate=1", "--parallel.dp_shard=-1"]
+"One GPU: no expert parallelism."
 MODELS = {
     "small": ("configs/small.toml", []),
     "1b": ("configs/mythos_1b.toml", ["--train.micro_batch_size=1", "--train.grad_accum_steps=1"]),
@@ -43,9 +44,9 @@ DRY_RUN = (
 )
 
 
-def run_config(path: str, overrides: list[str], policy: str, depth: int) -> JobConfig:
+def run_config(path: str, overrides: list[str], policy: str, depth: int, compile: bool) -> JobConfig:
     """The config at a fixed total depth: k = min(backprop_depth, depth) with gradients, the rest without."""
-    cfg = load_config(path, RUN + overrides)
+    cfg = load_config(path, RUN + overrides + [f"--parallel.compile={str(compile).lower()}"])
     t = cfg.train
     cfg.parallel.activation_checkpoint = policy
     t.depth_distribution, t.mean_depth, t.min_depth, t.max_depth = "fixed", float(depth), 1, depth
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="small,1b")
     parser.add_argument("--depths", default="4,8,16")
     parser.add_argument("--policies", default="none,loop")
-    parser.add_argument("--out", default=None, help="write gpu_check.json here too")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (eager by default: each config's cold compile costs about a minute)")
+    parser.add_argument("--out", default=None, help="write gpu_check[_compiled].json here too")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 2 steps per run")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -101,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         models = {name: MODELS[name] for name in args.models.split(",")}
         peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device)) or 0.0
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; peak {peak_flops / 1e12:.2f} TFLOP/s; "
-          f"{args.warmup} warm-up + {args.steps} timed steps per run")  # fmt: skip
+          f"{args.warmup} warm-up + {args.steps} timed steps per run; {'compiled' if args.compile else 'eager'}")  # fmt: skip
     print(f"{'model':<6} {'AC':<5} {'depth':>5} {'n+k':>6} {'tok/s/GPU':>10} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} {'plan/meas':>9} {'s/step':>7}")
     results, started = [], time.perf_counter()
     for name, (path, overrides) in models.items():
         for policy in args.policies.split(","):
             for depth in (int(d) for d in args.depths.split(",")):
-                cfg = run_config(path, overrides, policy, depth)
+                cfg = run_config(path, overrides, policy, depth, args.compile)
                 try:
                     r = measure(cfg, device, args.warmup, args.steps)
                 except torch.OutOfMemoryError:
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "gpu_check.json").write_text(json.dumps(results, indent=1))
+        (Path(args.out) / f"gpu_check{'_compiled' if args.compile else ''}.json").write_text(json.dumps(results, indent=1))
     return 0
 
 

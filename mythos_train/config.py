@@ -407,6 +407,8 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     else:
         _check(m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim ({m.qk_rope_head_dim}) must be even for RoPE")
     _check(m.dim // 8 >= 2 and (m.dim // 8) % 2 == 0, f"model.dim ({m.dim}) must give an even loop-embedding width dim // 8")
+    for name in ("dim", "expert_dim"):  # so a config that runs on CPU in fp32 runs on GPU in bf16 unchanged
+        _check(getattr(m, name) % 8 == 0, f"model.{name} ({getattr(m, name)}) must be a multiple of 8: the bf16 grouped GEMM of the experts needs 16-byte-aligned rows")
     _check(m.n_experts_per_tok <= m.n_experts, f"model.n_experts_per_tok ({m.n_experts_per_tok}) must be <= model.n_experts ({m.n_experts})")
     _check(0.0 < m.act_threshold <= 1.0, "model.act_threshold must be in (0, 1]")
     _check(m.n_experts % p.ep == 0, f"model.n_experts ({m.n_experts}) must be divisible by parallel.ep ({p.ep})")

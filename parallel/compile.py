@@ -6,16 +6,17 @@ import torch
 from torch import nn
 
 
-def apply_compile(model: nn.Module, compile_experts: bool = True) -> None:
-    """Compile prelude/coda blocks whole (fullgraph) and the looped block (graph breaks allowed: MoE routing and
-    the expert-parallel split sizes are data-dependent). `Module.compile` compiles in place: names unchanged.
+def apply_compile(model: nn.Module, compile_experts: bool = True, expert_parallel: bool = False) -> None:
+    """Compile prelude/coda blocks and the looped block in place (`Module.compile`: names unchanged).
 
-    compile_experts=False keeps the routed experts eager: torch 2.13's fake-tensor rule for `grouped_mm` accepts
-    only bf16, so with fp32 compute (CPU) tracing them fails although the eager CPU kernel runs.
+    The looped block is one graph (fullgraph) unless something in it must stay eager: expert parallelism's
+    dispatch (its all-to-all split sizes are host values) or, with compile_experts=False, the routed experts.
+    compile_experts=False is for fp32 compute (CPU): torch 2.13's fake-tensor rule for `grouped_mm` accepts only
+    bf16, so tracing fp32 experts fails although the eager kernel runs.
     """
     for block in [*model.prelude, *model.coda]:
         block.compile(fullgraph=True)
     block = model.recurrent.block
     if not compile_experts:
         block.moe.experts.forward = torch.compiler.disable(block.moe.experts.forward)
-    block.compile()
+    block.compile(fullgraph=compile_experts and not expert_parallel)

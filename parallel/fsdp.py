@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo, ShardPlacementResult
 from torch.distributed.tensor import Shard
 
 from mythos_train.config import ParallelConfig
@@ -47,6 +46,10 @@ def _expert_placement_fn(model: nn.Module, dims: ParallelDims):
     """Per-parameter mesh: expert DTensors shard over efsdp (+ replicate over dp_replicate), the rest default."""
     if not dims.ep_enabled:
         return None
+    # Imported only here: torch 2.11 has no ShardPlacementResult, and runs without EP need nothing from it
+    # (the GPU image the device checks use has torch 2.11; see benchmarks/gpu_check.sh).
+    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo, ShardPlacementResult
+
     experts = [m for m in model.modules() if isinstance(m, ExpertParallel)]
     expert_params = {id(p) for m in experts for p in m.parameters()}
     local_experts = next(iter(experts[0].parameters())).to_local().shape[0]

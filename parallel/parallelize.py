@@ -23,6 +23,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Callable | None:
     )
     if parallel.compile:
         bf16 = mixed_precision_policy(parallel, dims.device_type).param_dtype == torch.bfloat16
-        apply_compile(model, compile_experts=bf16)
+        apply_compile(model, compile_experts=bf16, expert_parallel=dims.ep_enabled)
     apply_fsdp(model, dims, parallel)
     return wrap_iteration

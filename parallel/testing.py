@@ -72,23 +72,37 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, threads:
 
 
 class CollectiveCounter(TorchDispatchMode):
-    """Counts collective calls by op name while active (c10d ops of `torch.distributed` and functional collectives).
-
-    A dispatch mode sees the real calls, in forward and in backward, whoever issues them (FSDP hooks, DTensor,
-    all-to-all). Usage: `with CollectiveCounter() as c: ...; c.counts -> {"_allgather_base_": 7, ...}`.
+    """Counts collective calls by op name while active (c10d ops of `torch.distributed` and functional collectives),
+    and, in `host_syncs`, the ops that make the host wait for the device (`.item()`, `bool(t)`, masks and other
+    data-dependent output shapes). A dispatch mode sees the real calls, in forward and in backward, whoever issues
+    them (FSDP hooks, DTensor, all-to-all). Usage: `with CollectiveCounter() as c: ...; c.counts ->
+    {"_allgather_base_": 7, ...}`. Not seen: `.tolist()` / `.cpu()` of a CPU tensor (no op is dispatched).
     """
 
     _NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}
+    HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+                  "unique_consecutive", "bincount", "equal", "histc"}  # fmt: skip
 
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
+        self.host_syncs: collections.Counter = collections.Counter()
+
+    @staticmethod
+    def _data_dependent_shape(name: str, args: tuple, kwargs: dict) -> bool:
+        """Ops whose output size is read back from the device: boolean-mask indexing, repeat_interleave unsized."""
+        if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+            return any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in args[1])
+        return name == "repeat_interleave" and kwargs.get("output_size") is None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         name = func.__name__.split(".")[0]
         if (
             func.namespace in ("c10d", "_c10d_functional", "_c10d_functional_autograd")
             and name not in self._NOT_COLLECTIVES
         ):
             self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
+        elif name in self.HOST_SYNCS or self._data_dependent_shape(name, args, kwargs):
+            self.host_syncs[name] += 1
+        return func(*args, **kwargs)

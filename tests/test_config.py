@@ -62,6 +62,7 @@ def test_cli_overrides_typed():
     "overrides, world, message",
     [
         (["--model.dim=100", "--model.n_heads=8"], 1, r"model.dim \(100\) must be divisible by model.n_heads \(8\)"),
+        (["--model.expert_dim=100"], 1, r"model.expert_dim \(100\) must be a multiple of 8"),
         (["--model.n_experts=6", "--parallel.ep=4"], 4, r"model.n_experts \(6\) must be divisible by parallel.ep \(4\)"),
         (["--parallel.dp_shard=3"], 4, r"dp_replicate\(1\) x dp_shard\(3\) = 3 != world size 4"),
         (["--parallel.dp_replicate=2", "--parallel.ep=4"], 4, r"parallel.ep \(4\) must divide parallel.dp_shard \(2\)"),

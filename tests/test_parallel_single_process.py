@@ -1,4 +1,5 @@
-"""parallel/ in one process: config errors before any collective, activation checkpointing, a world of one."""
+"""parallel/ in one process: config errors before any collective, activation checkpointing, a world of one,
+no host syncs in a training step."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from mythos_train.config import ConfigError, ParallelConfig
 from mythos_train.model import MythosModel
 from parallel import all_ranks_agree, build_mesh, clip_grad_norm_, parallelize
 from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.testing import CollectiveCounter
 
 
 @pytest.mark.parametrize(
@@ -76,6 +78,29 @@ def test_world_of_one_matches_plain_model():
         torch.testing.assert_close(norm, ref_norm)
         for p, rp in zip(model.parameters(), plain.parameters()):
             torch.testing.assert_close(p.grad.full_tensor(), rp.grad, rtol=1e-5, atol=1e-8)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_training_step_never_waits_for_the_device():
+    """Forward + backward of the parallelized model (FSDP, per-loop checkpointing, several depths) issues no op that
+    makes the host wait for the device (.item(), bool(t), masks, data-dependent shapes), so a GPU never idles
+    inside the loop. Without expert parallelism there is nothing to wait for; with it only the split sizes (whose
+    `.tolist()` a CPU run cannot see: parallel/testing.py)."""
+    cfg = tiny_config(activation_checkpoint="loop")
+    torch.manual_seed(0)
+    model = MythosModel(cfg.model)
+    try:
+        wrap = parallelize(model, build_mesh(cfg.parallel, 1, "cpu"), cfg)
+        lm_loss(model, global_batch(0, 2), 1, 2, wrap).backward()  # lazy init outside the count
+        with CollectiveCounter() as counter:
+            for n, k in [(0, 1), (3, 2), (6, 2)]:
+                lm_loss(model, global_batch(n, 2), n, k, wrap).backward()
+        assert not counter.host_syncs, counter.host_syncs
+        with CollectiveCounter() as control:  # the counter does see syncs
+            loss = lm_loss(model, global_batch(0, 2), 1, 1, wrap)
+            loss.item(), loss.view(1)[loss.view(1) > 0]
+        assert control.host_syncs == {"_local_scalar_dense": 1, "index": 1}, control.host_syncs
     finally:
         dist.destroy_process_group()
 
