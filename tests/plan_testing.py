@@ -1,15 +1,19 @@
 """Measure what a real sharded training step holds on one CPU rank, for the planner's validation tests.
 
-Memory is measured with the torch profiler's allocation events (`profile_memory=True`): on CPU every tensor
+Memory is measured twice. The torch profiler's allocation events (`profile_memory=True`): on CPU every tensor
 allocation and free goes through c10's allocator, which reports them with sizes, so the running sum of the
-events after a point in time is exactly the bytes allocated since then. RSS was rejected (glibc keeps freed
-arenas, so it lags and never shrinks) and saved-tensor hooks miss checkpoint inputs and FSDP buffers.
+events after a point in time is exactly the bytes allocated since then. And the growth of the process's peak
+resident set (RSS, the kernel's high-water mark): it tracks live tensors only when glibc returns freed blocks to
+the system at once, so the processes must start with MALLOC_MMAP_THRESHOLD_=65536 (RSS_ENV; by default glibc
+keeps freed arenas and the growth of one step reads 4-80% of what it allocated). Saved-tensor hooks would miss
+checkpoint inputs and FSDP buffers.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -21,39 +25,73 @@ from mythos_train.optim import build_optimizer
 from mythos_train.trainer import build_model
 from parallel import build_mesh
 
+RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+"Set before the measuring processes start: blocks of 64 KiB and more are mapped on malloc and unmapped on free."
 
-def measure_step(rank: int, world: int, cfg: JobConfig, n_nograd: int, n_grad: int) -> dict:
-    """One real AdamW step (so gradients and optimizer state exist), then a profiled forward + backward.
 
-    The profiled micro-batch runs with gradients already allocated, like every micro-batch after the first
-    of a step: what it allocates on top is activations plus FSDP's gathered parameters and gradient buffers.
+class PeakRSS:
+    """`with PeakRSS() as p: ...` -> p.growth: the process's peak RSS inside the block minus RSS at its start.
+
+    Exact, no sampling: writing 5 to /proc/self/clear_refs resets the kernel's high-water mark (VmHWM) to the
+    current RSS (Linux 4.0+), and VmHWM at the end is the largest RSS since.
     """
-    torch.manual_seed(0)
-    dims = build_mesh(cfg.parallel, world, "cpu")
-    model, wrap = build_model(cfg, dims, torch.device("cpu"))
-    optimizer = build_optimizer(model, cfg.optim, "cpu")
-    B, S = cfg.train.micro_batch_size, cfg.train.seq_len
-    g = torch.Generator().manual_seed(rank)
-    batches = [torch.randint(0, cfg.model.vocab_size, (B, S + 1), generator=g) for _ in range(4)]
 
-    def forward(tokens):
-        logits = model(tokens[:, :-1], n_nograd=n_nograd, n_grad=n_grad, wrap_iteration=wrap)
+    @staticmethod
+    def _status_bytes(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1)) * 1024
+
+    def __enter__(self) -> PeakRSS:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self._base = self._status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.growth = self._status_bytes("VmHWM") - self._base
+
+
+class StepUnderTest:
+    """A sharded model after one real AdamW step (so gradients and optimizer state exist) and one warm-up
+    micro-batch (lazy allocations, first-call caches). Each later micro-batch runs with gradients already
+    allocated, like every micro-batch after the first of a step: what it allocates on top is activations plus
+    FSDP's gathered parameters and gradient buffers."""
+
+    def __init__(self, rank: int, world: int, cfg: JobConfig, n_nograd: int, n_grad: int):
+        torch.manual_seed(0)
+        self.model, self.wrap = build_model(cfg, build_mesh(cfg.parallel, world, "cpu"), torch.device("cpu"))
+        self.optimizer = build_optimizer(self.model, cfg.optim, "cpu")
+        self.depth = (n_nograd, n_grad)
+        B, S = cfg.train.micro_batch_size, cfg.train.seq_len
+        g = torch.Generator().manual_seed(rank)
+        self.batches = [torch.randint(0, cfg.model.vocab_size, (B, S + 1), generator=g) for _ in range(5)]
+        self.forward(self.batches[0])[1].backward()
+        self.optimizer.step()
+        self.forward(self.batches[1])[1].backward()
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(tokens[:, :-1], n_nograd=self.depth[0], n_grad=self.depth[1], wrap_iteration=self.wrap)
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
 
-    logits, loss = forward(batches[0])
-    loss.backward()
-    optimizer.step()
-    del logits, loss
+
+def rss_growth(step: StepUnderTest) -> int:
+    """Peak RSS growth of one micro-batch's forward + backward (logits held through it, as the trainer does)."""
+    with PeakRSS() as rss:
+        logits, loss = step.forward(step.batches[4])
+        loss.backward()
+        del logits, loss
+    return rss.growth
+
+
+def measure_step(step: StepUnderTest) -> dict:
+    """Static bytes held, allocator peak of a profiled forward + backward, and the collectives of one more."""
+    model, optimizer = step.model, step.optimizer
     params = tensor_bytes(model.parameters())
     grads = tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
     optim = tensor_bytes(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
     buffers = tensor_bytes(model.buffers())
-
-    logits, loss = forward(batches[1])  # warm-up of the measured path (lazy allocations, first-call caches)
-    loss.backward()
-    del logits, loss
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof_fwd:
-        logits, loss = forward(batches[2])
+        logits, loss = step.forward(step.batches[2])
     fwd_peak, saved = allocation_curve(prof_fwd)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof_bwd:
         loss.backward()
@@ -62,13 +100,16 @@ def measure_step(rank: int, world: int, cfg: JobConfig, n_nograd: int, n_grad: i
     return {
         "params": params, "grads": grads, "optimizer": optim, "buffers": buffers,
         "saved": saved, "peak": max(fwd_peak, saved + bwd_peak),
-        "traffic": count_traffic(model, wrap, batches[3], n_nograd, n_grad),
+        "traffic": count_traffic(model, step.wrap, step.batches[3], *step.depth),
     }  # fmt: skip
 
 
 def measure_cases(rank: int, world: int, cases: list[tuple[JobConfig, int, int]]) -> list[dict]:
-    """measure_step for each (cfg, n_nograd, n_grad) in one process (spawning costs seconds)."""
-    return [measure_step(rank, world, cfg, n, k) for cfg, n, k in cases]
+    """For each (cfg, n_nograd, n_grad), in one process (spawning costs seconds): measure_step, and rss_growth
+    first for all of them, before any profiling (its many small buffers, once freed, leave holes in glibc's heap
+    that later steps fill without growing RSS)."""
+    rss = [rss_growth(StepUnderTest(rank, world, cfg, n, k)) for cfg, n, k in cases]
+    return [measure_step(StepUnderTest(rank, world, cfg, n, k)) | {"rss_growth": r} for (cfg, n, k), r in zip(cases, rss)]
 
 
 COLLECTIVE_EVENTS = {

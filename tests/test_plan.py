@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from plan_testing import measure_cases
+from plan_testing import RSS_ENV, measure_cases
 
 from mythos_train.config import JobConfig, load_config, mesh_sizes
 from mythos_train.model import MythosModel
@@ -128,7 +128,7 @@ FEW_EXPERTS_CASE = ("experts on dim 1", small_debug("--model.n_experts=2", "--mo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_plan_matches_sharded_step(world: int):
+def test_plan_matches_sharded_step(world: int, monkeypatch):
     names, cases = list(CASES), []
     for cfg, n, k in CASES.values():
         cfg = copy.deepcopy(cfg)
@@ -138,6 +138,8 @@ def test_plan_matches_sharded_step(world: int):
         for case in (HSDP_CASE, FEW_EXPERTS_CASE):
             names.append(case[0])
             cases.append(case[1:])
+    for key, value in RSS_ENV.items():  # the spawned ranks inherit it (see tests/plan_testing.py)
+        monkeypatch.setenv(key, value)
     measured = run_distributed(measure_cases, world, cases, timeout=600)
     report = []
     for i, (name, (cfg, n, k)) in enumerate(zip(names, cases)):
@@ -152,9 +154,11 @@ def test_plan_matches_sharded_step(world: int):
             assert got["optimizer"][1] == st.optimizer, (name, rank)
             assert got["buffers"][1] == st.buffers, (name, rank)
             working = plan.peak - st.total
-            report.append(f"{name} w{world} r{rank}: forward end {got['saved']} vs {plan.forward_end}, peak {got['peak']} vs {working}")
+            report.append(f"{name} w{world} r{rank}: forward end {got['saved']} vs {plan.forward_end}, peak {got['peak']} "
+                          f"(RSS growth {got['rss_growth']}) vs {working}")  # fmt: skip
             assert got["saved"] == pytest.approx(plan.forward_end, rel=0.25), report[-1]
             assert got["peak"] == pytest.approx(working, rel=0.25), report[-1]
+            assert got["rss_growth"] == pytest.approx(working, rel=0.25), report[-1]
             calls = {"all-gather": 0, "reduce-scatter": 0, "all-reduce": 0, "all-to-all": 0}
             for c in step_collectives(cfg, sizes, unit_sizes(params, sizes), n, k, 4, 4):
                 calls[c.name] += c.calls
