@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from mythos_train.bench_sweep import build_train_step  # noqa: E402
 from mythos_train.config import JobConfig, load_config, validate  # noqa: E402
+from mythos_train.distributed import destroy_distributed  # noqa: E402
 from mythos_train.metrics import gpu_peak_flops, measure_cpu_peak_flops  # noqa: E402
 from mythos_train.model.flops import training_flops_per_token  # noqa: E402
 from mythos_train.plan import memory_plan  # noqa: E402
@@ -112,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = run_config(path, overrides, policy, depth, args.compile)
                 try:
                     r = measure(cfg, device, args.warmup, args.steps)
-                except torch.OutOfMemoryError:
-                    print(f"{name:<6} {policy:<5} {depth:>5}  out of memory")
-                    results.append({"model": name, "policy": policy, "depth": depth, "oom": True})
+                except Exception as e:  # out of memory, or a kernel that fails here: report it, go on to the next run
+                    oom = isinstance(e, torch.OutOfMemoryError)
+                    print(f"{name:<6} {policy:<5} {depth:>5}  {'out of memory' if oom else f'FAILED: {type(e).__name__}: {e}'}", flush=True)
+                    results.append({"model": name, "policy": policy, "depth": depth, "oom": oom, "error": None if oom else repr(e)})
                     gc.collect()
-                    torch.cuda.empty_cache()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     continue
                 plan = memory_plan(cfg, 1, device=device.type, n_grad=r["n_grad"], n_nograd=r["n_nograd"])
                 mfu = r["flops_per_token"] * r["tokens_per_s"] / peak_flops if peak_flops else float("nan")
@@ -124,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<6} {policy:<5} {depth:>5} {r['n_nograd']:>2}+{r['n_grad']:<3} {r['tokens_per_s']:>10,.0f} {mfu:>6.1%} "
                       f"{r['peak_bytes'] / GIB:>9.2f} {plan.peak / GIB:>9.2f} {ratio:>9.2f} {r['step_s']:>7.3f}", flush=True)  # fmt: skip
                 results.append({"model": name, "policy": policy, "depth": depth, "mfu": mfu, "plan_peak_bytes": plan.peak, "plan_phase": plan.peak_phase, **r})
+                if args.out:  # after every row: a timeout keeps what was measured
+                    Path(args.out).mkdir(parents=True, exist_ok=True)
+                    (Path(args.out) / f"gpu_check{'_compiled' if args.compile else ''}.json").write_text(json.dumps(results, indent=1))
     print(f"total {time.perf_counter() - started:.0f} s")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"gpu_check{'_compiled' if args.compile else ''}.json").write_text(json.dumps(results, indent=1))
+    destroy_distributed()
     return 0
 
 

@@ -16,10 +16,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
 LOG_DIR="${OUT:-runs/gpu_check}"
 mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/gpu_check.log"
@@ -28,11 +24,16 @@ GPU="${GPU_KIND:-h200}"
 {
   echo "== $(date -u +%FT%TZ) $(hostname)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || echo "wheel install from .whl/ failed with $?"
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   # Caps add up to 480 s, below the 10-minute budget; every run prints as it finishes, so a cut still reports.
-  timeout 90 "$PY" benchmarks/gpu_preflight.py || echo "gpu_preflight.py exited with $?"
+  timeout 150 "$PY" benchmarks/gpu_preflight.py || echo "gpu_preflight.py exited with $?"
   timeout 150 "$PY" benchmarks/gpu_check.py --out "$LOG_DIR" --compile --models 1b --policies loop --depths 8 || echo "compiled run exited with $?"
-  timeout 240 "$PY" benchmarks/gpu_check.py --out "$LOG_DIR" "$@" || echo "gpu_check.py exited with $?"
+  timeout 180 "$PY" benchmarks/gpu_check.py --out "$LOG_DIR" "$@" || echo "gpu_check.py exited with $?"
   for cfg in configs/small.toml configs/mythos_1b.toml; do
     echo "== plan $cfg on 1 x 1 $GPU (ep 1)"
     "$PY" -m mythos_train plan --config "$cfg" --nodes 1 --gpus-per-node 1 --gpu "$GPU" --parallel.ep=1 --no-alternatives || true

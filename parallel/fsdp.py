@@ -27,12 +27,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def mixed_precision_policy(parallel: ParallelConfig, device_type: str) -> MixedPrecisionPolicy:
-    """param_dtype 'auto' = bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow there); reductions in reduce_dtype."""
+    """param_dtype 'auto' = bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow there); reductions in reduce_dtype.
+
+    Forward inputs are not cast: activations are already in param_dtype (the embedding's output), and the fp32
+    RoPE tables every block receives must stay fp32 (in bf16, cos/sin are off by up to 2e-3 at long positions).
+    """
     if parallel.param_dtype == "auto":
         param_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
     else:
         param_dtype = _DTYPES[parallel.param_dtype]
-    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=_DTYPES[parallel.reduce_dtype])
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=_DTYPES[parallel.reduce_dtype], cast_forward_inputs=False)
 
 
 def expert_shard_dim(local_experts: int, efsdp: int) -> int:

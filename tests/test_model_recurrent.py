@@ -33,6 +33,23 @@ def test_spectral_radius_below_one_at_extreme_parameters(injection):
         assert 0 <= injection_module.spectral_radius().item() < 1
 
 
+@pytest.mark.parametrize("injection", ["lti", "parcae"])
+def test_bf16_update_is_rounded_once(injection):
+    """In bf16 the update A h + B e + y must be the exact value rounded once (within half a bf16 step), not the sum
+    of bf16 terms with A itself rounded to bf16 (which makes A = 1 wherever A > 1 - 2^-9)."""
+    module = _model(injection=injection).recurrent.injection
+    with torch.no_grad():
+        module.log_A.fill_(-7.0)  # A = exp(-exp(-7 + log_dt)) ~ 0.999
+    torch.manual_seed(1)
+    h, input_term, block_out = (scale * torch.randn(4096, module.log_A.numel()) for scale in (1.0, 0.1, 0.1))
+    h, input_term, block_out = (t.bfloat16() for t in (h, input_term, block_out))
+    out = module(h, input_term, block_out)
+    exact = module.get_A().double() * h.double() + input_term.double() + block_out.double()
+    half_step = torch.exp2(torch.floor(torch.log2(exact.abs().clamp(min=1e-30))) - 8)  # bf16: 8 significant bits
+    fp32_sum_error = 3 * 2.0**-24 * (h.double().abs() + input_term.double().abs() + block_out.double().abs())
+    assert out.dtype == torch.bfloat16 and ((out.double() - exact).abs() <= half_step + fp32_sum_error).all()
+
+
 def _manual_forward(model: MythosModel, tokens: torch.Tensor, n_nograd: int, n_grad: int) -> torch.Tensor:
     """The model written out as open-mythos states it, with the first n_nograd states detached instead of no_grad."""
     cfg, rec = model.cfg, model.recurrent

@@ -105,6 +105,28 @@ def test_training_step_never_waits_for_the_device():
         dist.destroy_process_group()
 
 
+def test_bf16_blocks_rotate_with_fp32_rope_tables(monkeypatch):
+    """FSDP2 casts floating-point forward inputs to param_dtype unless told not to: the RoPE tables passed to every
+    block must reach the rotation in fp32 while the activations run in bf16."""
+    import mythos_train.model.attention as attention
+
+    seen, rotate = set(), attention.apply_rope
+
+    def spy(x, cos, sin):
+        seen.add((x.dtype, cos.dtype, sin.dtype))
+        return rotate(x, cos, sin)
+
+    monkeypatch.setattr(attention, "apply_rope", spy)
+    cfg = tiny_config(param_dtype="bfloat16")
+    model = MythosModel(cfg.model)
+    try:
+        wrap = parallelize(model, build_mesh(cfg.parallel, 1, "cpu"), cfg)
+        lm_loss(model, global_batch(0, 2), 1, 1, wrap)
+    finally:
+        dist.destroy_process_group()
+    assert seen == {(torch.bfloat16, torch.float32, torch.float32)}, seen
+
+
 def test_clip_grad_norm_plain_tensors_matches_torch():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]

@@ -85,7 +85,9 @@ class LTIInjection(nn.Module):
         return self.B * e
 
     def forward(self, h: torch.Tensor, input_term: torch.Tensor, block_out: torch.Tensor) -> torch.Tensor:
-        return self.get_A().to(h.dtype) * h + input_term + block_out
+        """A h + B e + block_out, summed in fp32 and rounded once to h's dtype: A cast to bf16 would be exactly 1
+        wherever A > 1 - 2^-9."""
+        return (self.get_A() * h + input_term + block_out).to(h.dtype)
 
 
 class ParcaeInjection(LTIInjection):
