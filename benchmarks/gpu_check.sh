@@ -20,6 +20,7 @@ LOG_DIR="${OUT:-runs/gpu_check}"
 mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/gpu_check.log"
 GPU="${GPU_KIND:-h200}"
+export PYTHONUNBUFFERED=1
 
 {
   echo "== $(date -u +%FT%TZ) $(hostname)"
@@ -30,10 +31,12 @@ GPU="${GPU_KIND:-h200}"
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  # Caps add up to 480 s, below the 10-minute budget; every run prints as it finishes, so a cut still reports.
-  timeout 150 "$PY" benchmarks/gpu_preflight.py || echo "gpu_preflight.py exited with $?"
-  timeout 150 "$PY" benchmarks/gpu_check.py --out "$LOG_DIR" --compile --models 1b --policies loop --depths 8 || echo "compiled run exited with $?"
-  timeout 180 "$PY" benchmarks/gpu_check.py --out "$LOG_DIR" "$@" || echo "gpu_check.py exited with $?"
+  # Caps add up to 480 s, below the 10-minute budget; every run prints as it finishes (unbuffered), so a cut
+  # still reports. The compiled run's cold compile (about a minute) falls in its warm-up steps.
+  timeout 120 "$PY" benchmarks/gpu_preflight.py || echo "gpu_preflight.py exited with $?"
+  timeout 200 "$PY" benchmarks/gpu_check.py --out "$LOG_DIR" --compile --models 1b --policies loop --depths 8 --warmup 2 --steps 10 \
+    || echo "compiled run exited with $?"
+  timeout 160 "$PY" benchmarks/gpu_check.py --out "$LOG_DIR" --warmup 2 --steps 10 "$@" || echo "gpu_check.py exited with $?"
   for cfg in configs/small.toml configs/mythos_1b.toml; do
     echo "== plan $cfg on 1 x 1 $GPU (ep 1)"
     "$PY" -m mythos_train plan --config "$cfg" --nodes 1 --gpus-per-node 1 --gpu "$GPU" --parallel.ep=1 --no-alternatives || true
