@@ -22,6 +22,7 @@ from mythos_train.plan_comm import Collective, step_collectives, time_collective
 from mythos_train.plan_hw import ACCELERATORS, MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION, Accelerator, get_accelerator
 from mythos_train.plan_memory import (
     StaticMemory,
+    loop_unit_parts,
     model_parameters,
     parameter_counts,
     static_memory,
@@ -163,6 +164,8 @@ class Plan:
     compute_s: float
     exposed_fsdp_s: float
     all_to_all_s: float
+    loop_parts: dict[str, int]
+    "Looped block part -> its gathered bytes in param_dtype on one rank (plan_memory.loop_unit_parts)."
 
     @property
     def fits(self) -> bool:
@@ -209,6 +212,7 @@ def build_plan(cfg: JobConfig, nodes: int, gpus_per_node: int, gpu: str | Accele
         memory=memory, capacity=hw.memory_gib * GIB * USABLE_MEMORY_FRACTION, depth=depth, collectives=collectives,
         tokens_per_step=tokens_per_rank * world, compute_s=compute_s, exposed_fsdp_s=max(0.0, fsdp_s - compute_s),
         all_to_all_s=sum(c.seconds for c in collectives if not c.overlapped),
+        loop_parts={part: n * a for part, n in loop_unit_parts(params, sizes).items()},
     )  # fmt: skip
 
 

@@ -160,6 +160,21 @@ def unit_sizes(params: list[ParamInfo], sizes: dict[str, int]) -> UnitSizes:
     return out
 
 
+LOOP_PARTS = {"routed experts": "recurrent.block.moe.experts.", "shared experts": "recurrent.block.moe.shared.",
+              "attention": "recurrent.block.attn."}  # fmt: skip
+
+
+def loop_unit_parts(params: list[ParamInfo], sizes: dict[str, int]) -> dict[str, int]:
+    """Gathered elements of the looped block's unit(s) on one rank by part (LOOP_PARTS, then "rest": norms,
+    router, injection, LoRA): what the loop holds while it is gathered, so a plan can say which part to shrink."""
+    out = dict.fromkeys([*LOOP_PARTS, "rest"], 0)
+    for p in params:
+        if p.unit in ("recurrent", "recurrent.block"):
+            _, padded, shards = shard_layout(p, sizes, 0)
+            out[next((part for part, prefix in LOOP_PARTS.items() if p.name.startswith(prefix)), "rest")] += padded * shards
+    return out
+
+
 def parameter_counts(params: list[ParamInfo], m: ModelConfig) -> dict[str, int]:
     """Total, expert and active-per-token parameter counts of the unsharded model."""
     total = sum(math.prod(p.shape) for p in params)

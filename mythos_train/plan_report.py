@@ -38,6 +38,8 @@ def render(plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, P
         f"  working set at the peak ('{mem.peak_phase}')".ljust(43) + f"{_gib(mem.working[mem.peak_phase])}",
         f"    of which activations                   {_gib(act.phases[mem.peak_phase])}",
         f"    of which gathered weights + grads      {_gib(mem.working[mem.peak_phase] - act.phases[mem.peak_phase])}",
+        "      looped block gathered: " + ", ".join(f"{part} {n / GIB:.2f}" for part, n in plan.loop_parts.items()) + " GiB"
+        + (" (+ as much in gradients during its backward)" if p.activation_checkpoint != "none" else ""),
         f"  peak                                     {_gib(mem.peak)}",
         f"  usable {USABLE_MEMORY_FRACTION:.0%} of {plan.gpu.memory_gib:.1f} GiB".ljust(43) + f"{_gib(plan.capacity)}   "
         + ("FITS" if plan.fits else f"DOES NOT FIT (over by {(mem.peak - plan.capacity) / GIB:.1f} GiB)"),
@@ -83,7 +85,7 @@ def to_json(plan: Plan, alts: list[tuple[str, Plan]] | None) -> dict:
             "collectives": [dataclasses.asdict(c) for c in p.collectives],
             "tokens_per_step": p.tokens_per_step, "step_seconds": p.step_s, "compute_seconds": p.compute_s,
             "all_to_all_seconds": p.all_to_all_s, "exposed_fsdp_seconds": p.exposed_fsdp_s,
-            "tokens_per_s_per_gpu": p.tokens_per_s_per_gpu, "mfu": p.mfu,
+            "tokens_per_s_per_gpu": p.tokens_per_s_per_gpu, "mfu": p.mfu, "loop_block_gathered_bytes": p.loop_parts,
         }  # fmt: skip
 
     out = summary(plan)

@@ -78,6 +78,18 @@ def test_cli_100b_on_64_nodes(capsys):
     assert rc == (0 if "FITS\n" in out else 1)
 
 
+def test_looped_block_parts_by_hand():
+    """The 100B preset on 512 H100s at ep 8: the gathered looped block by part, from the preset's shapes."""
+    cfg = load_config("configs/mythos_100b.toml")
+    m, plan = cfg.model, build_plan(cfg, 64, 8, "h100")
+    shared_width = m.n_shared_experts * m.expert_dim * m.n_experts_per_tok  # open-mythos: each shared expert is k wide
+    assert plan.loop_parts["shared experts"] == 3 * m.dim * shared_width * 2  # w1, w2, w3 in bf16
+    assert plan.loop_parts["routed experts"] == m.n_experts // 8 * 3 * m.dim * m.expert_dim * 2  # this rank's E / ep
+    params, _ = model_parameters(m)
+    gathered = unit_sizes(params, mesh_sizes(cfg.parallel, 512)).gathered["recurrent"]
+    assert sum(plan.loop_parts.values()) == gathered * 2 and plan.loop_parts["rest"] > 0
+
+
 def test_cli_json_1b_on_one_node(capsys):
     rc = main(["--config", "configs/mythos_1b.toml", "--nodes", "1", "--gpus-per-node", "8", "--gpu", "h200", "--json"])
     plan = json.loads(capsys.readouterr().out)
