@@ -100,6 +100,8 @@ class ParallelConfig:
     "'loop' recomputes each gradient loop iteration in backward; 'full' also each prelude/coda block."
     reshard_per_iteration: bool = False
     "Re-shard the looped block after every iteration (one all-gather per iteration): only for blocks too big to keep unsharded across the loop."
+    shared_expert_chunks: int = 1
+    "Run the looped block's shared-expert SwiGLU over this many token chunks, each recomputed in its own backward (tiled MLP): a gradient iteration then keeps none of its hidden activations and its backward holds one chunk's, for one more shared-expert forward per iteration. For long sequences with the presets' wide shared experts; 1 = off."
     compile: bool = False
     "torch.compile each block (the loop stays eager, so sampled depths never recompile)."
     param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -411,6 +413,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         _check(getattr(m, name) % 8 == 0, f"model.{name} ({getattr(m, name)}) must be a multiple of 8: the bf16 grouped GEMM of the experts needs 16-byte-aligned rows")
     _check(m.n_experts_per_tok <= m.n_experts, f"model.n_experts_per_tok ({m.n_experts_per_tok}) must be <= model.n_experts ({m.n_experts})")
     _check(0.0 < m.act_threshold <= 1.0, "model.act_threshold must be in (0, 1]")
+    _check(p.shared_expert_chunks >= 1, f"parallel.shared_expert_chunks ({p.shared_expert_chunks}) must be >= 1")
     _check(m.n_experts % p.ep == 0, f"model.n_experts ({m.n_experts}) must be divisible by parallel.ep ({p.ep})")
     mesh_sizes(p, world_size)
 

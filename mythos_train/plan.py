@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import sys
 from dataclasses import dataclass
 
 from mythos_train.config import ConfigError, JobConfig, load_config, mesh_sizes, validate
-from mythos_train.plan_activations import ActivationMemory, micro_batch_activations
+from mythos_train.plan_activations import ActivationMemory, micro_batch_activations, shared_dim
 from mythos_train.plan_comm import Collective, step_collectives, time_collectives
 from mythos_train.plan_hw import ACCELERATORS, MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION, Accelerator, get_accelerator
 from mythos_train.plan_memory import (
@@ -87,8 +88,9 @@ def memory_plan(
     n_nograd = (1 if t.max_depth > t.backprop_depth else 0) if n_nograd is None else n_nograd
     tokens = t.micro_batch_size * t.seq_len
     acts = micro_batch_activations(
-        cfg.model, tokens, n_grad, n_nograd, p.activation_checkpoint, a, device != "cuda", sizes["ep"], not p.reshard_per_iteration
-    )
+        cfg.model, tokens, n_grad, n_nograd, p.activation_checkpoint, a, device != "cuda", sizes["ep"], not p.reshard_per_iteration,
+        p.shared_expert_chunks,
+    )  # fmt: skip
     working = working_memory(acts.phases, units, cfg.model, a, p.activation_checkpoint)
     static = static_memory(params, buffers, sizes, rank)
     phase = max(working, key=working.get)
@@ -106,7 +108,7 @@ class DepthStats:
     model_flops_per_token: float
     "Mean of training_flops_per_token over the sampled (n, k)."
     recompute_flops_per_token: float
-    "Mean extra forward FLOPs activation checkpointing re-runs in backward."
+    "Mean extra forward FLOPs activation checkpointing (and shared-expert tiling) re-runs in backward."
 
 
 _DRAWS: dict[tuple, list[tuple[int, int]]] = {}
@@ -137,12 +139,13 @@ def depth_stats(cfg: JobConfig) -> DepthStats:
     mean_k = sum(k for _, k in draws) / len(draws)
     recompute = {"none": 0.0, "loop": mean_k * per_iteration}
     recompute["full"] = recompute["loop"] + (m.prelude_layers + m.coda_layers) * dense_block
+    tiling = mean_k * 2 * 3 * m.dim * shared_dim(m) if cfg.parallel.shared_expert_chunks > 1 else 0.0  # its own recompute
     return DepthStats(
         mean_nograd=sum(n for n, _ in draws) / len(draws),
         mean_grad=mean_k,
         max_grad=max(k for _, k in draws),
         model_flops_per_token=sum(c * training_flops_per_token(m, t.seq_len, n, k) for (n, k), c in counts.items()) / len(draws),
-        recompute_flops_per_token=recompute[cfg.parallel.activation_checkpoint],
+        recompute_flops_per_token=recompute[cfg.parallel.activation_checkpoint] + tiling,
     )
 
 
@@ -225,9 +228,10 @@ def _divisors(n: int) -> list[int]:
 
 def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tuple[dict[str, object], int]]:
     """(parallel/train field changes, node count) pairs: AC policy, micro-batch and, as a last resort, sequence
-    length (both keep the tokens per step through more accumulation), EP degree, reshard-per-iteration, HSDP
-    across nodes, and 2x / 4x / 8x the nodes."""
+    length (both keep the tokens per step through more accumulation), EP degree, reshard-per-iteration, tiled
+    shared experts, HSDP across nodes, and 2x / 4x / 8x the nodes."""
     t, m = cfg.train, cfg.model
+    chunk_options = sorted({1, 8, cfg.parallel.shared_expert_chunks}) if m.n_shared_experts else [cfg.parallel.shared_expert_chunks]
     out = []
     micro_options = [t.micro_batch_size // 2**i for i in range(6) if t.micro_batch_size % 2**i == 0]
     seq_options = [t.seq_len // 2**i for i in range(1, 3) if t.seq_len % 2**i == 0 and t.seq_len // 2**i >= 128]
@@ -241,11 +245,12 @@ def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tu
             for ep in eps:
                 for policy in ("none", "loop", "full"):
                     for micro, seq in batch_options:
-                        for reshard in (False, True):
+                        for reshard, chunks in itertools.product((False, True), chunk_options):
                             change = {
                                 "parallel.activation_checkpoint": policy, "parallel.ep": ep, "parallel.reshard_per_iteration": reshard,
-                                "parallel.dp_replicate": replicate, "parallel.dp_shard": -1, "train.micro_batch_size": micro,
-                                "train.seq_len": seq, "train.grad_accum_steps": t.grad_accum_steps * t.micro_batch_size * t.seq_len // (micro * seq),
+                                "parallel.shared_expert_chunks": chunks, "parallel.dp_replicate": replicate, "parallel.dp_shard": -1,
+                                "train.micro_batch_size": micro, "train.seq_len": seq,
+                                "train.grad_accum_steps": t.grad_accum_steps * t.micro_batch_size * t.seq_len // (micro * seq),
                             }  # fmt: skip
                             out.append((change, node_count))
     return out
@@ -278,7 +283,7 @@ def alternatives(cfg: JobConfig, nodes: int, gpus_per_node: int, gpu: str, limit
     for change, node_count in candidate_changes(cfg, nodes, gpus_per_node):
         new = apply_changes(cfg, change)
         try:
-            key = (new.parallel.activation_checkpoint, new.train.seq_len)
+            key = (new.parallel.activation_checkpoint, new.train.seq_len, new.parallel.shared_expert_chunks)
             if key not in depth_cache:
                 depth_cache[key] = depth_stats(new)
             plan = build_plan(new, node_count, gpus_per_node, gpu, depth_cache[key])

@@ -22,7 +22,8 @@ the output and the fp32 log-sum-exp, never the S x S scores, so everything here 
                        indices I * 3k (order, token of each slot, inverse order), routed rows 2 * k * D
                        (sorted input, combined rows; 3 * k * D and I * 2k more under EP: the all-to-all's
                        output and the received-order index and its inverse), SwiGLU of the routed rows 4 * k * expert_dim,
-                       shared SwiGLU 4 * shared_dim,
+                       shared SwiGLU 4 * shared_dim (none when tiled, parallel.shared_expert_chunks = C > 1: its
+                       backward then holds one chunk's 4 + 2 gradient, 6 * shared_dim / C, at the 'loop' peak),
                   block output D (LoRA input), LoRA 2 * lora_rank, and the step's input h D (injection A*h)
     head          final norm input D and norm, its output D, logits a * V (held by the caller for the loss),
                   log-softmax output F * V
@@ -74,20 +75,25 @@ def dense_block_bytes(m: ModelConfig, a: int, cpu: bool) -> int:
     return ffn + _norm(m.dim, a, cpu) + m.dim * a + 4 * m.ffn_dim * a  # ffn_norm, its output, SwiGLU
 
 
-def moe_bytes(m: ModelConfig, a: int, ep: int) -> int:
+def shared_dim(m: ModelConfig) -> int:
+    """Width of the fused shared-expert SwiGLU (model/moe.py: each of n_shared is expert_dim * top_k wide)."""
+    return m.n_shared_experts * m.expert_dim * m.n_experts_per_tok
+
+
+def moe_bytes(m: ModelConfig, a: int, ep: int, shared_chunks: int = 1) -> int:
     """Per-token bytes the MoE saves (router, sort indices, routed and shared SwiGLUs); routing assumed balanced."""
     k = m.n_experts_per_tok
-    shared_dim = m.n_shared_experts * m.expert_dim * k
     router = FP32 * (m.n_experts + 2 * k + 1) + INT64 * k + (k * a if a != FP32 else 0)
     routed_rows = (3 if ep > 1 else 2) * k * m.dim * a + (INT64 * 2 * k if ep > 1 else 0)
-    return router + INT64 * 3 * k + routed_rows + 4 * k * m.expert_dim * a + 4 * shared_dim * a
+    shared = 4 * shared_dim(m) * a if shared_chunks == 1 else 0
+    return router + INT64 * 3 * k + routed_rows + 4 * k * m.expert_dim * a + shared
 
 
-def loop_step_bytes(m: ModelConfig, a: int, cpu: bool, ep: int) -> int:
+def loop_step_bytes(m: ModelConfig, a: int, cpu: bool, ep: int, shared_chunks: int = 1) -> int:
     """Per-token bytes one gradient loop iteration saves without checkpointing, including its input h."""
     step = m.dim * a + _norm(m.dim, a, cpu) + m.dim * a  # h + loop_emb + e, loop norm, x
     step += attention_bytes(m, a, cpu) + m.dim * a  # attention, x + attn
-    step += _norm(m.dim, a, cpu) + m.dim * a + moe_bytes(m, a, ep)  # ffn_norm, its output, MoE
+    step += _norm(m.dim, a, cpu) + m.dim * a + moe_bytes(m, a, ep, shared_chunks)  # ffn_norm, its output, MoE
     step += m.dim * a + 2 * m.lora_rank * a + m.dim * a  # block output (LoRA input), LoRA, h
     if m.use_act:
         step += 4 * FP32  # halting probability, its weight and the running masks (small)
@@ -113,7 +119,7 @@ class ActivationMemory:
 
 def micro_batch_activations(
     m: ModelConfig, tokens: int, n_grad: int, n_nograd: int, policy: str, a: int, cpu: bool, ep: int = 1,
-    keep_all_to_all: bool = True,
+    keep_all_to_all: bool = True, shared_chunks: int = 1,
 ) -> ActivationMemory:
     """Activation bytes of `tokens` tokens (micro_batch_size * seq_len) at backprop depth `n_grad`.
 
@@ -123,13 +129,14 @@ def micro_batch_activations(
              weight gradient (added by the caller)
       loop   prelude + the loop inputs + logits (the caller holds them) + the step being differentiated
              (recomputed under 'loop'/'full', else already saved) + its gradient working set: the gradients
-             of the routed SwiGLU's hidden rows and of the routed rows (2 k * expert_dim + k * D)
+             of the routed SwiGLU's hidden rows and of the routed rows (2 k * expert_dim + k * D), and with
+             tiled shared experts the one chunk being differentiated
       dense  prelude inputs + logits + one prelude block (recomputed under 'full') + its SwiGLU gradients
     """
     D = m.dim
-    step, dense, head = loop_step_bytes(m, a, cpu, ep), dense_block_bytes(m, a, cpu), head_bytes(m, a, cpu)
+    step, dense, head = loop_step_bytes(m, a, cpu, ep, shared_chunks), dense_block_bytes(m, a, cpu), head_bytes(m, a, cpu)
     k = m.n_experts_per_tok
-    step_grads = (2 * k * m.expert_dim + k * D) * a
+    step_grads = (2 * k * m.expert_dim + k * D) * a + (6 * shared_dim(m) * a // shared_chunks if shared_chunks > 1 else 0)
     dense_grads = 2 * m.ffn_dim * a
     if policy == "none":
         loop_saved, pre_saved, coda_saved = n_grad * step, m.prelude_layers * dense, m.coda_layers * dense

@@ -9,6 +9,10 @@ With expert parallelism the recompute would repeat the token all-to-alls; a sele
 their outputs instead (as torchtitan's op-level SAC does), so backward only runs the all-to-alls' own backward.
 Not with `reshard_per_iteration`: FSDP hooks inside the checkpointed region issue different ops in forward and
 recompute, which selective checkpointing rejects.
+
+Tiling (`tile_module`, parallel.shared_expert_chunks) nests a checkpoint per token chunk inside the iteration's:
+written here because the presets' shared experts are n_shared x top_k x expert_dim wide, so at long sequences one
+iteration's shared SwiGLU activations dominate the backward's peak (the planner shows it).
 """
 
 from __future__ import annotations
@@ -51,13 +55,32 @@ def checkpoint_module(module: nn.Module) -> None:
     module.forward = checkpointed_forward
 
 
-def apply_activation_checkpointing(model: nn.Module, policy: str, keep_collectives: bool = True) -> Callable | None:
+def tile_module(module: nn.Module, chunks: int) -> None:
+    """Run a row-wise module (x [N, D] -> [N, D']) over `chunks` row chunks, each recomputed in its own backward
+    (tiled MLP, as in Arctic long-sequence training): its wide hidden activations are never kept, and its backward
+    holds one chunk's. Rows are independent, so the output is the untiled one. Names stay as they are."""
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def tiled_forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([checkpoint(forward, rows, use_reentrant=False) for rows in x.chunk(chunks)])
+
+    module.forward = tiled_forward
+
+
+def apply_activation_checkpointing(
+    model: nn.Module, policy: str, keep_collectives: bool = True, shared_expert_chunks: int = 1
+) -> Callable | None:
     """Returns the loop's `wrap_iteration` (None for policy 'none'); 'full' also wraps prelude and coda blocks.
 
     keep_collectives: save expert all-to-all outputs when the model has ExpertParallel modules (see above).
+    shared_expert_chunks > 1 tiles the looped block's shared experts (`tile_module`), whatever the policy.
     """
     if policy not in ("none", "loop", "full"):
         raise ValueError(f"parallel.activation_checkpoint: unknown policy {policy!r} (none | loop | full)")
+    shared = model.recurrent.block.moe.shared
+    if shared_expert_chunks > 1 and shared is not None:
+        tile_module(shared, shared_expert_chunks)
     if policy == "none":
         return None
     if policy == "full":

@@ -164,6 +164,7 @@ def two_rank_job(rank: int, world: int, ckpt_dir: str) -> dict:
         "fsdp_ac_full": check_equivalence(rank, world, {"activation_checkpoint": "full"}),
         "ep2": check_equivalence(rank, world, {"ep": 2}),
         "ep2_reshard_per_iteration": check_equivalence(rank, world, {"ep": 2, "reshard_per_iteration": True}),
+        "ep2_tiled_shared_experts": check_equivalence(rank, world, {"ep": 2, "shared_expert_chunks": 3}),
         "counts_fsdp": count_collectives(rank, world, {}),
         "counts_ep2": count_collectives(rank, world, {"ep": 2}),
         "counts_reshard_per_iteration": count_collectives(rank, world, {"reshard_per_iteration": True}),
@@ -256,7 +257,7 @@ def assert_equivalent(name: str, err: dict) -> None:
 def test_two_ranks_fsdp_ep_counts_router_bias_dcp(tmp_path):
     results = run_distributed(two_rank_job, 2, str(tmp_path), timeout=600)
     r0 = results[0]
-    for name in ("fsdp", "fsdp_ac_full", "ep2", "ep2_reshard_per_iteration"):
+    for name in ("fsdp", "fsdp_ac_full", "ep2", "ep2_reshard_per_iteration", "ep2_tiled_shared_experts"):
         assert_equivalent(name, r0[name])
     assert "Shard" in r0["ep2"]["expert_placements"]
 
