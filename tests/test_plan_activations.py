@@ -18,7 +18,7 @@ from mythos_train.config import load_config
 from mythos_train.loss import cross_entropy_sum
 from mythos_train.model import MythosModel
 from mythos_train.plan_activations import dense_block_bytes, loop_step_bytes, micro_batch_activations
-from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.activation_checkpoint import apply_activation_checkpointing, tile_module
 
 B, S = 2, 32
 VARIANTS = {
@@ -29,6 +29,7 @@ VARIANTS = {
     "gqa, kv heads = heads": ["--model.attn_type=gqa", "--model.n_kv_heads=4"],
     "parcae, no shared experts": ["--model.injection=parcae", "--model.n_shared_experts=0"],
     "wide ffn": ["--model.dense_ffn_dim=512", "--model.expert_dim=96", "--model.n_experts_per_tok=3"],
+    "tiled shared experts": ["--parallel.shared_expert_chunks=4", "--model.expert_dim=96"],
 }
 
 
@@ -53,22 +54,25 @@ def test_block_formulas_match_saved_tensors(variant: str):
     m = cfg.model
     torch.manual_seed(0)
     model = MythosModel(m)
+    chunks = cfg.parallel.shared_expert_chunks
+    if chunks > 1:  # what parallelize applies from outside
+        tile_module(model.recurrent.block.moe.shared, chunks)
     rope = model.rope(0, S)
     h, e = (torch.randn(B, S, m.dim, requires_grad=True) for _ in range(2))
     input_term = model.recurrent.injection.input_term(e)
     step = saved_bytes(model, lambda: model.recurrent.iteration(h, e, input_term, 1, rope), [h, e, input_term])
     dense = saved_bytes(model, lambda: model.prelude[0](h, rope), [h])
     # The formulas count the block's input (h) as its own: the measurement excluded it.
-    assert loop_step_bytes(m, 4, True, 1) * B * S == pytest.approx(step + m.dim * 4 * B * S, rel=0.01)
+    assert loop_step_bytes(m, 4, True, 1, chunks) * B * S == pytest.approx(step + m.dim * 4 * B * S, rel=0.01)
     assert dense_block_bytes(m, 4, True) * B * S == pytest.approx(dense + m.dim * 4 * B * S, rel=0.01)
 
 
-@pytest.mark.parametrize("policy", ["none", "loop", "full"])
-def test_saved_at_end_of_forward(policy: str):
+@pytest.mark.parametrize("policy, chunks", [("none", 1), ("loop", 1), ("full", 1), ("none", 4)])
+def test_saved_at_end_of_forward(policy: str, chunks: int):
     cfg = load_config("configs/debug.toml", ["--model.vocab_size=512"])
     torch.manual_seed(0)
     model = MythosModel(cfg.model)
-    wrap = apply_activation_checkpointing(model, policy)
+    wrap = apply_activation_checkpointing(model, policy, shared_expert_chunks=chunks)
     tokens = torch.randint(0, cfg.model.vocab_size, (4, 65))
     n, k = 1, 3
     cross_entropy_sum(model(tokens[:, :-1], n_nograd=n, n_grad=k, wrap_iteration=wrap), tokens[:, 1:]).backward()
@@ -76,6 +80,6 @@ def test_saved_at_end_of_forward(policy: str):
         logits = model(tokens[:, :-1], n_nograd=n, n_grad=k, wrap_iteration=wrap)
         loss = cross_entropy_sum(logits, tokens[:, 1:])
     _, held = allocation_curve(prof)
-    predicted = micro_batch_activations(cfg.model, 4 * 64, k, n, policy, 4, True).saved
+    predicted = micro_batch_activations(cfg.model, 4 * 64, k, n, policy, 4, True, shared_chunks=chunks).saved
     assert predicted == pytest.approx(held, rel=0.05)
     del logits, loss
