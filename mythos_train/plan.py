@@ -231,6 +231,7 @@ def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tu
     length (both keep the tokens per step through more accumulation), EP degree, reshard-per-iteration, tiled
     shared experts, HSDP across nodes, and 2x / 4x / 8x the nodes."""
     t, m = cfg.train, cfg.model
+    # 8 chunks: the shared SwiGLU's backward share drops 8x, for one more shared forward per gradient iteration
     chunk_options = sorted({1, 8, cfg.parallel.shared_expert_chunks}) if m.n_shared_experts else [cfg.parallel.shared_expert_chunks]
     out = []
     micro_options = [t.micro_batch_size // 2**i for i in range(6) if t.micro_batch_size % 2**i == 0]

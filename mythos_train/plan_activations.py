@@ -23,7 +23,8 @@ the output and the fp32 log-sum-exp, never the S x S scores, so everything here 
                        (sorted input, combined rows; 3 * k * D and I * 2k more under EP: the all-to-all's
                        output and the received-order index and its inverse), SwiGLU of the routed rows 4 * k * expert_dim,
                        shared SwiGLU 4 * shared_dim (none when tiled, parallel.shared_expert_chunks = C > 1: its
-                       backward then holds one chunk's 4 + 2 gradient, 6 * shared_dim / C, at the 'loop' peak),
+                       backward then holds one chunk's 4 + 2 gradient, 6 * shared_dim / C, at the 'loop' peak, plus
+                       two fresh weight gradients dim x shared_dim, per chunk, on their way into the accumulated ones),
                   block output D (LoRA input), LoRA 2 * lora_rank, and the step's input h D (injection A*h)
     head          final norm input D and norm, its output D, logits a * V (held by the caller for the loss),
                   log-softmax output F * V
@@ -161,4 +162,7 @@ def micro_batch_activations(
         "loop": pre_saved + loop_saved + logits + (step if recompute else 0) + step_grads,
         "dense": pre_saved + logits + (dense if policy == "full" else 0) + dense_grads if m.prelude_layers else 0,
     }
-    return ActivationMemory(saved * tokens, {k_: v * tokens for k_, v in phases.items()}, step * tokens)
+    phases = {k_: v * tokens for k_, v in phases.items()}
+    if shared_chunks > 1:  # not per token: each chunk's backward makes whole weight gradients (module docstring)
+        phases["loop"] += 2 * D * shared_dim(m) * a
+    return ActivationMemory(saved * tokens, phases, step * tokens)

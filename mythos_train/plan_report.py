@@ -23,6 +23,7 @@ def render(plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, P
         f"{plan.params['active'] / 1e9:.2f}B active per token per pass",
         f"mesh     dp_replicate {s['dp_replicate']} x dp_shard {s['dp_shard']}; experts: ep {s['ep']} x efsdp {s['efsdp']}; "
         f"AC '{p.activation_checkpoint}'; reshard_per_iteration {str(p.reshard_per_iteration).lower()}; "
+        f"shared_expert_chunks {p.shared_expert_chunks}; "
         f"param {mem.param_dtype}, reduce {p.reduce_dtype}",
         f"batch    {t.micro_batch_size} x {t.seq_len} tokens x {t.grad_accum_steps} micro-batches x {plan.world_size} ranks "
         f"= {plan.tokens_per_step / 1e6:.2f}M tokens/step",

@@ -19,7 +19,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Callable | None:
     parallel = cfg.parallel
     apply_expert_parallel(model, dims)
     wrap_iteration = apply_activation_checkpointing(
-        model, parallel.activation_checkpoint, not parallel.reshard_per_iteration, parallel.shared_expert_chunks
+        model,
+        parallel.activation_checkpoint,
+        keep_collectives=not parallel.reshard_per_iteration,
+        shared_expert_chunks=parallel.shared_expert_chunks,
     )
     if parallel.compile:
         bf16 = mixed_precision_policy(parallel, dims.device_type).param_dtype == torch.bfloat16

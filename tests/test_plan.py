@@ -76,9 +76,10 @@ def test_cli_100b_on_64_nodes(capsys):
     out = capsys.readouterr().out
     assert "512 GPUs" in out and "peak" in out and "all-to-all" in out
     assert rc == (0 if "FITS\n" in out else 1)
-    # It does not fit as configured, but does at the preset's own sequence length once the shared experts are tiled.
+    # Too big as configured (shared experts 434k wide; the looped block one FSDP unit): the search offers fixes,
+    # tiled shared experts among them.
     alternatives = [line for line in out.splitlines() if "tok/s/GPU" in line]
-    assert rc == 1 and any("--train.seq_len" not in line and "--parallel.shared_expert_chunks=8" in line for line in alternatives)
+    assert rc == 1 and alternatives and any("--parallel.shared_expert_chunks=8" in line for line in alternatives)
 
 
 def test_looped_block_parts_by_hand():
@@ -135,8 +136,8 @@ CASES = {
     "loop-heavy loop": (small_debug(*LOOP_HEAVY), 1, 2),
     "loop-heavy none": (small_debug(*LOOP_HEAVY, "--parallel.activation_checkpoint=none"), 0, 2),
     "full, reshard per iteration": (small_debug("--parallel.activation_checkpoint=full", "--parallel.reshard_per_iteration=true"), 2, 1),
-    "loop-heavy loop, tiled shared experts": (small_debug(*LOOP_HEAVY, "--parallel.shared_expert_chunks=4"), 1, 2),
-    "loop-heavy none, tiled shared experts": (small_debug(*LOOP_HEAVY, "--parallel.activation_checkpoint=none", "--parallel.shared_expert_chunks=4"), 0, 2),
+    "shared-heavy loop, tiled": (small_debug(*LOOP_HEAVY, "--model.n_shared_experts=4", "--parallel.shared_expert_chunks=4"), 1, 2),
+    "loop-heavy none, tiled": (small_debug(*LOOP_HEAVY, "--parallel.activation_checkpoint=none", "--parallel.shared_expert_chunks=4"), 0, 2),
 }
 HSDP_CASE = ("HSDP 2 x 2", small_debug("--parallel.dp_replicate=2"), 1, 2)  # 4 ranks only
 # 4 ranks only: one local expert over efsdp 2, so experts shard on dim 1 (parallel.fsdp.expert_shard_dim).
