@@ -85,6 +85,11 @@ class ModelConfig:
     def ffn_dim(self) -> int:
         return self.dense_ffn_dim or self.dim * 4 // 3
 
+    @property
+    def shared_expert_dim(self) -> int:
+        """Width of the fused shared-expert SwiGLU: n_shared_experts of expert_dim * top_k each (open-mythos)."""
+        return self.n_shared_experts * self.expert_dim * self.n_experts_per_tok
+
 
 @dataclass
 class ParallelConfig:

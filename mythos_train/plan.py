@@ -18,12 +18,11 @@ import sys
 from dataclasses import dataclass
 
 from mythos_train.config import ConfigError, JobConfig, load_config, mesh_sizes, validate
-from mythos_train.plan_activations import ActivationMemory, micro_batch_activations, shared_dim
+from mythos_train.plan_activations import ActivationMemory, micro_batch_activations
 from mythos_train.plan_comm import Collective, step_collectives, time_collectives
 from mythos_train.plan_hw import ACCELERATORS, MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION, Accelerator, get_accelerator
 from mythos_train.plan_memory import (
     StaticMemory,
-    loop_unit_parts,
     model_parameters,
     parameter_counts,
     static_memory,
@@ -139,7 +138,7 @@ def depth_stats(cfg: JobConfig) -> DepthStats:
     mean_k = sum(k for _, k in draws) / len(draws)
     recompute = {"none": 0.0, "loop": mean_k * per_iteration}
     recompute["full"] = recompute["loop"] + (m.prelude_layers + m.coda_layers) * dense_block
-    tiling = mean_k * 2 * 3 * m.dim * shared_dim(m) if cfg.parallel.shared_expert_chunks > 1 else 0.0  # its own recompute
+    tiling = mean_k * 2 * 3 * m.dim * m.shared_expert_dim if cfg.parallel.shared_expert_chunks > 1 else 0.0  # its own recompute
     return DepthStats(
         mean_nograd=sum(n for n, _ in draws) / len(draws),
         mean_grad=mean_k,
@@ -168,7 +167,7 @@ class Plan:
     exposed_fsdp_s: float
     all_to_all_s: float
     loop_parts: dict[str, int]
-    "Looped block part -> its gathered bytes in param_dtype on one rank (plan_memory.loop_unit_parts)."
+    "Looped block part -> its gathered bytes in param_dtype on one rank (plan_memory.UnitSizes.loop_parts)."
 
     @property
     def fits(self) -> bool:
@@ -215,7 +214,7 @@ def build_plan(cfg: JobConfig, nodes: int, gpus_per_node: int, gpu: str | Accele
         memory=memory, capacity=hw.memory_gib * GIB * USABLE_MEMORY_FRACTION, depth=depth, collectives=collectives,
         tokens_per_step=tokens_per_rank * world, compute_s=compute_s, exposed_fsdp_s=max(0.0, fsdp_s - compute_s),
         all_to_all_s=sum(c.seconds for c in collectives if not c.overlapped),
-        loop_parts={part: n * a for part, n in loop_unit_parts(params, sizes).items()},
+        loop_parts={part: n * a for part, n in units.loop_parts.items()},
     )  # fmt: skip
 
 

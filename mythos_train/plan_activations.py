@@ -22,9 +22,9 @@ the output and the fp32 log-sum-exp, never the S x S scores, so everything here 
                        indices I * 3k (order, token of each slot, inverse order), routed rows 2 * k * D
                        (sorted input, combined rows; 3 * k * D and I * 2k more under EP: the all-to-all's
                        output and the received-order index and its inverse), SwiGLU of the routed rows 4 * k * expert_dim,
-                       shared SwiGLU 4 * shared_dim (none when tiled, parallel.shared_expert_chunks = C > 1: its
-                       backward then holds one chunk's 4 + 2 gradient, 6 * shared_dim / C, at the 'loop' peak, plus
-                       two fresh weight gradients dim x shared_dim, per chunk, on their way into the accumulated ones),
+                       shared SwiGLU 4 * shared_expert_dim (none when tiled, parallel.shared_expert_chunks = C > 1: its
+                       backward then holds one chunk's 4 + 2 gradient, 6 * shared_expert_dim / C, at the 'loop' peak, plus
+                       two fresh weight gradients dim x shared_expert_dim, per chunk, on their way into the accumulated ones),
                   block output D (LoRA input), LoRA 2 * lora_rank, and the step's input h D (injection A*h)
     head          final norm input D and norm, its output D, logits a * V (held by the caller for the loss),
                   log-softmax output F * V
@@ -76,17 +76,12 @@ def dense_block_bytes(m: ModelConfig, a: int, cpu: bool) -> int:
     return ffn + _norm(m.dim, a, cpu) + m.dim * a + 4 * m.ffn_dim * a  # ffn_norm, its output, SwiGLU
 
 
-def shared_dim(m: ModelConfig) -> int:
-    """Width of the fused shared-expert SwiGLU (model/moe.py: each of n_shared is expert_dim * top_k wide)."""
-    return m.n_shared_experts * m.expert_dim * m.n_experts_per_tok
-
-
 def moe_bytes(m: ModelConfig, a: int, ep: int, shared_chunks: int = 1) -> int:
     """Per-token bytes the MoE saves (router, sort indices, routed and shared SwiGLUs); routing assumed balanced."""
     k = m.n_experts_per_tok
     router = FP32 * (m.n_experts + 2 * k + 1) + INT64 * k + (k * a if a != FP32 else 0)
     routed_rows = (3 if ep > 1 else 2) * k * m.dim * a + (INT64 * 2 * k if ep > 1 else 0)
-    shared = 4 * shared_dim(m) * a if shared_chunks == 1 else 0
+    shared = 4 * m.shared_expert_dim * a if shared_chunks == 1 else 0
     return router + INT64 * 3 * k + routed_rows + 4 * k * m.expert_dim * a + shared
 
 
@@ -137,7 +132,7 @@ def micro_batch_activations(
     D = m.dim
     step, dense, head = loop_step_bytes(m, a, cpu, ep, shared_chunks), dense_block_bytes(m, a, cpu), head_bytes(m, a, cpu)
     k = m.n_experts_per_tok
-    step_grads = (2 * k * m.expert_dim + k * D) * a + (6 * shared_dim(m) * a // shared_chunks if shared_chunks > 1 else 0)
+    step_grads = (2 * k * m.expert_dim + k * D) * a + (6 * m.shared_expert_dim * a // shared_chunks if shared_chunks > 1 else 0)
     dense_grads = 2 * m.ffn_dim * a
     if policy == "none":
         loop_saved, pre_saved, coda_saved = n_grad * step, m.prelude_layers * dense, m.coda_layers * dense
@@ -164,5 +159,5 @@ def micro_batch_activations(
     }
     phases = {k_: v * tokens for k_, v in phases.items()}
     if shared_chunks > 1:  # not per token: each chunk's backward makes whole weight gradients (module docstring)
-        phases["loop"] += 2 * D * shared_dim(m) * a
+        phases["loop"] += 2 * D * m.shared_expert_dim * a
     return ActivationMemory(saved * tokens, phases, step * tokens)

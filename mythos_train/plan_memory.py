@@ -130,6 +130,10 @@ def static_memory(params: list[ParamInfo], buffers: int, sizes: dict[str, int], 
     )
 
 
+LOOP_PARTS = {"routed experts": "recurrent.block.moe.experts.", "shared experts": "recurrent.block.moe.shared.",
+              "attention": "recurrent.block.attn."}  # fmt: skip
+
+
 @dataclass
 class UnitSizes:
     """Per FSDP unit: elements of the gathered (unsharded, padded) parameters on one rank, dense and expert part."""
@@ -144,6 +148,8 @@ class UnitSizes:
     "Unit -> padded elements of its efsdp-sharded expert parameters on one rank."
     largest_param: dict[str, int] = field(default_factory=dict)
     "Unit -> elements of its largest gathered parameter (size of one fresh gradient before accumulation)."
+    loop_parts: dict[str, int] = field(default_factory=lambda: dict.fromkeys([*LOOP_PARTS, "rest"], 0))
+    "Gathered elements of the looped block by part (LOOP_PARTS, then the rest: norms, router, injection, LoRA), so a plan can say which part to shrink."
 
 
 def unit_sizes(params: list[ParamInfo], sizes: dict[str, int]) -> UnitSizes:
@@ -155,23 +161,10 @@ def unit_sizes(params: list[ParamInfo], sizes: dict[str, int]) -> UnitSizes:
         rows = p.shape[0] // sizes["ep"] if p.expert and sizes["ep"] > 1 else (p.shape[0] if p.shape else 1)
         out.unsharded[p.unit] = out.unsharded.get(p.unit, 0) + rows * p.row_numel
         out.largest_param[p.unit] = max(out.largest_param.get(p.unit, 0), gathered)
+        if p.unit in ("recurrent", "recurrent.block"):
+            out.loop_parts[next((part for part, prefix in LOOP_PARTS.items() if p.name.startswith(prefix)), "rest")] += gathered
         part = out.expert_sharded if p.expert and sizes["ep"] > 1 else out.dense_sharded
         part[p.unit] = part.get(p.unit, 0) + padded
-    return out
-
-
-LOOP_PARTS = {"routed experts": "recurrent.block.moe.experts.", "shared experts": "recurrent.block.moe.shared.",
-              "attention": "recurrent.block.attn."}  # fmt: skip
-
-
-def loop_unit_parts(params: list[ParamInfo], sizes: dict[str, int]) -> dict[str, int]:
-    """Gathered elements of the looped block's unit(s) on one rank by part (LOOP_PARTS, then "rest": norms,
-    router, injection, LoRA): what the loop holds while it is gathered, so a plan can say which part to shrink."""
-    out = dict.fromkeys([*LOOP_PARTS, "rest"], 0)
-    for p in params:
-        if p.unit in ("recurrent", "recurrent.block"):
-            _, padded, shards = shard_layout(p, sizes, 0)
-            out[next((part for part, prefix in LOOP_PARTS.items() if p.name.startswith(prefix)), "rest")] += padded * shards
     return out
 
 

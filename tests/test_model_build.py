@@ -8,59 +8,10 @@ import pytest
 import torch
 from model_testing import DIM32, tiny_model_config
 
-from mythos_train.config import ModelConfig
+from mythos_train.config import load_config
 from mythos_train.model import MythosModel
+from mythos_train.model.open_mythos_compat import open_mythos_config_kwargs
 from mythos_train.model.rope import rope_angles
-
-# open-mythos 0.5.0 variants.py, architecture fields (mythos_1b, mythos_1t)
-PRESETS = {
-    "1b": dict(
-        vocab_size=32000,
-        dim=2048,
-        n_heads=16,
-        n_kv_heads=4,
-        max_seq_len=4096,
-        max_loop_iters=16,
-        prelude_layers=2,
-        coda_layers=2,
-        attn_type="mla",
-        kv_lora_rank=256,
-        q_lora_rank=512,
-        qk_rope_head_dim=32,
-        qk_nope_head_dim=64,
-        v_head_dim=64,
-        n_experts=64,
-        n_shared_experts=2,
-        n_experts_per_tok=4,
-        expert_dim=2048,
-        act_threshold=0.99,
-        rope_theta=500000.0,
-        lora_rank=8,
-    ),
-    "1t": dict(
-        vocab_size=100000,
-        dim=16384,
-        n_heads=128,
-        n_kv_heads=16,
-        max_seq_len=1000000,
-        max_loop_iters=64,
-        prelude_layers=6,
-        coda_layers=6,
-        attn_type="mla",
-        kv_lora_rank=1024,
-        q_lora_rank=4096,
-        qk_rope_head_dim=64,
-        qk_nope_head_dim=128,
-        v_head_dim=128,
-        n_experts=512,
-        n_shared_experts=8,
-        n_experts_per_tok=8,
-        expert_dim=34560,
-        act_threshold=0.99,
-        rope_theta=2000000.0,
-        lora_rank=256,
-    ),
-}
 
 
 def _reference_param_count(kwargs: dict) -> int | None:
@@ -84,13 +35,14 @@ def _reference_param_count(kwargs: dict) -> int | None:
 @pytest.mark.parametrize("preset", ["1b", "1t"])
 @pytest.mark.parametrize("use_act", [False, True])
 def test_presets_build_on_meta(preset, use_act):
+    cfg = load_config(f"configs/mythos_{preset}.toml", [f"--model.use_act={str(use_act).lower()}"]).model
     with torch.device("meta"):
-        model = MythosModel(ModelConfig(**PRESETS[preset], use_act=use_act))
+        model = MythosModel(cfg)
     assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
     n_params = sum(p.numel() for p in model.parameters())
     expected = {"1b": (1.0e9, 2.0e9), "1t": (0.9e12, 1.2e12)}[preset]
     assert expected[0] < n_params < expected[1], n_params
-    reference = _reference_param_count(PRESETS[preset]) if use_act and preset == "1b" else None
+    reference = _reference_param_count(open_mythos_config_kwargs(cfg)) if use_act and preset == "1b" else None
     if reference is not None:  # same parameters as open-mythos (its tied head counted once)
         assert n_params == reference
 

@@ -98,8 +98,7 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = cfg.n_experts, cfg.n_experts_per_tok
         self.router = Router(cfg.dim, cfg.n_experts, cfg.n_experts_per_tok)
         self.experts = GroupedExperts(cfg.dim, cfg.expert_dim, cfg.n_experts)
-        shared_dim = cfg.n_shared_experts * cfg.expert_dim * cfg.n_experts_per_tok
-        self.shared = FeedForward(cfg.dim, shared_dim) if shared_dim else None
+        self.shared = FeedForward(cfg.dim, cfg.shared_expert_dim) if cfg.shared_expert_dim else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, dim] -> (out [B, T, dim], tokens_per_expert [E] float32)."""
