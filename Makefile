@@ -16,14 +16,15 @@ $(VENV)/installed: pyproject.toml
 .PHONY: venv test test-fast train lint
 venv: $(VENV)/installed
 
-test: venv
+test: lint
 	$(PY) -m pytest -q --durations=15
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
 lint: venv
-	$(VENV)/bin/ruff check mythos_train parallel data_pipeline tests benchmarks
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 train: venv
 	$(PY) -m mythos_train prepare --config $(CONFIG)

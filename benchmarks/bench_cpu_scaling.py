@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None) -> float:
     tokens = 2 * base.train.micro_batch_size * base.train.seq_len * base.train.grad_accum_steps  # global, per step
     times: dict[str, list[float]] = {"1 process x 2 threads": [], "2 processes x 1 thread (FSDP2 + EP 2)": []}
     for _ in range(args.rounds):
-        times["1 process x 2 threads"] += run_distributed(timed_steps, 1, one, args.warmup, args.steps, threads=2, timeout=900)[0]
+        times["1 process x 2 threads"] += run_distributed(
+            timed_steps, 1, one, args.warmup, args.steps, threads=2, timeout=900
+        )[0]
         per_rank = run_distributed(timed_steps, 2, two, args.warmup, args.steps, threads=1, timeout=900)
-        times["2 processes x 1 thread (FSDP2 + EP 2)"] += [max(ts) for ts in zip(*per_rank)]  # a step ends on the slowest rank
+        times["2 processes x 1 thread (FSDP2 + EP 2)"] += [
+            max(ts) for ts in zip(*per_rank)
+        ]  # a step ends on the slowest rank
     rates = {name: tokens / statistics.median(ts) for name, ts in times.items()}
     for name, rate in rates.items():
         print(f"{name:<40} {rate:10.0f} tokens/s   (median of {len(times[name])} steps, {tokens} tokens each)")

@@ -66,9 +66,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=5)
-    parser.add_argument("--steps-between", type=int, default=6, help="steps trained after a recovery before the next kill")
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds a recovery may take before it counts as failed")
-    parser.add_argument("--shared-store", action="store_true", help="leave torchrun's shared store on (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0)")
+    parser.add_argument(
+        "--steps-between", type=int, default=6, help="steps trained after a recovery before the next kill"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=180.0, help="seconds a recovery may take before it counts as failed"
+    )
+    parser.add_argument(
+        "--shared-store",
+        action="store_true",
+        help="leave torchrun's shared store on (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -76,13 +84,28 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_restart_"))
     config = config_file(prepare_tiny_data(root), root / "run")
     overrides = [
-        "--train.steps=100000", "--parallel.ep=2", f"--checkpoint.every_steps={args.checkpoint_every}",
-        "--metrics.tensorboard=false", "--metrics.loop_telemetry=false",
+        "--train.steps=100000",
+        "--parallel.ep=2",
+        f"--checkpoint.every_steps={args.checkpoint_every}",
+        "--metrics.tensorboard=false",
+        "--metrics.loop_telemetry=false",
     ]
     env = dict(os.environ, PYTHON=sys.executable, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0" if args.shared_store else "1")
     env.pop("MYTHOS_FAULT_KILL_AT_STEP", None)
-    cmd = ["bash", str(REPO / "launch" / "single_node.sh"), "--nproc", "2", "--max-restarts", str(args.trials), "--config", str(config), *overrides]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = [
+        "bash",
+        str(REPO / "launch" / "single_node.sh"),
+        "--nproc",
+        "2",
+        "--max-restarts",
+        str(args.trials),
+        "--config",
+        str(config),
+        *overrides,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
     state = {"attempt": 0, "step": 0, "saved": 0, "attempt_time": None}
@@ -144,22 +167,34 @@ def main() -> None:
             to_attempt.append(state["attempt_time"] - killed)
             to_step.append(first_step - state["attempt_time"])
             redone.append(step_at_kill - saved_at_kill)
-            print(f"trial {trial + 1}: killed pid {victim} at step {step_at_kill} (newest checkpoint {saved_at_kill}), "
-                  f"attempt {state['attempt']} stepped after {recover[-1]:.1f} s")
+            print(
+                f"trial {trial + 1}: killed pid {victim} at step {step_at_kill} (newest checkpoint {saved_at_kill}), "
+                f"attempt {state['attempt']} stepped after {recover[-1]:.1f} s"
+            )
             if trial + 1 < args.trials and steps_done(args.steps_between - 1, deadline + args.timeout) is None:
                 break
     finally:
         _kill_tree(proc.pid)
         shutil.rmtree(root, ignore_errors=True)
 
-    store = "torchrun's shared store + the trainer's per-attempt store" if args.shared_store else "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+    store = (
+        "torchrun's shared store + the trainer's per-attempt store"
+        if args.shared_store
+        else "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+    )
     print(f"\nrestarts attempted {attempted}, recovered {len(recover)} ({store}; 2 CPU processes, gloo)")
     if recover:
-        print(f"time to recover (kill -> first step of the new group): median {statistics.median(recover):.1f} s, max {max(recover):.1f} s")
-        print(f"  kill -> new attempt starts:   median {statistics.median(to_attempt):.1f} s, max {max(to_attempt):.1f} s")
+        print(
+            f"time to recover (kill -> first step of the new group): median {statistics.median(recover):.1f} s, max {max(recover):.1f} s"
+        )
+        print(
+            f"  kill -> new attempt starts:   median {statistics.median(to_attempt):.1f} s, max {max(to_attempt):.1f} s"
+        )
         print(f"  new attempt -> first step:    median {statistics.median(to_step):.1f} s, max {max(to_step):.1f} s")
-        print(f"steps redone per restart (since the newest complete checkpoint, every {args.checkpoint_every}): "
-              f"median {statistics.median(redone):.0f}, max {max(redone)}")
+        print(
+            f"steps redone per restart (since the newest complete checkpoint, every {args.checkpoint_every}): "
+            f"median {statistics.median(redone):.0f}, max {max(redone)}"
+        )
 
 
 if __name__ == "__main__":

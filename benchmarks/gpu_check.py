@@ -41,7 +41,14 @@ MODELS = {
 }
 DRY_RUN = (
     "configs/debug.toml",
-    ["--train.seq_len=32", "--train.micro_batch_size=2", "--model.dim=64", "--model.vocab_size=512", "--model.n_experts=4", "--train.device=cpu"],
+    [
+        "--train.seq_len=32",
+        "--train.micro_batch_size=2",
+        "--model.dim=64",
+        "--model.vocab_size=512",
+        "--model.n_experts=4",
+        "--train.device=cpu",
+    ],
 )
 
 
@@ -88,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="small,1b")
     parser.add_argument("--depths", default="4,8,16")
     parser.add_argument("--policies", default="none,loop")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (eager by default: each config's cold compile costs about a minute)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the blocks (eager by default: each config's cold compile costs about a minute)",
+    )
     parser.add_argument("--out", default=None, help="write gpu_check[_compiled].json here too")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 2 steps per run")
     args = parser.parse_args(argv)
@@ -105,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device)) or 0.0
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; peak {peak_flops / 1e12:.2f} TFLOP/s; "
           f"{args.warmup} warm-up + {args.steps} timed steps per run; {'compiled' if args.compile else 'eager'}")  # fmt: skip
-    print(f"{'model':<6} {'AC':<5} {'depth':>5} {'n+k':>6} {'tok/s/GPU':>10} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} {'plan/meas':>9} {'s/step':>7}")
+    print(
+        f"{'model':<6} {'AC':<5} {'depth':>5} {'n+k':>6} {'tok/s/GPU':>10} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} {'plan/meas':>9} {'s/step':>7}"
+    )
     results, started = [], time.perf_counter()
     for name, (path, overrides) in models.items():
         for policy in args.policies.split(","):
@@ -115,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
                     r = measure(cfg, device, args.warmup, args.steps)
                 except Exception as e:  # out of memory, or a kernel that fails here: report it, go on to the next run
                     oom = isinstance(e, torch.OutOfMemoryError)
-                    print(f"{name:<6} {policy:<5} {depth:>5}  {'out of memory' if oom else f'FAILED: {type(e).__name__}: {e}'}", flush=True)
-                    results.append({"model": name, "policy": policy, "depth": depth, "oom": oom, "error": None if oom else repr(e)})
+                    print(
+                        f"{name:<6} {policy:<5} {depth:>5}  {'out of memory' if oom else f'FAILED: {type(e).__name__}: {e}'}",
+                        flush=True,
+                    )
+                    results.append(
+                        {"model": name, "policy": policy, "depth": depth, "oom": oom, "error": None if oom else repr(e)}
+                    )
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -126,10 +144,22 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = plan.peak / r["peak_bytes"] if r["peak_bytes"] else float("nan")
                 print(f"{name:<6} {policy:<5} {depth:>5} {r['n_nograd']:>2}+{r['n_grad']:<3} {r['tokens_per_s']:>10,.0f} {mfu:>6.1%} "
                       f"{r['peak_bytes'] / GIB:>9.2f} {plan.peak / GIB:>9.2f} {ratio:>9.2f} {r['step_s']:>7.3f}", flush=True)  # fmt: skip
-                results.append({"model": name, "policy": policy, "depth": depth, "mfu": mfu, "plan_peak_bytes": plan.peak, "plan_phase": plan.peak_phase, **r})
+                results.append(
+                    {
+                        "model": name,
+                        "policy": policy,
+                        "depth": depth,
+                        "mfu": mfu,
+                        "plan_peak_bytes": plan.peak,
+                        "plan_phase": plan.peak_phase,
+                        **r,
+                    }
+                )
                 if args.out:  # after every row: a timeout keeps what was measured
                     Path(args.out).mkdir(parents=True, exist_ok=True)
-                    (Path(args.out) / f"gpu_check{'_compiled' if args.compile else ''}.json").write_text(json.dumps(results, indent=1))
+                    (Path(args.out) / f"gpu_check{'_compiled' if args.compile else ''}.json").write_text(
+                        json.dumps(results, indent=1)
+                    )
     print(f"total {time.perf_counter() - started:.0f} s")
     destroy_distributed()
     return 0

@@ -54,7 +54,9 @@ def check_grouped_mm(device: torch.device) -> str:
         start += n
     ref = torch.cat(rows)
     ref.backward(grad_out)
-    errors = {"out": _rel(out, ref)} | {name: _rel(t.grad, r.grad) for name, t, r in zip(("x", "w1", "w2", "w3"), leaves, ref_leaves)}
+    errors = {"out": _rel(out, ref)} | {
+        name: _rel(t.grad, r.grad) for name, t, r in zip(("x", "w1", "w2", "w3"), leaves, ref_leaves)
+    }
     worst = max(errors.values())
     assert worst < 2e-2, f"relative errors {errors}"
     return f"worst relative error {worst:.1e} over out and 4 gradients; groups {TOKENS_PER_EXPERT}"
@@ -111,7 +113,9 @@ def check_compile(device: torch.device) -> str:
         _loss(*models[True], tokens, depth).backward()
     new_graphs, breaks = counters["stats"]["unique_graphs"] - graphs, sum(counters["graph_break"].values())
     rel = abs(losses[True] - losses[False]) / losses[False]
-    assert rel < 1e-2 and new_graphs == 0 and breaks == 0, f"loss rel diff {rel:.1e}, new graphs {new_graphs}, graph breaks {breaks}"
+    assert rel < 1e-2 and new_graphs == 0 and breaks == 0, (
+        f"loss rel diff {rel:.1e}, new graphs {new_graphs}, graph breaks {breaks}"
+    )
     return f"loss compiled {losses[True]:.4f} vs eager {losses[False]:.4f}; {graphs} graphs, none new at depths {DEPTHS[1:]}, no breaks"
 
 

@@ -60,16 +60,26 @@ def _parser(command: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="TOML job config (defaults <- file <- --section.field overrides)")
     if command in ("eval", "export"):
-        parser.add_argument("--checkpoint", help="a step-N checkpoint directory or a checkpoints folder (default: the run's, newest complete)")
+        parser.add_argument(
+            "--checkpoint",
+            help="a step-N checkpoint directory or a checkpoints folder (default: the run's, newest complete)",
+        )
     if command == "export":
         parser.add_argument("--out", help="output directory (default: <train.run_dir>/export)")
-        parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the exported weights")
+        parser.add_argument(
+            "--dtype",
+            default="float32",
+            choices=["float32", "bfloat16", "float16"],
+            help="dtype of the exported weights",
+        )
     return parser
 
 
 def _setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def _checkpoint_folder(cfg: JobConfig) -> str:
@@ -132,7 +142,11 @@ def run_eval(cfg: JobConfig, checkpoint: str | None) -> dict[int, float]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: mythos-train {" + ",".join(COMMANDS) + "} [--config file.toml] [--section.field=value ...] [--help]\n")
+        print(
+            "usage: mythos-train {"
+            + ",".join(COMMANDS)
+            + "} [--config file.toml] [--section.field=value ...] [--help]\n"
+        )
         for name, text in COMMANDS.items():
             print(f"  {name:<8} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -163,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "export":
             from mythos_train.export import export_checkpoint  # noqa: PLC0415
 
-            files = export_checkpoint(args.checkpoint or _checkpoint_folder(cfg), args.out or os.path.join(cfg.train.run_dir, "export"), cfg.model, args.dtype)
+            files = export_checkpoint(
+                args.checkpoint or _checkpoint_folder(cfg),
+                args.out or os.path.join(cfg.train.run_dir, "export"),
+                cfg.model,
+                args.dtype,
+            )
             for kind, path in files.items():
                 print(f"{kind}: {path}")
     except (ConfigError, DataError) as err:  # both name the file/field at fault: no traceback needed

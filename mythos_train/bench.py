@@ -172,7 +172,11 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     parser.add_argument("--peak-size", type=int, default=4096, help="side of the square matmul that measures the peak")
     parser.add_argument("--no-reference", action="store_true", help="skip timing open-mythos")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one of our steps to this file")
-    parser.add_argument("--sweep", action="store_true", help="sweep AC policy x micro-batch x depth of a job config instead (bench --sweep --help)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sweep AC policy x micro-batch x depth of a job config instead (bench --sweep --help)",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

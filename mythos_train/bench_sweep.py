@@ -126,7 +126,9 @@ def sweep_config(base: JobConfig, policy: str, micro_batch: int) -> JobConfig:
     return cfg
 
 
-def run_sweep(base: JobConfig, policies: list[str], batches: list[int], depths: list[int], backprop: int, steps: int) -> list[dict]:
+def run_sweep(
+    base: JobConfig, policies: list[str], batches: list[int], depths: list[int], backprop: int, steps: int
+) -> list[dict]:
     """One row per (policy, micro-batch, total depth); prints the table on rank 0 as rows arrive."""
     created = not dist.is_initialized()
     info = init_distributed(base)
@@ -137,7 +139,10 @@ def run_sweep(base: JobConfig, policies: list[str], batches: list[int], depths: 
             name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
             print(f"device {name} x {info.world_size}; peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s per device; "
                   f"seq {seq}, grad_accum {base.train.grad_accum_steps}; 1 warm-up + median of {steps} steps")  # fmt: skip
-            print(f"{'ac':<5} {'batch':>5} {'n+k':>7} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}", flush=True)
+            print(
+                f"{'ac':<5} {'batch':>5} {'n+k':>7} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}",
+                flush=True,
+            )
         rows = []
         for policy in policies:
             for micro_batch in batches:
@@ -173,10 +178,14 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str]) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="mythos-train bench --sweep", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="mythos-train bench --sweep", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--config", help="TOML job config; --section.field=value overrides follow it")
     parser.add_argument("--depths", default="2,8,32", help="total loop depths n + k")
-    parser.add_argument("--backprop", type=int, default=None, help="k, loop iterations with gradients (default train.backprop_depth)")
+    parser.add_argument(
+        "--backprop", type=int, default=None, help="k, loop iterations with gradients (default train.backprop_depth)"
+    )
     parser.add_argument("--batches", default=None, help="micro-batch sizes (default train.micro_batch_size)")
     parser.add_argument("--ac", default="none,loop", help="activation-checkpoint policies")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row, after one warm-up")

@@ -61,9 +61,15 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's .metadata, refusing every global that is not DCP's own bookkeeping."""
 
     _modules = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    _globals = {("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-                ("pathlib", "PureWindowsPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-                ("collections", "OrderedDict")}
+    _globals = {
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = (module, name) in self._globals
@@ -181,7 +187,9 @@ class CheckpointManager:
         self.model, self.optimizer, self.lr_scheduler, self.data_loader = model, optimizer, lr_scheduler, data_loader
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         # dcp.async_save on the default gloo group aborts (size mismatch), so it gets a group of its own.
-        self.async_group = dist.new_group(backend="gloo") if cfg.enabled and cfg.async_save and dist.is_initialized() else None
+        self.async_group = (
+            dist.new_group(backend="gloo") if cfg.enabled and cfg.async_save and dist.is_initialized() else None
+        )
         self.pending: tuple[Future, Path] | None = None
 
     # ----------------------------------------------------------------- save

@@ -115,6 +115,8 @@ class ParallelConfig:
     "Gradient reduce-scatter / all-reduce dtype."
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     "Process-group backend; 'auto' = nccl with CUDA, else gloo."
+    timeout_s: float = 600.0
+    "Process-group timeout in seconds: a collective that waits longer (a frozen or dead peer) fails, so torchrun restarts the group instead of hanging. Must cover the slowest collective, including a synchronous checkpoint save."
 
 
 @dataclass
@@ -292,7 +294,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 value = ast.literal_eval(value.strip())
             except (ValueError, SyntaxError):
                 raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not float(value).is_integer()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (tp is int and not float(value).is_integer())
+        ):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         return tp(value)
     if tp is str:
@@ -391,52 +397,106 @@ def _check(ok: bool, message: str) -> None:
 def mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
     """Resolved mesh axis sizes: dp_replicate, dp_shard, ep and efsdp (the experts' own shard axis)."""
     dp_shard = parallel.dp_shard if parallel.dp_shard != -1 else world_size // max(parallel.dp_replicate, 1)
-    _check(parallel.dp_replicate >= 1 and dp_shard >= 1, "parallel.dp_replicate and parallel.dp_shard must be >= 1 (dp_shard may be -1 = auto)")
+    _check(
+        parallel.dp_replicate >= 1 and dp_shard >= 1,
+        "parallel.dp_replicate and parallel.dp_shard must be >= 1 (dp_shard may be -1 = auto)",
+    )
     _check(
         parallel.dp_replicate * dp_shard == world_size,
         f"parallel: mesh dp_replicate({parallel.dp_replicate}) x dp_shard({dp_shard}) = "
         f"{parallel.dp_replicate * dp_shard} != world size {world_size}",
     )
-    _check(parallel.ep >= 1 and dp_shard % parallel.ep == 0, f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dp_shard})")
-    return {"dp_replicate": parallel.dp_replicate, "dp_shard": dp_shard, "ep": parallel.ep, "efsdp": dp_shard // parallel.ep}
+    _check(
+        parallel.ep >= 1 and dp_shard % parallel.ep == 0,
+        f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dp_shard})",
+    )
+    return {
+        "dp_replicate": parallel.dp_replicate,
+        "dp_shard": dp_shard,
+        "ep": parallel.ep,
+        "efsdp": dp_shard // parallel.ep,
+    }
 
 
 def validate(cfg: JobConfig, world_size: int = 1) -> None:
     """Every cross-field rule, raised as ConfigError naming the field(s), before any process group exists."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    for name in ("vocab_size", "dim", "n_heads", "n_experts", "n_experts_per_tok", "expert_dim", "max_loop_iters", "max_seq_len"):
+    for name in (
+        "vocab_size",
+        "dim",
+        "n_heads",
+        "n_experts",
+        "n_experts_per_tok",
+        "expert_dim",
+        "max_loop_iters",
+        "max_seq_len",
+    ):
         _check(getattr(m, name) > 0, f"model.{name} must be > 0")
     _check(m.prelude_layers >= 0 and m.coda_layers >= 0, "model.prelude_layers and model.coda_layers must be >= 0")
     _check(m.dim % m.n_heads == 0, f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
     if m.attn_type == "gqa":
-        _check(m.n_heads % m.n_kv_heads == 0, f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
+        _check(
+            m.n_heads % m.n_kv_heads == 0,
+            f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})",
+        )
         _check((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for RoPE")
     else:
         _check(m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim ({m.qk_rope_head_dim}) must be even for RoPE")
-    _check(m.dim // 8 >= 2 and (m.dim // 8) % 2 == 0, f"model.dim ({m.dim}) must give an even loop-embedding width dim // 8")
+    _check(
+        m.dim // 8 >= 2 and (m.dim // 8) % 2 == 0,
+        f"model.dim ({m.dim}) must give an even loop-embedding width dim // 8",
+    )
     for name in ("dim", "expert_dim"):  # so a config that runs on CPU in fp32 runs on GPU in bf16 unchanged
-        _check(getattr(m, name) % 8 == 0, f"model.{name} ({getattr(m, name)}) must be a multiple of 8: the bf16 grouped GEMM of the experts needs 16-byte-aligned rows")
-    _check(m.n_experts_per_tok <= m.n_experts, f"model.n_experts_per_tok ({m.n_experts_per_tok}) must be <= model.n_experts ({m.n_experts})")
+        _check(
+            getattr(m, name) % 8 == 0,
+            f"model.{name} ({getattr(m, name)}) must be a multiple of 8: the bf16 grouped GEMM of the experts needs 16-byte-aligned rows",
+        )
+    _check(
+        m.n_experts_per_tok <= m.n_experts,
+        f"model.n_experts_per_tok ({m.n_experts_per_tok}) must be <= model.n_experts ({m.n_experts})",
+    )
     _check(0.0 < m.act_threshold <= 1.0, "model.act_threshold must be in (0, 1]")
+    _check(p.timeout_s > 0, f"parallel.timeout_s ({p.timeout_s}) must be > 0")
     _check(p.shared_expert_chunks >= 1, f"parallel.shared_expert_chunks ({p.shared_expert_chunks}) must be >= 1")
     _check(m.n_experts % p.ep == 0, f"model.n_experts ({m.n_experts}) must be divisible by parallel.ep ({p.ep})")
     mesh_sizes(p, world_size)
 
-    _check(t.steps >= 0 and t.seq_len > 0 and t.micro_batch_size > 0 and t.grad_accum_steps > 0, "train.steps, seq_len, micro_batch_size, grad_accum_steps must be positive")
+    _check(
+        t.steps >= 0 and t.seq_len > 0 and t.micro_batch_size > 0 and t.grad_accum_steps > 0,
+        "train.steps, seq_len, micro_batch_size, grad_accum_steps must be positive",
+    )
     _check(t.seq_len <= m.max_seq_len, f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
-    _check(1 <= t.min_depth <= t.max_depth, f"train.min_depth ({t.min_depth}) must be in [1, train.max_depth ({t.max_depth})]")
-    _check(t.min_depth <= t.mean_depth <= t.max_depth, f"train.mean_depth ({t.mean_depth}) must lie in [train.min_depth, train.max_depth] = [{t.min_depth}, {t.max_depth}]")
-    _check(1 <= t.backprop_depth <= t.max_depth, f"train.backprop_depth ({t.backprop_depth}) must be in [1, train.max_depth ({t.max_depth})]")
+    _check(
+        1 <= t.min_depth <= t.max_depth,
+        f"train.min_depth ({t.min_depth}) must be in [1, train.max_depth ({t.max_depth})]",
+    )
+    _check(
+        t.min_depth <= t.mean_depth <= t.max_depth,
+        f"train.mean_depth ({t.mean_depth}) must lie in [train.min_depth, train.max_depth] = [{t.min_depth}, {t.max_depth}]",
+    )
+    _check(
+        1 <= t.backprop_depth <= t.max_depth,
+        f"train.backprop_depth ({t.backprop_depth}) must be in [1, train.max_depth ({t.max_depth})]",
+    )
     if t.depth_distribution == "fixed":
-        _check(float(t.mean_depth).is_integer(), f"train.mean_depth ({t.mean_depth}) must be a whole number with depth_distribution = 'fixed'")
+        _check(
+            float(t.mean_depth).is_integer(),
+            f"train.mean_depth ({t.mean_depth}) must be a whole number with depth_distribution = 'fixed'",
+        )
     _check(t.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
 
     o = cfg.optim
     _check(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
     _check(0 <= o.warmup_steps, "optim.warmup_steps must be >= 0")
     _check(0 < o.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction must be in (0, 1]")
-    _check(cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep_last >= 1, "checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+    _check(
+        cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep_last >= 1,
+        "checkpoint.every_steps and checkpoint.keep_last must be >= 1",
+    )
     _check(all(n >= 1 for n in cfg.eval.loop_counts), "eval.loop_counts must all be >= 1")
     p_ = cfg.profile
-    _check(min(p_.wait, p_.warmup, p_.repeat) >= 0 and p_.active >= 1, "profile.wait/warmup/repeat must be >= 0 and profile.active >= 1")
+    _check(
+        min(p_.wait, p_.warmup, p_.repeat) >= 0 and p_.active >= 1,
+        "profile.wait/warmup/repeat must be >= 0 and profile.active >= 1",
+    )
     cfg.data.validate()

@@ -47,7 +47,9 @@ class DepthSampler:
             total = int(rng.integers(self.min_depth, self.max_depth + 1))
         elif self.distribution == "poisson-lognormal":
             rate_mean = self.mean_depth - 1.0
-            rate = rng.lognormal(math.log(rate_mean) - LOGNORMAL_SIGMA**2 / 2, LOGNORMAL_SIGMA) if rate_mean > 0 else 0.0
+            rate = (
+                rng.lognormal(math.log(rate_mean) - LOGNORMAL_SIGMA**2 / 2, LOGNORMAL_SIGMA) if rate_mean > 0 else 0.0
+            )
             total = int(rng.poisson(rate)) + 1
         elif self.distribution == "poisson":
             total = int(rng.poisson(max(self.mean_depth - 1.0, 0.0))) + 1

@@ -117,11 +117,13 @@ def attempt_store(rank: int, timeout: timedelta) -> dist.Store:
             except RuntimeError:  # DistError: not a store, or it went away
                 pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank}: no store of this attempt published by rank 0 within {timeout} (last entry: port {store_port})")
+            raise TimeoutError(
+                f"rank {rank}: no store of this attempt published by rank 0 within {timeout} (last entry: port {store_port})"
+            )
         time.sleep(0.1)
 
 
-def init_distributed(cfg: JobConfig, timeout_s: float = 600.0) -> DistInfo:
+def init_distributed(cfg: JobConfig) -> DistInfo:
     """Start (or join) the default process group and bind this process to its device."""
     world_size = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
@@ -131,21 +133,29 @@ def init_distributed(cfg: JobConfig, timeout_s: float = 600.0) -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = resolve_backend(cfg, device)
-        timeout = timedelta(seconds=timeout_s)
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
         device_id = device if device.type == "cuda" else None
         if "MASTER_ADDR" in os.environ:
             shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             if local_rank == 0 and "TORCHELASTIC_RESTART_COUNT" in os.environ:
                 logger.info(
                     "torchrun attempt: restart %d of at most %s on this node, world size %d, process-group store: %s",
-                    restart_count(), os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"), world_size,
-                    "fresh for this attempt (torchrun's is shared across restarts)" if shared else "torchrun's, fresh per attempt",
+                    restart_count(),
+                    os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"),
+                    world_size,
+                    "fresh for this attempt (torchrun's is shared across restarts)"
+                    if shared
+                    else "torchrun's, fresh per attempt",
                 )
             store = attempt_store(rank, timeout) if shared else None  # None: env:// (rank 0 hosts a new store)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id)
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
+            )
         else:
             if world_size != 1:
-                raise RuntimeError(f"WORLD_SIZE={world_size} without MASTER_ADDR: launch multi-process runs with torchrun")
+                raise RuntimeError(
+                    f"WORLD_SIZE={world_size} without MASTER_ADDR: launch multi-process runs with torchrun"
+                )
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 

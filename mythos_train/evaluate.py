@@ -39,7 +39,13 @@ def plot_loss_vs_loops(history: list[dict], path: Path, train_depth: tuple[float
     cmap = plt.get_cmap("viridis")
     for i, record in enumerate(history):
         loops = sorted(int(n) for n in record["loss"])
-        ax.plot(loops, [record["loss"][str(n)] for n in loops], marker="o", color=cmap(i / max(len(history) - 1, 1)), label=f"step {record['step']}")
+        ax.plot(
+            loops,
+            [record["loss"][str(n)] for n in loops],
+            marker="o",
+            color=cmap(i / max(len(history) - 1, 1)),
+            label=f"step {record['step']}",
+        )
     if train_depth is not None:
         ax.axvline(train_depth[0], color="gray", linestyle="--", linewidth=1, label="mean train depth")
         ax.axvline(train_depth[1], color="gray", linestyle=":", linewidth=1, label="max train depth")
@@ -68,7 +74,15 @@ def reshard(model: torch.nn.Module) -> None:
 class Evaluator:
     """Runs `eval.loop_counts` on fixed validation windows, plots, and logs a greedy sample (collective)."""
 
-    def __init__(self, cfg: JobConfig, model: torch.nn.Module, dims: parallel.ParallelDims, device: torch.device, metrics: MetricsLogger, run_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        model: torch.nn.Module,
+        dims: parallel.ParallelDims,
+        device: torch.device,
+        metrics: MetricsLogger,
+        run_dir: Path,
+    ) -> None:
         self.cfg, self.model, self.dims, self.device, self.metrics = cfg, model, dims, device, metrics
         self.folder = Path(run_dir) / "eval"
         self.is_main = dims.dp_rank == 0
@@ -79,11 +93,18 @@ class Evaluator:
         if self._batches is None:
             t = self.cfg.train
             loader = build_loader(
-                self.cfg.data, split="val", seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-                grad_accum_steps=1, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_size,
+                self.cfg.data,
+                split="val",
+                seq_len=t.seq_len,
+                micro_batch_size=t.micro_batch_size,
+                grad_accum_steps=1,
+                dp_rank=self.dims.dp_rank,
+                dp_world_size=self.dims.dp_size,
             )
             # The val loader restarts at its first window and cycles: every rank gets exactly eval.batches.
-            batches = [{k: b[k] for k in ("input_ids", "labels")} for b in itertools.islice(loader, self.cfg.eval.batches)]
+            batches = [
+                {k: b[k] for k in ("input_ids", "labels")} for b in itertools.islice(loader, self.cfg.eval.batches)
+            ]
             loader.close()
             self._batches = batches
         return self._batches
@@ -148,4 +169,3 @@ class Evaluator:
         history = [by_step[s] for s in sorted(by_step)]
         t = self.cfg.train
         plot_loss_vs_loops(history, self.folder / "loss_vs_loops.png", (t.mean_depth, t.max_depth))
-

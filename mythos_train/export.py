@@ -64,7 +64,9 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: set[str
     return {k: v.to(dtype) if v.is_floating_point() and k not in keep_fp32 else v for k, v in state.items()}
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_cfg: ModelConfig, dtype: str = "float32") -> dict[str, Path]:
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, model_cfg: ModelConfig, dtype: str = "float32"
+) -> dict[str, Path]:
     """Write the export files for checkpoint `checkpoint` (a step-N dir or a checkpoints folder); returns their paths."""
     path = resolve_checkpoint(checkpoint)
     out_dir = Path(out_dir)
@@ -87,7 +89,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_cfg: Mo
         om_state = to_open_mythos_state_dict(state, model_cfg)
         om_buffers = {k for k in om_state if k.startswith("freqs_cis") or k.endswith("router_bias")}
         files["open_mythos"] = out_dir / "open_mythos.safetensors"
-        save_file(_separate_storage(_cast(om_state, DTYPES[dtype], om_buffers)), files["open_mythos"], metadata={"format": "open_mythos-0.5.0", "step": str(step)})
+        save_file(
+            _separate_storage(_cast(om_state, DTYPES[dtype], om_buffers)),
+            files["open_mythos"],
+            metadata={"format": "open_mythos-0.5.0", "step": str(step)},
+        )
         config["open_mythos"] = {"config_kwargs": open_mythos_config_kwargs(model_cfg)}
     files["config"] = out_dir / "config.json"
     files["config"].write_text(json.dumps(config, indent=1))

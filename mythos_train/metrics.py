@@ -85,9 +85,19 @@ def memory_gib(device: torch.device) -> dict[str, float]:
     return {"memory/rss_gib": rss / 2**30}
 
 
-def loop_scalars(h_norm: torch.Tensor, tokens_per_expert: torch.Tensor, halting_mean: float, halting_max: float, spectral_radius: float) -> dict[str, float]:
+def loop_scalars(
+    h_norm: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    halting_mean: float,
+    halting_max: float,
+    spectral_radius: float,
+) -> dict[str, float]:
     """Per-iteration loop telemetry as scalars: ||h_t||, expert load imbalance (max/mean), ACT halting depth, rho(A)."""
-    out = {"loop/spectral_radius": spectral_radius, "loop/halting_depth_mean": halting_mean, "loop/halting_depth_max": halting_max}
+    out = {
+        "loop/spectral_radius": spectral_radius,
+        "loop/halting_depth_mean": halting_mean,
+        "loop/halting_depth_max": halting_max,
+    }
     for t, value in enumerate(h_norm.tolist()):
         out[f"loop/h_norm/iter_{t:02d}"] = value
     load = tokens_per_expert.float()  # [n_iters, E]
@@ -113,7 +123,12 @@ def console_line(step: int, total_steps: int, m: dict[str, float]) -> str:
     add("TFLOP/s {:.3g}", "throughput/tflops_per_device")
     add("mfu {:.1%}", "throughput/mfu")
     add("depth {:.0f}+{:.0f}", "depth/n_nograd", "depth/n_grad")
-    add("time data {:.0f}ms fb {:.0f}ms opt {:.0f}ms", "time/data_wait_ms", "time/forward_backward_ms", "time/optimizer_ms")
+    add(
+        "time data {:.0f}ms fb {:.0f}ms opt {:.0f}ms",
+        "time/data_wait_ms",
+        "time/forward_backward_ms",
+        "time/optimizer_ms",
+    )
     add("mem {:.2f}GiB", "memory/max_allocated_gib")
     add("rss {:.2f}GiB", "memory/rss_gib")
     if m.get("train/skipped_steps_total", 0) > 0:

@@ -71,7 +71,12 @@ class MemoryPlan:
 
 
 def memory_plan(
-    cfg: JobConfig, world_size: int, rank: int = 0, device: str = "cuda", n_grad: int | None = None, n_nograd: int | None = None
+    cfg: JobConfig,
+    world_size: int,
+    rank: int = 0,
+    device: str = "cuda",
+    n_grad: int | None = None,
+    n_nograd: int | None = None,
 ) -> MemoryPlan:
     """Per-rank memory of `cfg` on `world_size` ranks (rank 0 holds the most: FSDP pads the last shards).
 
@@ -138,12 +143,15 @@ def depth_stats(cfg: JobConfig) -> DepthStats:
     mean_k = sum(k for _, k in draws) / len(draws)
     recompute = {"none": 0.0, "loop": mean_k * per_iteration}
     recompute["full"] = recompute["loop"] + (m.prelude_layers + m.coda_layers) * dense_block
-    tiling = mean_k * 2 * 3 * m.dim * m.shared_expert_dim if cfg.parallel.shared_expert_chunks > 1 else 0.0  # its own recompute
+    tiling = (
+        mean_k * 2 * 3 * m.dim * m.shared_expert_dim if cfg.parallel.shared_expert_chunks > 1 else 0.0
+    )  # its own recompute
     return DepthStats(
         mean_nograd=sum(n for n, _ in draws) / len(draws),
         mean_grad=mean_k,
         max_grad=max(k for _, k in draws),
-        model_flops_per_token=sum(c * training_flops_per_token(m, t.seq_len, n, k) for (n, k), c in counts.items()) / len(draws),
+        model_flops_per_token=sum(c * training_flops_per_token(m, t.seq_len, n, k) for (n, k), c in counts.items())
+        / len(draws),
         recompute_flops_per_token=recompute[cfg.parallel.activation_checkpoint] + tiling,
     )
 
@@ -190,7 +198,9 @@ class Plan:
         return self.depth.model_flops_per_token * self.tokens_per_s_per_gpu / (self.gpu.peak_bf16_tflops * 1e12)
 
 
-def build_plan(cfg: JobConfig, nodes: int, gpus_per_node: int, gpu: str | Accelerator, depth: DepthStats | None = None) -> Plan:
+def build_plan(
+    cfg: JobConfig, nodes: int, gpus_per_node: int, gpu: str | Accelerator, depth: DepthStats | None = None
+) -> Plan:
     """Validate `cfg` for nodes x gpus_per_node ranks (ConfigError if the mesh does not work) and plan it."""
     hw = gpu if isinstance(gpu, Accelerator) else get_accelerator(gpu)
     world = nodes * gpus_per_node
@@ -231,7 +241,9 @@ def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tu
     shared experts, HSDP across nodes, and 2x / 4x / 8x the nodes."""
     t, m = cfg.train, cfg.model
     # 8 chunks: the shared SwiGLU's backward share drops 8x, for one more shared forward per gradient iteration
-    chunk_options = sorted({1, 8, cfg.parallel.shared_expert_chunks}) if m.n_shared_experts else [cfg.parallel.shared_expert_chunks]
+    chunk_options = (
+        sorted({1, 8, cfg.parallel.shared_expert_chunks}) if m.n_shared_experts else [cfg.parallel.shared_expert_chunks]
+    )
     out = []
     micro_options = [t.micro_batch_size // 2**i for i in range(6) if t.micro_batch_size % 2**i == 0]
     seq_options = [t.seq_len // 2**i for i in range(1, 3) if t.seq_len % 2**i == 0 and t.seq_len // 2**i >= 128]

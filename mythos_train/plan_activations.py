@@ -114,8 +114,16 @@ class ActivationMemory:
 
 
 def micro_batch_activations(
-    m: ModelConfig, tokens: int, n_grad: int, n_nograd: int, policy: str, a: int, cpu: bool, ep: int = 1,
-    keep_all_to_all: bool = True, shared_chunks: int = 1,
+    m: ModelConfig,
+    tokens: int,
+    n_grad: int,
+    n_nograd: int,
+    policy: str,
+    a: int,
+    cpu: bool,
+    ep: int = 1,
+    keep_all_to_all: bool = True,
+    shared_chunks: int = 1,
 ) -> ActivationMemory:
     """Activation bytes of `tokens` tokens (micro_batch_size * seq_len) at backprop depth `n_grad`.
 
@@ -130,9 +138,15 @@ def micro_batch_activations(
       dense  prelude inputs + logits + one prelude block (recomputed under 'full') + its SwiGLU gradients
     """
     D = m.dim
-    step, dense, head = loop_step_bytes(m, a, cpu, ep, shared_chunks), dense_block_bytes(m, a, cpu), head_bytes(m, a, cpu)
+    step, dense, head = (
+        loop_step_bytes(m, a, cpu, ep, shared_chunks),
+        dense_block_bytes(m, a, cpu),
+        head_bytes(m, a, cpu),
+    )
     k = m.n_experts_per_tok
-    step_grads = (2 * k * m.expert_dim + k * D) * a + (6 * m.shared_expert_dim * a // shared_chunks if shared_chunks > 1 else 0)
+    step_grads = (2 * k * m.expert_dim + k * D) * a + (
+        6 * m.shared_expert_dim * a // shared_chunks if shared_chunks > 1 else 0
+    )
     dense_grads = 2 * m.ffn_dim * a
     if policy == "none":
         loop_saved, pre_saved, coda_saved = n_grad * step, m.prelude_layers * dense, m.coda_layers * dense

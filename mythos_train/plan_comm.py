@@ -44,11 +44,22 @@ class Collective:
 
 
 def _axis_groups(sizes: dict[str, int]) -> dict[str, int]:
-    return {"dp_shard": sizes["dp_shard"], "efsdp": sizes["efsdp"], "ep": sizes["ep"], "dp_replicate": sizes["dp_replicate"]}
+    return {
+        "dp_shard": sizes["dp_shard"],
+        "efsdp": sizes["efsdp"],
+        "ep": sizes["ep"],
+        "dp_replicate": sizes["dp_replicate"],
+    }
 
 
 def step_collectives(
-    cfg: JobConfig, sizes: dict[str, int], units: UnitSizes, n_nograd: float, n_grad: float, param_bytes: int, reduce_bytes: int
+    cfg: JobConfig,
+    sizes: dict[str, int],
+    units: UnitSizes,
+    n_nograd: float,
+    n_grad: float,
+    param_bytes: int,
+    reduce_bytes: int,
 ) -> list[Collective]:
     """Collectives of one optimizer step (grad_accum_steps micro-batches) at (mean) depth n + k."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
@@ -56,9 +67,20 @@ def step_collectives(
     micro = t.grad_accum_steps
     out: list[Collective] = []
 
-    def add(name: str, axis: str, calls: float, payload_per_call: float, sent_per_call: float, overlapped: bool = True) -> None:
+    def add(
+        name: str, axis: str, calls: float, payload_per_call: float, sent_per_call: float, overlapped: bool = True
+    ) -> None:
         if groups[axis] > 1 and calls > 0:
-            out.append(Collective(name, axis, round(calls * micro), round(calls * micro * payload_per_call), round(calls * micro * sent_per_call), overlapped=overlapped))
+            out.append(
+                Collective(
+                    name,
+                    axis,
+                    round(calls * micro),
+                    round(calls * micro * payload_per_call),
+                    round(calls * micro * sent_per_call),
+                    overlapped=overlapped,
+                )
+            )
 
     for shard, axis in ((units.dense_sharded, "dp_shard"), (units.expert_sharded, "efsdp")):
         w = groups[axis]

@@ -30,16 +30,22 @@ class Accelerator:
 ACCELERATORS: dict[str, Accelerator] = {
     # NVIDIA H100 SXM5 datasheet: BF16 tensor core 1,979 TFLOPS with sparsity (989.4 dense); 80 GB HBM3
     # (nvidia-smi: 81,559 MiB); NVLink 4 900 GB/s bidirectional. DGX H100: 8x ConnectX-7 400 Gb/s NDR, one per GPU.
-    "h100": Accelerator("H100 SXM5 80GB", 989.4, 79.6, 450.0, 50.0, "NVIDIA H100 Tensor Core GPU datasheet; DGX H100 user guide"),
+    "h100": Accelerator(
+        "H100 SXM5 80GB", 989.4, 79.6, 450.0, 50.0, "NVIDIA H100 Tensor Core GPU datasheet; DGX H100 user guide"
+    ),
     # NVIDIA H200 SXM datasheet: BF16 1,979 TFLOPS with sparsity (989.4 dense); 141 GB HBM3e (nvidia-smi:
     # 143,771 MiB); NVLink 900 GB/s bidirectional; HGX H200 reference design: 400 Gb/s per GPU.
     "h200": Accelerator("H200 SXM 141GB", 989.4, 140.4, 450.0, 50.0, "NVIDIA H200 Tensor Core GPU datasheet"),
     # NVIDIA HGX B200 datasheet (per GPU): FP16/BF16 tensor core 4.5 PFLOPS with sparsity (2.25 dense); 180 GB
     # HBM3e; NVLink 5 1.8 TB/s bidirectional. DGX B200: 8x ConnectX-7 400 Gb/s.
-    "b200": Accelerator("B200 (HGX) 180GB", 2250.0, 179.0, 900.0, 50.0, "NVIDIA HGX B200 datasheet; DGX B200 datasheet"),
+    "b200": Accelerator(
+        "B200 (HGX) 180GB", 2250.0, 179.0, 900.0, 50.0, "NVIDIA HGX B200 datasheet; DGX B200 datasheet"
+    ),
     # NVIDIA A100 SXM4 80GB datasheet: BF16 312 TFLOPS dense (624 sparse); 80 GB HBM2e; NVLink 3 600 GB/s
     # bidirectional. DGX A100: 8x ConnectX-6 200 Gb/s HDR, one per GPU.
-    "a100": Accelerator("A100 SXM4 80GB", 312.0, 80.0, 300.0, 25.0, "NVIDIA A100 Tensor Core GPU datasheet; DGX A100 datasheet"),
+    "a100": Accelerator(
+        "A100 SXM4 80GB", 312.0, 80.0, 300.0, 25.0, "NVIDIA A100 Tensor Core GPU datasheet; DGX A100 datasheet"
+    ),
     # AMD Instinct MI300X datasheet: BF16 1,307.4 TFLOPS dense (2,614.9 sparse); 192 GB HBM3; 7 Infinity Fabric
     # links of 128 GB/s bidirectional each (896 GB/s aggregate, 448 GB/s one way). Typical 400 Gb/s NIC per GPU.
     "mi300x": Accelerator("MI300X OAM 192GB", 1307.4, 191.5, 448.0, 50.0, "AMD Instinct MI300X datasheet"),

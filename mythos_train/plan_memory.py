@@ -74,7 +74,11 @@ def chunk_rows(rows: int, shards: int, shard_rank: int) -> tuple[int, int]:
 
 def mesh_coords(rank: int, sizes: dict[str, int]) -> dict[str, int]:
     """A global rank's coordinates on parallel/mesh.py's meshes: (dp_replicate, dp_shard) and (dp_replicate, efsdp, ep)."""
-    return {"dp_shard": rank % sizes["dp_shard"], "efsdp": (rank // sizes["ep"]) % sizes["efsdp"], "ep": rank % sizes["ep"]}
+    return {
+        "dp_shard": rank % sizes["dp_shard"],
+        "efsdp": (rank // sizes["ep"]) % sizes["efsdp"],
+        "ep": rank % sizes["ep"],
+    }
 
 
 def shard_layout(p: ParamInfo, sizes: dict[str, int], rank: int) -> tuple[int, int, int]:
@@ -162,7 +166,9 @@ def unit_sizes(params: list[ParamInfo], sizes: dict[str, int]) -> UnitSizes:
         out.unsharded[p.unit] = out.unsharded.get(p.unit, 0) + rows * p.row_numel
         out.largest_param[p.unit] = max(out.largest_param.get(p.unit, 0), gathered)
         if p.unit in ("recurrent", "recurrent.block"):
-            out.loop_parts[next((part for part, prefix in LOOP_PARTS.items() if p.name.startswith(prefix)), "rest")] += gathered
+            out.loop_parts[
+                next((part for part, prefix in LOOP_PARTS.items() if p.name.startswith(prefix)), "rest")
+            ] += gathered
         part = out.expert_sharded if p.expert and sizes["ep"] > 1 else out.dense_sharded
         part[p.unit] = part.get(p.unit, 0) + padded
     return out
@@ -176,7 +182,9 @@ def parameter_counts(params: list[ParamInfo], m: ModelConfig) -> dict[str, int]:
     return {"total": total, "experts": experts, "active": active}
 
 
-def working_memory(phases: dict[str, int], units: UnitSizes, m: ModelConfig, param_bytes: int, policy: str) -> dict[str, int]:
+def working_memory(
+    phases: dict[str, int], units: UnitSizes, m: ModelConfig, param_bytes: int, policy: str
+) -> dict[str, int]:
     """Activation phases plus the FSDP buffers live at each: bytes above the static memory, per candidate peak.
 
     Gathered copies (padded, as FSDP2 allocates them) and their gradients (unpadded: autograd makes them in
@@ -202,5 +210,7 @@ def working_memory(phases: dict[str, int], units: UnitSizes, m: ModelConfig, par
     }
     if m.prelude_layers:
         block = G["prelude.0"]
-        out["dense"] = phases["dense"] + (root + U.get("root", 0) + block + units.largest_param["prelude.0"]) * param_bytes
+        out["dense"] = (
+            phases["dense"] + (root + U.get("root", 0) + block + units.largest_param["prelude.0"]) * param_bytes
+        )
     return out

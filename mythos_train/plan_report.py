@@ -39,10 +39,13 @@ def render(plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, P
         f"  working set at the peak ('{mem.peak_phase}')".ljust(43) + f"{_gib(mem.working[mem.peak_phase])}",
         f"    of which activations                   {_gib(act.phases[mem.peak_phase])}",
         f"    of which gathered weights + grads      {_gib(mem.working[mem.peak_phase] - act.phases[mem.peak_phase])}",
-        "      looped block gathered: " + ", ".join(f"{part} {n / GIB:.2f}" for part, n in plan.loop_parts.items()) + " GiB"
+        "      looped block gathered: "
+        + ", ".join(f"{part} {n / GIB:.2f}" for part, n in plan.loop_parts.items())
+        + " GiB"
         + (" (+ as much in gradients during its backward)" if p.activation_checkpoint != "none" else ""),
         f"  peak                                     {_gib(mem.peak)}",
-        f"  usable {USABLE_MEMORY_FRACTION:.0%} of {plan.gpu.memory_gib:.1f} GiB".ljust(43) + f"{_gib(plan.capacity)}   "
+        f"  usable {USABLE_MEMORY_FRACTION:.0%} of {plan.gpu.memory_gib:.1f} GiB".ljust(43)
+        + f"{_gib(plan.capacity)}   "
         + ("FITS" if plan.fits else f"DOES NOT FIT (over by {(mem.peak - plan.capacity) / GIB:.1f} GiB)"),
         "",
         "communication per step per GPU",
@@ -63,7 +66,12 @@ def render(plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, P
         f"speed    {plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {plan.mfu:.1%} (model FLOPs / peak)",
     ]
     if alts is not None:
-        lines += ["", "alternatives that fit (per node count, fastest first):" if alts else "no nearby alternative fits: shrink the model or use more/larger GPUs"]
+        lines += [
+            "",
+            "alternatives that fit (per node count, fastest first):"
+            if alts
+            else "no nearby alternative fits: shrink the model or use more/larger GPUs",
+        ]
         for desc, alt in alts:
             lines.append(
                 f"  {alt.memory.peak / GIB:6.1f} GiB  {alt.tokens_per_s_per_gpu:9,.0f} tok/s/GPU  MFU {alt.mfu:5.1%}  {desc}"

@@ -106,15 +106,24 @@ class Trainer:
         self.depth = DepthSampler(cfg.train)
         t = cfg.train
         self.data_loader = build_loader(
-            cfg.data, split="train", seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-            grad_accum_steps=t.grad_accum_steps, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_size,
+            cfg.data,
+            split="train",
+            seq_len=t.seq_len,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum_steps=t.grad_accum_steps,
+            dp_rank=self.dims.dp_rank,
+            dp_world_size=self.dims.dp_size,
         )
         self.data_iter = None
         self.tokens_per_step = t.seq_len * t.micro_batch_size * t.grad_accum_steps * self.dims.dp_size
         folder = Path(cfg.checkpoint.folder) if cfg.checkpoint.folder else self.run_dir / "checkpoints"
         self.checkpoint = CheckpointManager(
-            cfg.checkpoint, folder, model=self.model, optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler, data_loader=self.data_loader,
+            cfg.checkpoint,
+            folder,
+            model=self.model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            data_loader=self.data_loader,
         )
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, enabled=dist_info.is_main)
         self.evaluator = Evaluator(cfg, self.model, self.dims, self.device, self.metrics, self.run_dir)
@@ -222,7 +231,13 @@ class Trainer:
         self.skipped_in_a_row += 1
         self.skipped_total += 1
         limit = self.cfg.train.max_skipped_steps
-        logger.warning("step %d skipped: loss %s, grad norm %s (%d in a row)", self.step + 1, loss, grad_norm, self.skipped_in_a_row)
+        logger.warning(
+            "step %d skipped: loss %s, grad norm %s (%d in a row)",
+            self.step + 1,
+            loss,
+            grad_norm,
+            self.skipped_in_a_row,
+        )
         if self.skipped_in_a_row >= limit:
             raise NonFiniteError(
                 f"step {self.step + 1}: loss or gradient norm non-finite in {self.skipped_in_a_row} consecutive steps "
@@ -280,7 +295,10 @@ class Trainer:
             "train/tokens_seen": self.step * self.tokens_per_step,
             "train/skipped_steps_total": self.skipped_total,
             "throughput/tokens_per_s": interval["steps"] * self.tokens_per_step / seconds,
-            "throughput/tokens_per_s_per_device": interval["steps"] * self.tokens_per_step / self.dims.dp_size / seconds,
+            "throughput/tokens_per_s_per_device": interval["steps"]
+            * self.tokens_per_step
+            / self.dims.dp_size
+            / seconds,
             "throughput/tflops_per_device": interval["flops"] / seconds / 1e12,
             "depth/n_nograd": result.n_nograd,
             "depth/n_grad": result.n_grad,
@@ -312,7 +330,13 @@ class Trainer:
         """Loop statistics of the last micro-batch; expert loads summed over all ranks."""
         stats = self.model.recurrent.last_stats
         load = all_reduce_sum(stats.tokens_per_expert.clone())
-        return loop_scalars(stats.h_norm.cpu(), load.cpu(), float(stats.halting_depth_mean), float(stats.halting_depth_max), spectral_radius(self.model))
+        return loop_scalars(
+            stats.h_norm.cpu(),
+            load.cpu(),
+            float(stats.halting_depth_mean),
+            float(stats.halting_depth_max),
+            spectral_radius(self.model),
+        )
 
     def summary(self) -> str:
         """Where the results are and how far the loss fell in this process's steps (printed at the end of train)."""
@@ -332,4 +356,3 @@ class Trainer:
         self.checkpoint.close()
         self.metrics.close()
         self.data_loader.close()
-

@@ -36,7 +36,9 @@ def mixed_precision_policy(parallel: ParallelConfig, device_type: str) -> MixedP
         param_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
     else:
         param_dtype = _DTYPES[parallel.param_dtype]
-    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=_DTYPES[parallel.reduce_dtype], cast_forward_inputs=False)
+    return MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=_DTYPES[parallel.reduce_dtype], cast_forward_inputs=False
+    )
 
 
 def expert_shard_dim(local_experts: int, efsdp: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -67,14 +68,15 @@ def resolve_device_type(device: str = "auto") -> str:
 
 
 def _init_process_group(parallel: ParallelConfig, world_size: int, device_type: str) -> None:
+    timeout = timedelta(seconds=parallel.timeout_s)
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         # A single process without torchrun: an in-memory store, so one code path serves 1 and N ranks.
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
-        dist.init_process_group(backend, world_size=world_size)
+        dist.init_process_group(backend, world_size=world_size, timeout=timeout)
 
 
 def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "auto") -> ParallelDims:

@@ -39,8 +39,14 @@ def torchrun(nproc: int, *, max_restarts: int, rdzv: tuple[str, str] | None = No
     if rdzv is None:
         return [*cmd, "--standalone"]
     endpoint, run_id = rdzv
-    return [*cmd, "--nnodes=1:2", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
-            "--rdzv-conf=last_call_timeout=1,join_timeout=120,keep_alive_interval=1,keep_alive_max_attempt=3"]
+    return [
+        *cmd,
+        "--nnodes=1:2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={run_id}",
+        "--rdzv-conf=last_call_timeout=1,join_timeout=120,keep_alive_interval=1,keep_alive_max_attempt=3",
+    ]
 
 
 def train_command(launcher: list[str], config: Path, *overrides: str) -> list[str]:
@@ -50,7 +56,9 @@ def train_command(launcher: list[str], config: Path, *overrides: str) -> list[st
 def run_env(record_dir: Path, **extra: str) -> dict[str, str]:
     """Environment of a recorded run: the repo importable, one thread per process, torchrun's own store defaults."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MYTHOS_", "TORCHELASTIC_", "TORCH_DISABLE_SHARE"))}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **{RECORD_ENV: str(record_dir)}, **extra)
+    env.update(
+        PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **{RECORD_ENV: str(record_dir)}, **extra
+    )
     return env
 
 
@@ -112,8 +120,10 @@ def final_timeline(records: list[dict]) -> dict[int, list[dict]]:
         by_step.setdefault(record["step"], []).append(record)
     timeline = {}
     for step, recs in sorted(by_step.items()):
-        last = recs[-recs[-1]["world_size"]:]
-        assert sorted(r["rank"] for r in last) == list(range(len(last))), f"step {step}: ranks {[r['rank'] for r in last]}"
+        last = recs[-recs[-1]["world_size"] :]
+        assert sorted(r["rank"] for r in last) == list(range(len(last))), (
+            f"step {step}: ranks {[r['rank'] for r in last]}"
+        )
         timeline[step] = sorted(last, key=lambda r: r["rank"])
     return timeline
 
@@ -129,8 +139,15 @@ def stream_windows(config: Path, count: int) -> list[int]:
     from mythos_train.config import load_config
 
     cfg = load_config(config, ["--data.return_window_ids=true"])
-    loader = build_loader(cfg.data, split="train", seq_len=cfg.train.seq_len, micro_batch_size=count,
-                          grad_accum_steps=1, dp_rank=0, dp_world_size=1)
+    loader = build_loader(
+        cfg.data,
+        split="train",
+        seq_len=cfg.train.seq_len,
+        micro_batch_size=count,
+        grad_accum_steps=1,
+        dp_rank=0,
+        dp_world_size=1,
+    )
     return next(iter(loader))["window_ids"].tolist()
 
 
@@ -194,8 +211,15 @@ def _install_recorder(record_dir: Path) -> None:
     hold = Path(os.environ[HOLD_ENV]) if HOLD_ENV in os.environ else None
 
     def write(event: str, trainer, **values) -> None:
-        record = {"event": event, "step": trainer.step + 1, "rank": trainer.dist.rank, "world_size": trainer.dist.world_size,
-                  "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "time": time.time(), **values}
+        record = {
+            "event": event,
+            "step": trainer.step + 1,
+            "rank": trainer.dist.rank,
+            "world_size": trainer.dist.world_size,
+            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            "time": time.time(),
+            **values,
+        }
         file.write(json.dumps(record) + "\n")
 
     def recording_step(self, micro_batches):

@@ -26,7 +26,9 @@ TINY_MODEL = dict(
 )
 
 # dim 32 with the attention sizes and sequence scaled down with it (head dim 8, MLA head dims 4)
-DIM32 = dict(dim=32, max_seq_len=16, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4)
+DIM32 = dict(
+    dim=32, max_seq_len=16, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4
+)
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

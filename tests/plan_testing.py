@@ -115,7 +115,9 @@ def measure_cases(rank: int, world: int, cases: list[tuple[JobConfig, int, int]]
     first for all of them, before any profiling (its many small buffers, once freed, leave holes in glibc's heap
     that later steps fill without growing RSS)."""
     rss = [rss_growth(StepUnderTest(rank, world, cfg, n, k)) for cfg, n, k in cases]
-    return [measure_step(StepUnderTest(rank, world, cfg, n, k)) | {"rss_growth": r} for (cfg, n, k), r in zip(cases, rss)]
+    return [
+        measure_step(StepUnderTest(rank, world, cfg, n, k)) | {"rss_growth": r} for (cfg, n, k), r in zip(cases, rss)
+    ]
 
 
 COLLECTIVE_EVENTS = {
@@ -143,7 +145,11 @@ def count_traffic(model, wrap, tokens: torch.Tensor, n_nograd: int, n_grad: int,
         if kind == "all-reduce":
             calls[kind] += 1
             continue
-        shape = (event.input_shapes[1] if kind in ("all-gather", "reduce-scatter") else event.input_shapes[0]) if kind else None
+        shape = (
+            (event.input_shapes[1] if kind in ("all-gather", "reduce-scatter") else event.input_shapes[0])
+            if kind
+            else None
+        )
         if kind and (kind != "all-to-all" or len(shape) == 2):
             calls[kind] += 1
             payload[kind] += math.prod(shape) * elem_bytes

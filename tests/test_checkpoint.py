@@ -53,7 +53,9 @@ def test_partial_checkpoint_is_ignored_and_replaced(data_dir, tmp_path):
 
 def test_keeps_the_last_k_complete_checkpoints(data_dir, tmp_path):
     run = tmp_path / "run"
-    _train_in_process(tiny_config(data_dir, run, ["--train.steps=3", "--checkpoint.every_steps=1", "--checkpoint.keep_last=2"]))
+    _train_in_process(
+        tiny_config(data_dir, run, ["--train.steps=3", "--checkpoint.every_steps=1", "--checkpoint.keep_last=2"])
+    )
     assert [step for step, _ in checkpoint_dirs(run / "checkpoints", complete_only=False)] == [2, 3]
 
 
@@ -116,7 +118,9 @@ def test_resume_equals_uninterrupted_run_and_reshards_to_one_rank(data_dir, tmp_
 
     # Same global batch on one rank (micro-batch 2 x 2 ranks = 4 x 1 rank): DCP reshards weights and AdamW state,
     # the loader's stream position carries over, the experts go from ep=2 to one rank.
-    one = run_distributed(_train_worker, 1, cfg("one_rank", "--train.micro_batch_size=4", "--parallel.ep=1"), None, timeout=240)[0]
+    one = run_distributed(
+        _train_worker, 1, cfg("one_rank", "--train.micro_batch_size=4", "--parallel.ep=1"), None, timeout=240
+    )[0]
     assert sorted(one["losses"]) == [3, 4]
     for step in (3, 4):
         assert one["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-5)

@@ -68,8 +68,19 @@ def prepared(tmp_path_factory):
     (root / "text").mkdir()
     for name in MODULES:
         (root / "text" / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
-    _run([sys.executable, "-m", "mythos_train", "prepare", f"--data.sources={root / 'text'}", f"--data.prepared_dir={root / 'data'}",
-          f"--data.vocab_size={VOCAB}", "--data.val_fraction=0.2"], cwd=root)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "mythos_train",
+            "prepare",
+            f"--data.sources={root / 'text'}",
+            f"--data.prepared_dir={root / 'data'}",
+            f"--data.vocab_size={VOCAB}",
+            "--data.val_fraction=0.2",
+        ],
+        cwd=root,
+    )
     assert (root / "data" / "manifest.json").is_file()
     return root
 
@@ -77,12 +88,20 @@ def prepared(tmp_path_factory):
 @pytest.mark.slow
 def test_train_eval_export_one_process(prepared):
     config = config_file(prepared / "data", prepared / "run1")
-    out = _run([sys.executable, "-m", "mythos_train", "train", "--config", str(config), "--train.steps=2"], cwd=prepared)
+    out = _run(
+        [sys.executable, "-m", "mythos_train", "train", "--config", str(config), "--train.steps=2"], cwd=prepared
+    )
     assert "step 2/2 | loss" in out and "eval step 2" in out
     assert find_latest(prepared / "run1" / "checkpoints").name == "step-2"
-    out = _run([sys.executable, "-m", "mythos_train", "eval", "--config", str(config), "--eval.loop_counts=[1,3]"], cwd=prepared)
+    out = _run(
+        [sys.executable, "-m", "mythos_train", "eval", "--config", str(config), "--eval.loop_counts=[1,3]"],
+        cwd=prepared,
+    )
     assert "loops 3:" in out
-    out = _run([sys.executable, "-m", "mythos_train", "export", "--config", str(config), "--out", str(prepared / "export")], cwd=prepared)
+    out = _run(
+        [sys.executable, "-m", "mythos_train", "export", "--config", str(config), "--out", str(prepared / "export")],
+        cwd=prepared,
+    )
     assert "model: " in out and "tok_embeddings.weight" in load_file(prepared / "export" / "model.safetensors")
 
 
@@ -90,6 +109,9 @@ def test_train_eval_export_one_process(prepared):
 def test_train_under_torchrun_two_processes(prepared):
     config = config_file(prepared / "data", prepared / "run2")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    out = _run([*torchrun, "-m", "mythos_train", "train", "--config", str(config), "--train.steps=2", "--parallel.ep=2"], cwd=prepared)
+    out = _run(
+        [*torchrun, "-m", "mythos_train", "train", "--config", str(config), "--train.steps=2", "--parallel.ep=2"],
+        cwd=prepared,
+    )
     assert "step 2/2 | loss" in out
     assert (prepared / "run2" / "checkpoints" / "step-2" / "__1_0.distcp").is_file()  # both ranks wrote shards

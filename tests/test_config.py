@@ -51,7 +51,15 @@ def test_wrong_type_names_field(tmp_path):
 
 
 def test_cli_overrides_typed():
-    cfg = load_config(overrides=["--model.dim=64", "--train.mean_depth", "3", "--eval.loop_counts=[1,2,3]", "--metrics.tensorboard=false"])
+    cfg = load_config(
+        overrides=[
+            "--model.dim=64",
+            "--train.mean_depth",
+            "3",
+            "--eval.loop_counts=[1,2,3]",
+            "--metrics.tensorboard=false",
+        ]
+    )
     assert cfg.model.dim == 64 and cfg.train.mean_depth == 3.0 and isinstance(cfg.train.mean_depth, float)
     assert cfg.eval.loop_counts == [1, 2, 3] and cfg.metrics.tensorboard is False
     with pytest.raises(ConfigError, match="expected --section.field=value"):
@@ -63,12 +71,24 @@ def test_cli_overrides_typed():
     [
         (["--model.dim=100", "--model.n_heads=8"], 1, r"model.dim \(100\) must be divisible by model.n_heads \(8\)"),
         (["--model.expert_dim=100"], 1, r"model.expert_dim \(100\) must be a multiple of 8"),
-        (["--model.n_experts=6", "--parallel.ep=4"], 4, r"model.n_experts \(6\) must be divisible by parallel.ep \(4\)"),
+        (
+            ["--model.n_experts=6", "--parallel.ep=4"],
+            4,
+            r"model.n_experts \(6\) must be divisible by parallel.ep \(4\)",
+        ),
         (["--parallel.dp_shard=3"], 4, r"dp_replicate\(1\) x dp_shard\(3\) = 3 != world size 4"),
         (["--parallel.dp_replicate=2", "--parallel.ep=4"], 4, r"parallel.ep \(4\) must divide parallel.dp_shard \(2\)"),
-        (["--train.backprop_depth=20", "--train.max_depth=16"], 1, r"train.backprop_depth \(20\) must be in \[1, train.max_depth"),
+        (
+            ["--train.backprop_depth=20", "--train.max_depth=16"],
+            1,
+            r"train.backprop_depth \(20\) must be in \[1, train.max_depth",
+        ),
         (["--train.mean_depth=40"], 1, r"train.mean_depth \(40.0\) must lie in"),
-        (["--train.seq_len=4096", "--model.max_seq_len=1024"], 1, r"train.seq_len \(4096\) must be <= model.max_seq_len"),
+        (
+            ["--train.seq_len=4096", "--model.max_seq_len=1024"],
+            1,
+            r"train.seq_len \(4096\) must be <= model.max_seq_len",
+        ),
     ],
 )
 def test_semantic_conflicts(overrides, world, message):

@@ -41,9 +41,15 @@ from mythos_train.distributed import ATTEMPT_STORE_KEY, attempt_store, fault_poi
 
 STEPS = 10
 EVERY = 3  # complete checkpoints at steps 3, 6, 9 and 10
-FIXED_WORLD = [f"--train.steps={STEPS}", f"--checkpoint.every_steps={EVERY}", "--checkpoint.keep_last=10",
-               "--parallel.ep=2", "--data.return_window_ids=true", "--metrics.tensorboard=false",
-               "--metrics.loop_telemetry=false"]
+FIXED_WORLD = [
+    f"--train.steps={STEPS}",
+    f"--checkpoint.every_steps={EVERY}",
+    "--checkpoint.keep_last=10",
+    "--parallel.ep=2",
+    "--data.return_window_ids=true",
+    "--metrics.tensorboard=false",
+    "--metrics.loop_telemetry=false",
+]
 
 
 # --------------------------------------------------------------------------- the pieces, in process
@@ -82,7 +88,9 @@ def test_fault_injection_fires_only_where_asked_and_on_the_first_attempt(monkeyp
         fault_point("step", 3)
     code = "from mythos_train.distributed import fault_point; fault_point('step', 2); fault_point('step', 3); print('alive')"
     env = {"RANK": "1", "MYTHOS_FAULT_KILL_AT_STEP": "1:3", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
     assert proc.returncode == -9 and "SIGKILL rank 1 at step 3" in proc.stdout and "alive" not in proc.stdout
 
 
@@ -110,7 +118,11 @@ def reference(tmp_path_factory, data_dir):
     run_dir, _ = _run_two_ranks(root, data_dir)
     timeline = final_timeline(read_records(root / "records"))
     assert sorted(timeline) == list(range(1, STEPS + 1))
-    return {"run": run_dir, "timeline": timeline, "final": checkpoint_state(run_dir / "checkpoints" / f"step-{STEPS}", root)}
+    return {
+        "run": run_dir,
+        "timeline": timeline,
+        "final": checkpoint_state(run_dir / "checkpoints" / f"step-{STEPS}", root),
+    }
 
 
 def _assert_same_state(got: dict, want: dict) -> None:
@@ -137,7 +149,9 @@ def _assert_resumed_and_identical(root: Path, run_dir: Path, reference: dict, ki
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("rank", "step", "resume_from"), [(1, 5, 3), (0, 7, 6), (1, 9, 6)])
-def test_sigkilled_rank_is_restarted_and_training_matches_the_uninterrupted_run(reference, data_dir, tmp_path, rank, step, resume_from):
+def test_sigkilled_rank_is_restarted_and_training_matches_the_uninterrupted_run(
+    reference, data_dir, tmp_path, rank, step, resume_from
+):
     # Step 9 is a checkpoint step: the kill comes right after its update, before its save, so 6 is the newest.
     run_dir, log = _run_two_ranks(tmp_path, data_dir, fault=f"{rank}:{step}")
     assert f"fault injection: SIGKILL rank {rank} at step {step}" in log
@@ -175,15 +189,31 @@ def test_world_shrinks_and_grows_without_repeating_or_skipping_data(data_dir, tm
     records, hold = tmp_path / "records", tmp_path / "hold"
     records.mkdir()
     config = config_file(data_dir, tmp_path / "run")
-    overrides = [f"--train.steps={steps}", f"--checkpoint.every_steps={every}", "--checkpoint.keep_last=10",
-                 "--data.return_window_ids=true", "--metrics.tensorboard=false", "--metrics.loop_telemetry=false"]
+    overrides = [
+        f"--train.steps={steps}",
+        f"--checkpoint.every_steps={every}",
+        "--checkpoint.keep_last=10",
+        "--data.return_window_ids=true",
+        "--metrics.tensorboard=false",
+        "--metrics.loop_telemetry=false",
+    ]
     env = run_env(records, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", MYTHOS_TEST_HOLD_FILE=str(hold))
-    cmd = train_command(torchrun(1, max_restarts=2, rdzv=(f"localhost:{free_port()}", "elastic-test")), config, *overrides)
+    cmd = train_command(
+        torchrun(1, max_restarts=2, rdzv=(f"localhost:{free_port()}", "elastic-test")), config, *overrides
+    )
     folder = tmp_path / "run" / "checkpoints"
 
     def holding(step: int, world_size: int):  # every rank of a world of this size waits before `step`
-        return lambda: len({r["rank"] for r in read_records(records, "hold")
-                            if r["step"] == step and r["world_size"] == world_size}) == world_size
+        return lambda: (
+            len(
+                {
+                    r["rank"]
+                    for r in read_records(records, "hold")
+                    if r["step"] == step and r["world_size"] == world_size
+                }
+            )
+            == world_size
+        )
 
     # Ranks wait before steps 13 and 21, so the membership changes right after the checkpoints of steps 12 and 20.
     hold.write_text("12")

@@ -50,8 +50,11 @@ def trained(tmp_path_factory):
     from parallel.testing import run_distributed
 
     root = tmp_path_factory.mktemp("export")
-    cfg = tiny_config(prepare_tiny_data(root / "data"), root / "run",
-                      ["--train.steps=2", "--model.use_act=true", "--model.injection=lti", "--parallel.ep=2", "--eval.every_steps=0"])
+    cfg = tiny_config(
+        prepare_tiny_data(root / "data"),
+        root / "run",
+        ["--train.steps=2", "--model.use_act=true", "--model.injection=lti", "--parallel.ep=2", "--eval.every_steps=0"],
+    )
     state = run_distributed(_train_worker, 2, cfg, timeout=240)[0]
     return cfg, state, root / "run"
 
@@ -72,7 +75,9 @@ def test_export_round_trip(trained, tmp_path):
     config = json.loads(files["config"].read_text())
     assert config["step"] == 2 and config["model"]["use_act"] is True
 
-    bf16 = load_file(export_checkpoint(run / "checkpoints" / "step-2", tmp_path / "bf16", cfg.model, dtype="bfloat16")["model"])
+    bf16 = load_file(
+        export_checkpoint(run / "checkpoints" / "step-2", tmp_path / "bf16", cfg.model, dtype="bfloat16")["model"]
+    )
     assert bf16["tok_embeddings.weight"].dtype == torch.bfloat16
     assert bf16["recurrent.block.moe.router.expert_bias"].dtype == torch.float32  # selection-sensitive: kept exact
 

@@ -54,21 +54,54 @@ def config(tmp_path_factory):
 @pytest.mark.slow
 def test_single_node_restarts_a_killed_worker_and_finishes(config):
     run = config.parent / "single"
-    proc = _launch([LAUNCH / "single_node.sh", "--nproc", "2", "--max-restarts", "1", "--config", config,
-                    f"--train.run_dir={run}", "--train.steps=4", "--checkpoint.every_steps=2", "--parallel.ep=2"],
-                   _env(MYTHOS_FAULT_KILL_AT_STEP="1:3"))
+    proc = _launch(
+        [
+            LAUNCH / "single_node.sh",
+            "--nproc",
+            "2",
+            "--max-restarts",
+            "1",
+            "--config",
+            config,
+            f"--train.run_dir={run}",
+            "--train.steps=4",
+            "--checkpoint.every_steps=2",
+            "--parallel.ep=2",
+        ],
+        _env(MYTHOS_FAULT_KILL_AT_STEP="1:3"),
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
-    assert "SIGKILL rank 1 at step 3" in out and "restart 1 of at most 1" in out and "(step 2)" in out  # resumed from step 2
-    assert "store: torchrun's, fresh per attempt" in out  # env.sh's TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 reached torchrun
+    assert (
+        "SIGKILL rank 1 at step 3" in out and "restart 1 of at most 1" in out and "(step 2)" in out
+    )  # resumed from step 2
+    assert (
+        "store: torchrun's, fresh per attempt" in out
+    )  # env.sh's TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 reached torchrun
     assert "step 4/4" in out
 
 
 @pytest.mark.slow
 def test_multi_node_trains_through_the_c10d_rendezvous(config):
     run = config.parent / "multi"
-    proc = _launch([LAUNCH / "multi_node.sh", "--nnodes", "1:2", "--nproc", "2", "--rdzv-endpoint", f"localhost:{free_port()}",
-                    "--run-id", "launch-test", "--config", config, f"--train.run_dir={run}", "--train.steps=2"], _env())
+    proc = _launch(
+        [
+            LAUNCH / "multi_node.sh",
+            "--nnodes",
+            "1:2",
+            "--nproc",
+            "2",
+            "--rdzv-endpoint",
+            f"localhost:{free_port()}",
+            "--run-id",
+            "launch-test",
+            "--config",
+            config,
+            f"--train.run_dir={run}",
+            "--train.steps=2",
+        ],
+        _env(),
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "2 ranks on cpu" in out and "step 2/2" in out
@@ -89,12 +122,24 @@ def test_slurm_script_starts_one_torchrun_per_node_and_requeues_on_usr1(tmp_path
     for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2",
-               SLURM_JOB_NODELIST="gpu-a[17-18]", SLURM_CPUS_PER_TASK="64", SLURM_SUBMIT_DIR=str(REPO))
+    env = _env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        CALLS=str(calls),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST="gpu-a[17-18]",
+        SLURM_CPUS_PER_TASK="64",
+        SLURM_SUBMIT_DIR=str(REPO),
+    )
     log = tmp_path / "job.out"
     with open(log, "w") as out:
-        batch = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config", "configs/mythos_10b.toml"], env=env,
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        batch = subprocess.Popen(
+            ["bash", str(LAUNCH / "slurm.sbatch"), "--config", "configs/mythos_10b.toml"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 30
         while not (calls.is_file() and "srun" in calls.read_text()):
@@ -108,7 +153,9 @@ def test_slurm_script_starts_one_torchrun_per_node_and_requeues_on_usr1(tmp_path
         except ProcessLookupError:
             pass
     srun, requeue = calls.read_text().splitlines()
-    assert srun == ("srun --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=0 bash launch/multi_node.sh --nnodes 2:2 "
-                    "--rdzv-endpoint gpu-a17:29500 --run-id mythos-4242 --config configs/mythos_10b.toml")
+    assert srun == (
+        "srun --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=0 bash launch/multi_node.sh --nnodes 2:2 "
+        "--rdzv-endpoint gpu-a17:29500 --run-id mythos-4242 --config configs/mythos_10b.toml"
+    )
     assert requeue == "scontrol requeue 4242"
     assert "requeueing job 4242" in log.read_text()

@@ -13,12 +13,32 @@ from mythos_train.model.flops import training_flops_per_token
 from mythos_train.trainer import Trainer
 
 EXPECTED_SCALARS = [
-    "loss/train", "optim/lr", "optim/grad_norm", "train/tokens_seen", "train/skipped_steps_total",
-    "throughput/tokens_per_s", "throughput/tokens_per_s_per_device", "throughput/tflops_per_device", "throughput/mfu",
-    "depth/n_nograd", "depth/n_grad", "time/step_ms", "time/data_wait_ms", "time/forward_backward_ms", "time/optimizer_ms",
-    "memory/rss_gib", "data/epoch", "data/skipped_records", "loop/spectral_radius", "loop/h_norm/iter_00",
-    "loop/halting_depth_mean", "loop/halting_depth_max", "experts/max_over_mean/iter_00", "experts/max_tokens/iter_00",
-    "eval/loss/loops_001", "eval/loss/loops_002",
+    "loss/train",
+    "optim/lr",
+    "optim/grad_norm",
+    "train/tokens_seen",
+    "train/skipped_steps_total",
+    "throughput/tokens_per_s",
+    "throughput/tokens_per_s_per_device",
+    "throughput/tflops_per_device",
+    "throughput/mfu",
+    "depth/n_nograd",
+    "depth/n_grad",
+    "time/step_ms",
+    "time/data_wait_ms",
+    "time/forward_backward_ms",
+    "time/optimizer_ms",
+    "memory/rss_gib",
+    "data/epoch",
+    "data/skipped_records",
+    "loop/spectral_radius",
+    "loop/h_norm/iter_00",
+    "loop/halting_depth_mean",
+    "loop/halting_depth_max",
+    "experts/max_over_mean/iter_00",
+    "experts/max_tokens/iter_00",
+    "eval/loss/loops_001",
+    "eval/loss/loops_002",
 ]
 
 
@@ -29,8 +49,15 @@ def data_dir(tmp_path_factory):
 
 def test_event_files_plot_and_profiler_trace(data_dir, tmp_path):
     run = tmp_path / "run"
-    overrides = ["--train.steps=2", "--model.use_act=true", "--checkpoint.enabled=false", "--profile.enabled=true",
-                 "--profile.wait=0", "--profile.warmup=1", "--profile.active=1"]
+    overrides = [
+        "--train.steps=2",
+        "--model.use_act=true",
+        "--checkpoint.enabled=false",
+        "--profile.enabled=true",
+        "--profile.wait=0",
+        "--profile.warmup=1",
+        "--profile.active=1",
+    ]
     cfg = tiny_config(data_dir, run, overrides)
     trainer = Trainer(cfg, init_distributed(cfg))
     losses = {}

@@ -235,7 +235,9 @@ def bf16_compile_job(rank: int, world: int) -> dict:
         dist.all_reduce(mean_loss)
         out["loss"] = max(out["loss"], abs(mean_loss.item() / world - ref_loss.item()) / ref_loss.item())
         # bf16 rounding moves single small gradients by tens of percent: compare the whole gradient vector
-        diff = sum((full(p.grad) - rp.grad).square().sum() for p, rp in zip(model.parameters(), ref.parameters(), strict=True))
+        diff = sum(
+            (full(p.grad) - rp.grad).square().sum() for p, rp in zip(model.parameters(), ref.parameters(), strict=True)
+        )
         out["grad"] = max(out["grad"], (diff / sum(rp.grad.square().sum() for rp in ref.parameters())).sqrt().item())
         out["master_dtypes"] = sorted({str(t.dtype) for p in model.parameters() for t in (p, p.grad)})
         model.zero_grad()
@@ -276,7 +278,11 @@ def test_two_ranks_fsdp_ep_counts_router_bias_dcp(tmp_path):
     ep = r0["counts_ep2"]
     assert ep[2]["all_to_all_single"] == 3 * 2 + 2 * 2 and ep[8]["all_to_all_single"] == 3 * 8 + 2 * 2, ep
     # No step waits for the device (EP's split-size `.tolist()` is the one sync, invisible on CPU).
-    syncs = [c["host_syncs"] for name in ("counts_fsdp", "counts_ep2", "counts_reshard_per_iteration") for c in r0[name].values()]
+    syncs = [
+        c["host_syncs"]
+        for name in ("counts_fsdp", "counts_ep2", "counts_reshard_per_iteration")
+        for c in r0[name].values()
+    ]
     assert not any(syncs), syncs
 
     bias = [r["router_bias"] for r in results]

@@ -127,7 +127,9 @@ def test_alternatives_fix_a_config_that_does_not_fit():
 
 
 def small_debug(*overrides: str) -> JobConfig:
-    return load_config(DEBUG, ["--train.seq_len=64", "--train.micro_batch_size=4", "--parallel.compile=false", *overrides])
+    return load_config(
+        DEBUG, ["--train.seq_len=64", "--train.micro_batch_size=4", "--parallel.compile=false", *overrides]
+    )
 
 
 LOOP_HEAVY = ("--model.vocab_size=256", "--model.expert_dim=256")  # the loop step, not the head, sets the peak
@@ -135,9 +137,21 @@ CASES = {
     "debug loop": (small_debug(), 1, 2),
     "loop-heavy loop": (small_debug(*LOOP_HEAVY), 1, 2),
     "loop-heavy none": (small_debug(*LOOP_HEAVY, "--parallel.activation_checkpoint=none"), 0, 2),
-    "full, reshard per iteration": (small_debug("--parallel.activation_checkpoint=full", "--parallel.reshard_per_iteration=true"), 2, 1),
-    "shared-heavy loop, tiled": (small_debug(*LOOP_HEAVY, "--model.n_shared_experts=4", "--parallel.shared_expert_chunks=4"), 1, 2),
-    "loop-heavy none, tiled": (small_debug(*LOOP_HEAVY, "--parallel.activation_checkpoint=none", "--parallel.shared_expert_chunks=4"), 0, 2),
+    "full, reshard per iteration": (
+        small_debug("--parallel.activation_checkpoint=full", "--parallel.reshard_per_iteration=true"),
+        2,
+        1,
+    ),
+    "shared-heavy loop, tiled": (
+        small_debug(*LOOP_HEAVY, "--model.n_shared_experts=4", "--parallel.shared_expert_chunks=4"),
+        1,
+        2,
+    ),
+    "loop-heavy none, tiled": (
+        small_debug(*LOOP_HEAVY, "--parallel.activation_checkpoint=none", "--parallel.shared_expert_chunks=4"),
+        0,
+        2,
+    ),
 }
 HSDP_CASE = ("HSDP 2 x 2", small_debug("--parallel.dp_replicate=2"), 1, 2)  # 4 ranks only
 # 4 ranks only: one local expert over efsdp 2, so experts shard on dim 1 (parallel.fsdp.expert_shard_dim).

@@ -48,9 +48,24 @@ def test_constant_and_scheduler_drives_the_optimizer():
 
 
 def test_weight_decay_only_on_matrices():
-    cfg = ModelConfig(vocab_size=64, dim=32, n_heads=4, max_seq_len=16, max_loop_iters=2, n_experts=4, n_experts_per_tok=2,
-                      expert_dim=16, use_act=True, injection="parcae", kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
-                      qk_nope_head_dim=4, v_head_dim=8, lora_rank=2)
+    cfg = ModelConfig(
+        vocab_size=64,
+        dim=32,
+        n_heads=4,
+        max_seq_len=16,
+        max_loop_iters=2,
+        n_experts=4,
+        n_experts_per_tok=2,
+        expert_dim=16,
+        use_act=True,
+        injection="parcae",
+        kv_lora_rank=8,
+        q_lora_rank=8,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        lora_rank=2,
+    )
     model = MythosModel(cfg)
     decay_group, no_decay_group = param_groups(model, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -58,11 +73,23 @@ def test_weight_decay_only_on_matrices():
     no_decay = {names[id(p)] for p in no_decay_group["params"]}
     assert decay | no_decay == set(names.values()) and not decay & no_decay
     assert (decay_group["weight_decay"], no_decay_group["weight_decay"]) == (0.1, 0.0)
-    for name in ("tok_embeddings.weight", "recurrent.block.moe.experts.w1", "recurrent.block.moe.router.weight",
-                 "prelude.0.attn.q_down.weight", "recurrent.lora.down.weight"):
+    for name in (
+        "tok_embeddings.weight",
+        "recurrent.block.moe.experts.w1",
+        "recurrent.block.moe.router.weight",
+        "prelude.0.attn.q_down.weight",
+        "recurrent.lora.down.weight",
+    ):
         assert name in decay
-    for name in ("norm.weight", "prelude.0.attn_norm.weight", "recurrent.injection.log_A", "recurrent.injection.B",
-                 "recurrent.act.halt.weight", "recurrent.act.halt.bias", "recurrent.lora.scale.weight"):
+    for name in (
+        "norm.weight",
+        "prelude.0.attn_norm.weight",
+        "recurrent.injection.log_A",
+        "recurrent.injection.B",
+        "recurrent.act.halt.weight",
+        "recurrent.act.halt.bias",
+        "recurrent.lora.scale.weight",
+    ):
         assert name in no_decay
     optimizer = build_optimizer(model, OptimConfig(), "cpu")
     assert optimizer.defaults["fused"] is False and optimizer.defaults["foreach"] is True

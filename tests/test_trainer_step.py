@@ -78,7 +78,9 @@ def test_loss_is_global_token_mean_and_accumulation_matches_one_batch(data_dir, 
 
 
 def test_non_finite_step_is_skipped_counted_and_stops_the_run(data_dir, tmp_path, make_trainer):
-    trainer = make_trainer(tiny_config(data_dir, tmp_path / "run", ["--train.max_skipped_steps=2", "--checkpoint.enabled=false"]))
+    trainer = make_trainer(
+        tiny_config(data_dir, tmp_path / "run", ["--train.max_skipped_steps=2", "--checkpoint.enabled=false"])
+    )
     assert not trainer.train_step(trainer.next_micro_batches()).skipped
     trainer.step += 1
     trainer.model.recurrent.block.moe.router.expert_bias.fill_(0.5)  # skipped steps must not move it either

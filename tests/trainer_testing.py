@@ -13,8 +13,28 @@ from data_pipeline import DataConfig, prepare
 from mythos_train.config import JobConfig, load_config
 
 VOCAB = 512
-MODULES = ("textwrap", "json.decoder", "json.encoder", "string", "shlex", "fnmatch", "glob", "csv", "heapq", "bisect",
-           "colorsys", "keyword", "numbers", "pprint", "queue", "sched", "stat", "calendar", "difflib", "base64")
+MODULES = (
+    "textwrap",
+    "json.decoder",
+    "json.encoder",
+    "string",
+    "shlex",
+    "fnmatch",
+    "glob",
+    "csv",
+    "heapq",
+    "bisect",
+    "colorsys",
+    "keyword",
+    "numbers",
+    "pprint",
+    "queue",
+    "sched",
+    "stat",
+    "calendar",
+    "difflib",
+    "base64",
+)
 
 
 def prepare_tiny_data(root: Path) -> Path:
@@ -26,7 +46,10 @@ def prepare_tiny_data(root: Path) -> Path:
     for name in MODULES:
         (src / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
     out = root / "prepared"
-    prepare(DataConfig(sources=[str(src)], prepared_dir=str(out), vocab_size=VOCAB, val_fraction=0.2, num_workers=0), progress=False)
+    prepare(
+        DataConfig(sources=[str(src)], prepared_dir=str(out), vocab_size=VOCAB, val_fraction=0.2, num_workers=0),
+        progress=False,
+    )
     return out
 
 
