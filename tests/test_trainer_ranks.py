@@ -7,6 +7,7 @@ One job per world size (1; 2 with EP 2; 4 = HSDP 2 x 2 with EP 2) builds the rea
   summed cross-entropy x dp_size / global tokens, so they must equal the plain model's mean cross-entropy
   gradient over the whole batch. Some tokens are ignored (-100), unevenly over ranks, so a per-rank mean or a
   wrong dp factor shows (AdamW and clipping would hide a rescaled gradient in the loss curve);
+- the host syncs of a whole training step (test_trainer_syncs.py has the one-process count);
 - the evaluator's loss at each loop count (also above model.max_loop_iters), against `F.cross_entropy` of the
   plain model, loaded with the step's weights, over the validation windows read by one world-size-1 loader.
 """
@@ -19,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
-from trainer_testing import VOCAB, config_file, prepare_tiny_data
+from trainer_testing import VOCAB, config_file, prepare_tiny_data, step_host_syncs
 
 import parallel
 from data_pipeline import build_loader
@@ -38,6 +39,8 @@ COMMON = [
     "--eval.batches=2",
     f"--eval.loop_counts=[{', '.join(map(str, LOOP_COUNTS))}]",
     "--train.max_grad_norm=0.05",  # small enough that clipping acts: gradients are read before it
+    "--train.depth_distribution=fixed",  # 1 gradient-free + 2 gradient iterations every step
+    "--train.mean_depth=3",
 ]
 
 
@@ -83,7 +86,11 @@ def rank_job(rank: int, world: int, config: str) -> dict:
     finally:
         parallel.clip_grad_norm_ = clip
     trainer.step = 1
-    out |= {"step": step, "after_step": consolidated(trainer.model), "eval": trainer.evaluator.run(1)}
+    second = trainer.next_micro_batches()
+    out["syncs"] = step_host_syncs(trainer, second)  # a second step: the first one set up FSDP and AdamW state
+    out["second_depth"] = trainer.depth.sample(1)
+    trainer.step = 2
+    out |= {"step": step, "after_step": consolidated(trainer.model), "eval": trainer.evaluator.run(2)}
     trainer.close()
     return out
 
@@ -174,3 +181,15 @@ def test_eval_loss_by_loop_count_is_cross_entropy_over_the_validation_windows(ru
             assert result["eval"][loops] == pytest.approx(value.item(), rel=1e-5), (
                 f"world {world} rank {rank}: eval loss at {loops} loops"
             )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", sorted(MESHES))
+def test_host_syncs_of_a_whole_step(runs, world):
+    """One per step (loss and gradient norm, read together); EP adds one per loop iteration of each micro-batch
+    (its all-to-all split sizes), none in backward or in the activation-checkpoint recompute."""
+    _, results = runs
+    n_nograd, n_grad = results[world][0]["second_depth"]
+    expected = 1 + (n_nograd + n_grad if "--parallel.ep=2" in MESHES[world] else 0)
+    for rank, result in enumerate(results[world]):
+        assert result["syncs"] == {"tolist": expected}, f"world {world} rank {rank}: {result['syncs']}"
