@@ -46,7 +46,7 @@ def test_debug_config_trains_on_two_processes_and_the_summary_names_what_exists(
     assert len({(r["world_size"], r["restart"]) for r in steps}) == 1 and steps[0]["world_size"] == 2
     losses = [r["loss"] for r in steps]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < first - 0.3, f"loss did not fall: {losses}"
+    assert last < first - 0.5, f"loss did not fall: {losses}"
 
     summary = log[log.index("done: ") :]
     assert f"done: {STEPS} steps; train loss {losses[0]:.4f} -> {losses[-1]:.4f}" in summary, summary
@@ -56,5 +56,5 @@ def test_debug_config_trains_on_two_processes_and_the_summary_names_what_exists(
     plot = Path(re.search(r"loss vs loops (\S+)", summary).group(1))
     checkpoints = Path(re.search(r"checkpoints +(\S+)", summary).group(1))
     assert list(tensorboard.glob("events.out.tfevents.*")), f"no event file in {tensorboard}"
-    assert plot.stat().st_size > 1000
+    assert plot.is_file() and plot.stat().st_size > 1000, f"{plot} missing or empty"
     assert sorted(p.name for p in checkpoints.iterdir() if (p / "COMPLETE").is_file()) == ["step-16", "step-8"]
