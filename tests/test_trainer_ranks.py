@@ -86,8 +86,8 @@ def rank_job(rank: int, world: int, config: str) -> dict:
     finally:
         parallel.clip_grad_norm_ = clip
     trainer.step = 1
-    second = trainer.next_micro_batches()
-    out["syncs"] = step_host_syncs(trainer, second)  # a second step: the first one set up FSDP and AdamW state
+    two_micro_batches = trainer.next_micro_batches() + trainer.next_micro_batches()
+    out["syncs"] = step_host_syncs(trainer, two_micro_batches)  # a second step: the first set up FSDP and AdamW
     out["second_depth"] = trainer.depth.sample(1)
     trainer.step = 2
     out |= {"step": step, "after_step": consolidated(trainer.model), "eval": trainer.evaluator.run(2)}
@@ -190,6 +190,6 @@ def test_host_syncs_of_a_whole_step(runs, world):
     (its all-to-all split sizes), none in backward or in the activation-checkpoint recompute."""
     _, results = runs
     n_nograd, n_grad = results[world][0]["second_depth"]
-    expected = 1 + (n_nograd + n_grad if "--parallel.ep=2" in MESHES[world] else 0)
+    expected = 1 + (2 * (n_nograd + n_grad) if "--parallel.ep=2" in MESHES[world] else 0)  # 2 micro-batches
     for rank, result in enumerate(results[world]):
         assert result["syncs"] == {"tolist": expected}, f"world {world} rank {rank}: {result['syncs']}"
