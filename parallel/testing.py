@@ -17,6 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -76,7 +77,9 @@ class CollectiveCounter(TorchDispatchMode):
     and, in `host_syncs`, the ops that make the host wait for the device (`.item()`, `bool(t)`, masks and other
     data-dependent output shapes). A dispatch mode sees the real calls, in forward and in backward, whoever issues
     them (FSDP hooks, DTensor, all-to-all). Usage: `with CollectiveCounter() as c: ...; c.counts ->
-    {"_allgather_base_": 7, ...}`. Not seen: `.tolist()` / `.cpu()` of a CPU tensor (no op is dispatched).
+    {"_allgather_base_": 7, ...}`. Not seen: `.tolist()` / `.cpu()` of a CPU tensor (no op is dispatched; see
+    HostReadCounter). `host_reads` keeps the tensors `.item()` read (`_local_scalar_dense`), so a caller can tell
+    tensors that live on the host whatever the device (AdamW's step counters) from device values.
     """
 
     _NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}
@@ -87,6 +90,7 @@ class CollectiveCounter(TorchDispatchMode):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
         self.host_syncs: collections.Counter = collections.Counter()
+        self.host_reads: list[torch.Tensor] = []
 
     @staticmethod
     def _data_dependent_shape(name: str, args: tuple, kwargs: dict) -> bool:
@@ -105,4 +109,24 @@ class CollectiveCounter(TorchDispatchMode):
             self.counts[name] += 1
         elif name in self.HOST_SYNCS or self._data_dependent_shape(name, args, kwargs):
             self.host_syncs[name] += 1
+            if name == "_local_scalar_dense":
+                self.host_reads.append(args[0])
         return func(*args, **kwargs)
+
+
+class HostReadCounter(TorchFunctionMode):
+    """Counts the Python-level reads into the host that dispatch no op on a CPU tensor (`.tolist()`, `.numpy()`,
+    `.cpu()`), so CollectiveCounter cannot see them, although on a GPU each is a device-to-host copy. `.item()`,
+    `bool(t)` and `float(t)` dispatch `_local_scalar_dense`: CollectiveCounter's `host_syncs` has them.
+    """
+
+    READS = {"tolist", "numpy", "cpu"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS and args and isinstance(args[0], torch.Tensor):
+            self.counts[func.__name__] += 1
+        return func(*args, **(kwargs or {}))

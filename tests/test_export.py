@@ -1,13 +1,11 @@
 """Export: a checkpoint written by 2 ranks (FSDP + expert parallel) -> one safetensors file whose weights are the
 trained ones, and an open-mythos 0.5.0 file that gives OpenMythos the same logits as our model."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from model_testing import open_mythos_reference
 from safetensors import safe_open
 from safetensors.torch import load_file
 from trainer_testing import prepare_tiny_data, tiny_config
@@ -17,21 +15,6 @@ from mythos_train.distributed import init_distributed
 from mythos_train.export import export_checkpoint, load_exported
 from mythos_train.model.open_mythos_compat import open_mythos_config_kwargs
 from mythos_train.trainer import Trainer
-
-
-def _open_mythos_main():
-    """open-mythos 0.5.0's main.py: the installed package, else the unpacked wheel; None when neither exists."""
-    spec = importlib.util.find_spec("open_mythos")
-    candidates = [Path(p) / "main.py" for p in (spec.submodule_search_locations or [])] if spec else []
-    candidates.append(Path("/tmp/om/x/open_mythos/main.py"))
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        return None
-    spec = importlib.util.spec_from_file_location("open_mythos_main_for_export_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module while the class body runs
-    spec.loader.exec_module(module)
-    return module
 
 
 def _train_worker(rank, world_size, cfg):
@@ -84,9 +67,7 @@ def test_export_round_trip(trained, tmp_path):
 
 @pytest.mark.slow
 def test_open_mythos_gives_the_same_logits(trained, tmp_path):
-    reference = _open_mythos_main()
-    if reference is None:
-        pytest.skip("open-mythos 0.5.0 not available (pip install open-mythos==0.5.0 --no-deps)")
+    reference = open_mythos_reference()
     cfg, _, run = trained
     files = export_checkpoint(run / "checkpoints", tmp_path / "out", cfg.model)
     kwargs = json.loads(files["config"].read_text())["open_mythos"]["config_kwargs"]

@@ -4,12 +4,12 @@ traces; the GPU peak table."""
 import json
 
 import pytest
+from model_testing import counted_training_flops_per_token
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from trainer_testing import prepare_tiny_data, tiny_config
 
 from mythos_train.distributed import destroy_distributed, init_distributed
 from mythos_train.metrics import console_line, gpu_peak_flops
-from mythos_train.model.flops import training_flops_per_token
 from mythos_train.trainer import Trainer
 
 EXPECTED_SCALARS = [
@@ -88,11 +88,13 @@ def test_event_files_plot_and_profiler_trace(data_dir, tmp_path):
     for step, result in losses.items():
         assert scalar("loss/train", step) == pytest.approx(result.loss, rel=1e-6)
         assert scalar("depth/n_grad", step) == result.n_grad
-        # loop-aware FLOPs of the depth this step ran, over its measured time (log_every = 1: one-step interval)
-        flops = training_flops_per_token(cfg.model, cfg.train.seq_len, result.n_nograd, result.n_grad) * 2 * 32
-        seconds = scalar("time/step_ms", step) / 1e3
-        assert scalar("throughput/tflops_per_device", step) == pytest.approx(flops / seconds / 1e12, rel=1e-4)
-        assert scalar("throughput/mfu", step) == pytest.approx(flops / seconds / 0.1e12, rel=1e-4)
+        # MFU = tokens/s x FLOPs per token of the depth this step ran / peak, FLOPs counted by torch on a plain
+        # model (log_every = 1: a one-step interval)
+        flops = counted_training_flops_per_token(cfg.model, 2, cfg.train.seq_len, result.n_nograd, result.n_grad)
+        tokens_per_s = scalar("throughput/tokens_per_s_per_device", step)
+        assert tokens_per_s == pytest.approx(2 * 32 / (scalar("time/step_ms", step) / 1e3), rel=1e-4)
+        assert scalar("throughput/tflops_per_device", step) == pytest.approx(tokens_per_s * flops / 1e12, rel=0.01)
+        assert scalar("throughput/mfu", step) == pytest.approx(tokens_per_s * flops / 0.1e12, rel=0.01)
     assert scalar("optim/lr", 1) == pytest.approx(cfg.optim.lr)  # warmup of 1 step: the peak at step 1
     assert 0 < scalar("loop/spectral_radius", 2) < 1
     assert 1 <= scalar("loop/halting_depth_mean", 2) <= scalar("loop/halting_depth_max", 2)

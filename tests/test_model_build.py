@@ -1,12 +1,8 @@
 """Build on meta (the trainer's path: meta -> shard -> to_empty -> init_weights) and initialise in place."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from model_testing import DIM32, tiny_model_config
+from model_testing import DIM32, open_mythos_reference, tiny_model_config
 
 from mythos_train.config import load_config
 from mythos_train.model import MythosModel
@@ -14,21 +10,11 @@ from mythos_train.model.open_mythos_compat import open_mythos_config_kwargs
 from mythos_train.model.rope import rope_angles
 
 
-def _reference_param_count(kwargs: dict) -> int | None:
-    """open-mythos' own count, from building it on meta, when the package is around."""
-    spec = importlib.util.find_spec("open_mythos")
-    path = next(
-        (Path(p) / "main.py" for p in (spec.submodule_search_locations if spec else [])),
-        Path("/tmp/om/x/open_mythos/main.py"),
-    )
-    if not path.is_file():
-        return None
-    ref_spec = importlib.util.spec_from_file_location("open_mythos_reference_main_build", path)
-    ref = importlib.util.module_from_spec(ref_spec)
-    sys.modules[ref_spec.name] = ref
-    ref_spec.loader.exec_module(ref)
+def _reference_param_count(kwargs: dict) -> int:
+    """open-mythos' own count, from building it on meta (missing reference: skip, or fail under CI)."""
+    reference = open_mythos_reference()
     with torch.device("meta"):
-        model = ref.OpenMythos(ref.MythosConfig(**kwargs))
+        model = reference.OpenMythos(reference.MythosConfig(**kwargs))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -42,9 +28,8 @@ def test_presets_build_on_meta(preset, use_act):
     n_params = sum(p.numel() for p in model.parameters())
     expected = {"1b": (1.0e9, 2.0e9), "1t": (0.9e12, 1.2e12)}[preset]
     assert expected[0] < n_params < expected[1], n_params
-    reference = _reference_param_count(open_mythos_config_kwargs(cfg)) if use_act and preset == "1b" else None
-    if reference is not None:  # same parameters as open-mythos (its tied head counted once)
-        assert n_params == reference
+    if use_act and preset == "1b":  # same parameters as open-mythos (its tied head counted once)
+        assert n_params == _reference_param_count(open_mythos_config_kwargs(cfg))
 
 
 def test_init_weights_after_to_empty_overwrites_everything():

@@ -1,38 +1,34 @@
 """Exported weights give open-mythos 0.5.0's OpenMythos the same logits as our model (use_act=True, injection="lti").
 
-The reference is loaded straight from its main.py (CI: `pip install open-mythos==0.5.0 --no-deps`); skipped if absent.
+The reference is loaded straight from its main.py (`pip install --no-deps open-mythos==0.5.0`); when absent the
+tests skip, except under CI (`CI=true`), where they fail.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import model_testing
 import pytest
 import torch
-from model_testing import tiny_model_config
+from model_testing import open_mythos_reference, tiny_model_config
 
 from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel
 from mythos_train.model.open_mythos_compat import open_mythos_config_kwargs, to_open_mythos_state_dict
 
 
-def _reference_main_path() -> Path | None:
-    spec = importlib.util.find_spec("open_mythos")
-    candidates = [Path(p) / "main.py" for p in (spec.submodule_search_locations or [])] if spec else []
-    candidates.append(Path("/tmp/om/x/open_mythos/main.py"))
-    return next((p for p in candidates if p.is_file()), None)
-
-
 @pytest.fixture(scope="module")
 def reference():
-    path = _reference_main_path()
-    if path is None:
-        pytest.skip("open-mythos 0.5.0 not installed (pip install open-mythos==0.5.0 --no-deps)")
-    spec = importlib.util.spec_from_file_location("open_mythos_reference_main", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up while the class body runs
-    spec.loader.exec_module(module)
-    return module
+    return open_mythos_reference()
+
+
+def test_missing_reference_skips_locally_and_fails_under_ci(monkeypatch):
+    monkeypatch.setattr(model_testing, "load_open_mythos", lambda: None)
+    for ci, outcome in ((None, pytest.skip.Exception), ("true", pytest.fail.Exception)):
+        if ci is None:
+            monkeypatch.delenv("CI", raising=False)
+        else:
+            monkeypatch.setenv("CI", ci)
+        with pytest.raises(BaseException) as raised:  # a skip must not pass for a failure, nor the other way
+            open_mythos_reference()
+        assert raised.type is outcome, f"CI={ci}: {raised.type.__name__} {raised.value}"
 
 
 def _cfg(attn_type: str, **overrides) -> ModelConfig:
