@@ -58,10 +58,28 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's .metadata, refusing every global that is not DCP's own bookkeeping."""
+    """Unpickles DCP's .metadata, refusing every global that is not one of DCP's plain-data classes.
 
-    _modules = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    _globals = {
+    Only exact (module, name) pairs pass: pickle protocol 4 resolves dotted names, so allowing a module (or any
+    name with a dot) would reach through attributes to the function and code types and let a crafted file build
+    and call a function (issue 14).
+    """
+
+    allowed = {
+        *(
+            ("torch.distributed.checkpoint.metadata", name)
+            for name in (
+                "Metadata",
+                "StorageMeta",
+                "MetadataIndex",
+                "ChunkStorageMetadata",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "TensorProperties",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
         ("pathlib", "PosixPath"),
         ("pathlib", "PurePosixPath"),
         ("pathlib", "WindowsPath"),
@@ -72,12 +90,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = (module, name) in self._globals
-        if module in self._modules:
-            allowed = isinstance(super().find_class(module, name), type)
-        elif module == "torch":
-            allowed = allowed or isinstance(getattr(torch, name, None), torch.dtype)
-        if not allowed:
+        dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
+        if not (dtype or (module, name) in self.allowed):
             raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
         return super().find_class(module, name)
 
