@@ -88,6 +88,7 @@ def _checkpoint_folder(cfg: JobConfig) -> str:
 
 def run_train(cfg: JobConfig) -> int:
     from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed  # noqa: PLC0415
+    from mythos_train.stop_signals import STOPPED_EXIT  # noqa: PLC0415
     from mythos_train.trainer import NonFiniteError, Trainer, check_vocab  # noqa: PLC0415
 
     validate(cfg, env_world_size())  # before any rendezvous: a bad config costs nothing
@@ -101,6 +102,14 @@ def run_train(cfg: JobConfig) -> int:
             trainer.close()
         if info.is_main:
             print(trainer.summary(), flush=True)
+        if trainer.stopped_by:
+            print(
+                f"stopped by {trainer.stopped_by} after step {trainer.step}, checkpoint saved in "
+                f"{trainer.checkpoint.folder}; exit status {STOPPED_EXIT}: start the same command again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            return STOPPED_EXIT
     except NonFiniteError as err:  # every rank stops at the same step with the same message
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -155,6 +155,8 @@ class TrainConfig:
     "Stop with an error after this many non-finite steps in a row."
     log_every: int = 10
     "Console and TensorBoard scalars every N steps."
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    "Signals that make every rank finish its step, save a checkpoint and exit with status 75 (start again to resume): SIGTERM from SLURM/Kubernetes, SIGINT (Ctrl-C), SIGUSR1 from SLURM's --signal."
 
 
 @dataclass
@@ -484,6 +486,9 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
             f"train.mean_depth ({t.mean_depth}) must be a whole number with depth_distribution = 'fixed'",
         )
     _check(t.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
+    catchable = {"SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"}
+    for name in t.stop_signals:
+        _check(name in catchable, f"train.stop_signals: {name!r} is not one of {sorted(catchable)}")
 
     o = cfg.optim
     _check(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")

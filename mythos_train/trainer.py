@@ -33,6 +33,7 @@ from mythos_train.model.flops import training_flops_per_token
 from mythos_train.optim import build_lr_scheduler, build_optimizer
 from mythos_train.profiling import profiling
 from mythos_train.seeded_init import init_weights_seeded
+from mythos_train.stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class Trainer:
         self.skipped_total = 0
         self.loss_range: tuple[float, float] | None = None  # (first, last) finite loss of this process's steps
         self.last_eval: dict[int, float] = {}
+        self.stopped_by: str | None = None  # the signal that stopped the run early (after a checkpoint)
         self._interval = {"steps": 0, "time": 0.0, "flops": 0.0}
         self._data_wait_ms = 0.0
         self._marks: tuple = ()
@@ -255,7 +257,10 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         self.resume()
         self.model.train()
-        with profiling(cfg.profile, self.run_dir, self.dist.rank, self.device) as profiler:
+        with (
+            profiling(cfg.profile, self.run_dir, self.dist.rank, self.device) as profiler,
+            StopSignals(cfg.train.stop_signals) as stop_signals,
+        ):
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
                 micro_batches = self.next_micro_batches()
@@ -268,12 +273,17 @@ class Trainer:
                 self._account(result, time.perf_counter() - t0)
                 profiler.step()
                 last = self.step == cfg.train.steps
+                stopping = stop_signals.agreed(self.device) and not last  # the same answer on every rank
                 if self.step % cfg.train.log_every == 0 or self.step == 1 or last:
                     self.log(result)
-                if last or (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0):
+                if not stopping and (last or (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0)):
                     self.last_eval = self.evaluator.run(self.step)
-                self.checkpoint.save(self.step, self.train_state(), last=last)
+                self.checkpoint.save(self.step, self.train_state(), last=last or stopping)
                 self.checkpoint.poll()
+                if stopping:
+                    received = stop_signals.received
+                    self.stopped_by = received.name if received else "a stop signal on another rank"
+                    break
                 if self.step == stop_after:
                     break
 

@@ -112,11 +112,14 @@ if [[ "$1 $2" == "show hostnames" ]]; then printf 'gpu-a17\\ngpu-a18\\n'; else e
 """
 FAKE_SRUN = """#!/usr/bin/env bash
 echo "srun $*" >> "$CALLS"
-exec sleep 60
+trap 'echo "srun got USR1" >> "$CALLS"; kill $!; exit 75' USR1
+sleep 60 &
+wait
 """
 
 
 def test_slurm_script_starts_one_torchrun_per_node_and_requeues_on_usr1(tmp_path):
+    """USR1 is passed on to srun; its tasks exit 75 (stopped with a checkpoint, as the launchers do), so requeue."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()
     for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
@@ -152,10 +155,52 @@ def test_slurm_script_starts_one_torchrun_per_node_and_requeues_on_usr1(tmp_path
             os.killpg(batch.pid, signal.SIGKILL)  # the stand-in srun, still sleeping
         except ProcessLookupError:
             pass
-    srun, requeue = calls.read_text().splitlines()
+    srun, forwarded, requeue = calls.read_text().splitlines()
+    assert forwarded == "srun got USR1"
     assert srun == (
         "srun --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=0 bash launch/multi_node.sh --nnodes 2:2 "
         "--rdzv-endpoint gpu-a17:29500 --run-id mythos-4242 --config configs/mythos_10b.toml"
     )
     assert requeue == "scontrol requeue 4242"
     assert "requeueing job 4242" in log.read_text()
+    assert batch.returncode == 75
+
+
+FAKE_TORCHRUN = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+trap 'echo "got TERM" >> "$CALLS"; kill $!; exit 1' TERM
+sleep 60 &
+wait
+"""
+
+
+def test_launcher_passes_a_stop_signal_to_torchrun_and_exits_75(tmp_path):
+    """SIGTERM to the launcher reaches torchrun (which hands it to the workers); torchrun then fails, the launcher
+    exits 75, the status the SLURM script requeues on."""
+    python, calls = tmp_path / "python", tmp_path / "calls"
+    python.write_text(FAKE_TORCHRUN)
+    python.chmod(0o755)
+    launcher = subprocess.Popen(
+        ["bash", str(LAUNCH / "single_node.sh"), "--config", "x.toml"],
+        env={**_env(CALLS=str(calls)), "PYTHON": str(python)},
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (calls.is_file() and calls.read_text()):
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=30)
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    args, received = calls.read_text().splitlines()
+    assert args.startswith("-m torch.distributed.run --signals_to_handle=SIGTERM,SIGINT,SIGUSR1 ")
+    assert received == "got TERM"
+    assert launcher.returncode == 75, stderr
+    assert "stopped by SIGTERM" in stderr
