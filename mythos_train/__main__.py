@@ -87,6 +87,7 @@ def _checkpoint_folder(cfg: JobConfig) -> str:
 
 
 def run_train(cfg: JobConfig) -> int:
+    from mythos_train.checkpoint import NonFiniteWeightsError  # noqa: PLC0415
     from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed  # noqa: PLC0415
     from mythos_train.stop_signals import STOPPED_EXIT  # noqa: PLC0415
     from mythos_train.trainer import NonFiniteError, Trainer, check_vocab  # noqa: PLC0415
@@ -110,7 +111,7 @@ def run_train(cfg: JobConfig) -> int:
                 flush=True,
             )
             return STOPPED_EXIT
-    except NonFiniteError as err:  # every rank stops at the same step with the same message
+    except (NonFiniteError, NonFiniteWeightsError) as err:  # every rank stops at the same step with the same message
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
@@ -123,17 +124,15 @@ def run_eval(cfg: JobConfig, checkpoint: str | None) -> dict[int, float]:
     from pathlib import Path  # noqa: PLC0415
 
     import parallel  # noqa: PLC0415
-    from mythos_train.checkpoint import load_model_weights, resolve_checkpoint  # noqa: PLC0415
+    from mythos_train.checkpoint import check_model_config, load_model_weights, resolve_checkpoint  # noqa: PLC0415
     from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed  # noqa: PLC0415
     from mythos_train.evaluate import Evaluator  # noqa: PLC0415
-    from mythos_train.export import checkpoint_model_config  # noqa: PLC0415
     from mythos_train.metrics import MetricsLogger  # noqa: PLC0415
     from mythos_train.trainer import build_model  # noqa: PLC0415
 
     validate(cfg, env_world_size())
     path = resolve_checkpoint(checkpoint or _checkpoint_folder(cfg))
-    if (recorded := checkpoint_model_config(path, cfg.model)) != cfg.model:
-        raise ConfigError(f"{path} was trained with a different [model] section than the config given: {recorded}")
+    check_model_config(path, cfg.model)
     info = init_distributed(cfg)
     try:
         dims = parallel.build_mesh(cfg.parallel, info.world_size, info.device.type)

@@ -17,6 +17,7 @@ load_state_dict refuses another layout with a clear error.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -44,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from mythos_train.config import CheckpointConfig
+from mythos_train.config import CheckpointConfig, ConfigError, ModelConfig
 from mythos_train.distributed import fault_point
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,23 @@ def read_train_state(path: Path) -> dict:
     return json.loads((Path(path) / TRAIN_STATE).read_text())
 
 
+def check_model_config(path: Path, model: ModelConfig) -> None:
+    """Refuse a checkpoint trained with another [model] section, naming the fields: even a field that keeps every
+    tensor shape (rope_theta, norm_eps) changes what the weights compute."""
+    recorded = read_train_state(path).get("model_config") or {}
+    changed = [
+        f"{name} = {value!r} (checkpoint: {recorded[name]!r})"
+        for name, value in dataclasses.asdict(model).items()
+        if name in recorded and recorded[name] != value
+    ]
+    if changed:
+        raise ConfigError(
+            f"{path} was trained with a different [model] section than the config given: model."
+            + ", model.".join(changed)
+            + "; use the checkpoint's values, or another checkpoint.folder / train.run_dir for a new model"
+        )
+
+
 def load_model_weights(model: nn.Module, path: Path) -> dict:
     """Load only the model state of checkpoint `path` into `model` (sharded or not); returns its train state."""
     model_state = get_model_state_dict(model)
@@ -183,6 +201,22 @@ def consolidated_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- manager
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """The model's weights hold NaN or inf: such a state is never saved as a complete checkpoint."""
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every weight and buffer of every rank is finite (collective: call on every rank)."""
+    bad = torch.zeros((), dtype=torch.float32, device=next(iter(model.state_dict().values())).device)
+    for tensor in model.state_dict().values():
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if local.is_floating_point():
+            bad = bad + (~torch.isfinite(local)).sum().float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad)
+    return bool(bad.item() == 0)
+
+
 class CheckpointManager:
     """Saves and restores everything a resumed run needs to continue bit-for-bit."""
 
@@ -195,8 +229,10 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         lr_scheduler: Any,
         data_loader: Any,
+        model_config: ModelConfig,
     ) -> None:
         self.cfg = cfg
+        self.model_config = model_config
         self.folder = Path(folder)
         self.model, self.optimizer, self.lr_scheduler, self.data_loader = model, optimizer, lr_scheduler, data_loader
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -216,6 +252,12 @@ class CheckpointManager:
         if not self.should_save(step, last):
             return False
         self.wait()  # one save in flight at a time
+        if not weights_finite(self.model):
+            latest = find_latest(self.folder)
+            raise NonFiniteWeightsError(
+                f"step {step}: the model weights are not finite (NaN or inf), so no checkpoint was saved; the "
+                f"newest complete one is {latest or 'none'}. Lower optim.lr or check the data, then resume."
+            )
         path = self.folder / f"step-{step}"
         if self.rank == 0:
             if path.exists():  # a partial save of a killed run; never mix its shards with ours
@@ -283,6 +325,8 @@ class CheckpointManager:
         if step < 0:
             return None
         path = self.folder / f"step-{step}"
+        check_model_config(path, self.model_config)
+        configured = _hyperparameters(self.optimizer, self.lr_scheduler)
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp_load(state, path)
@@ -290,6 +334,7 @@ class CheckpointManager:
 
         train_state = read_train_state(path)
         self.lr_scheduler.load_state_dict(train_state.pop("lr_scheduler"))
+        _restore_hyperparameters(self.optimizer, self.lr_scheduler, configured)
         self._load_rank_state(path)
         logger.info("resumed from %s (step %d)", path, train_state["step"])
         return train_state
@@ -307,6 +352,37 @@ class CheckpointManager:
         if self.async_group is not None:
             dist.destroy_process_group(self.async_group)
             self.async_group = None
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> dict:
+    """The optimizer's per-group settings and the schedule's base LRs, as the config built them."""
+    groups = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
+    return {"groups": groups, "base_lrs": list(lr_scheduler.base_lrs)}
+
+
+def _restore_hyperparameters(optimizer: torch.optim.Optimizer, lr_scheduler: Any, configured: dict) -> None:
+    """After a resume the config's hyper-parameters win over the checkpoint's (a run saved with a bad LR can be
+    rescued by changing the config); each change is logged. The schedule's position stays the checkpoint's."""
+    saved = _hyperparameters(optimizer, lr_scheduler)
+    if saved == configured:
+        return
+    changes = [
+        f"group {i} {key}: {saved_group.get(key)!r} -> {value!r}"
+        for i, (saved_group, group) in enumerate(zip(saved["groups"], configured["groups"], strict=True))
+        for key, value in group.items()
+        if saved_group.get(key) != value
+    ]
+    if saved["base_lrs"] != configured["base_lrs"]:
+        changes.append(f"base lr: {saved['base_lrs']} -> {configured['base_lrs']}")
+    for group, settings in zip(optimizer.param_groups, configured["groups"], strict=True):
+        group.update(settings)
+    lr_scheduler.base_lrs = configured["base_lrs"]
+    for group, base_lr, factor in zip(
+        optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base_lr * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    logger.info("resumed with the config's optimizer settings instead of the checkpoint's: %s", "; ".join(changes))
 
 
 def _broadcast_int(value: int, model: nn.Module) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -293,7 +294,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp in (int, float):
         if isinstance(value, str):
             try:
-                value = ast.literal_eval(value.strip())
+                text = value.strip()
+                value = float(text) if text.lower().lstrip("+-") in ("inf", "nan") else ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
         if (
@@ -302,6 +304,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             or (tp is int and not float(value).is_integer())
         ):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        if not math.isfinite(value):  # TOML's inf/nan, or a literal too big for a float (1e999)
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
         return tp(value)
     if tp is str:
         if not isinstance(value, str):

@@ -125,6 +125,7 @@ class Trainer:
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
             data_loader=self.data_loader,
+            model_config=cfg.model,
         )
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, enabled=dist_info.is_main)
         self.evaluator = Evaluator(cfg, self.model, self.dims, self.device, self.metrics, self.run_dir)
