@@ -6,7 +6,10 @@ Layout of one checkpoint, `<folder>/step-<N>/`:
     rank/rank<r>.pt                each rank's data-loader state and torch CPU (and CUDA) generator states
     COMPLETE                       written last by rank 0, once every rank's data is on disk
 
-A checkpoint counts only with its COMPLETE marker, so a run killed mid-save resumes from the previous one.
+A checkpoint counts only with its COMPLETE marker, so a run killed mid-save resumes from the previous one. The
+marker lists every other file with its size and CRC-32 (rank 0 reads the checkpoint once to write it); resume
+verifies them and falls back to the newest checkpoint that verifies, so a truncated shard or a lost .metadata
+costs the steps since the previous checkpoint, not the run.
 Nothing is ever unpickled freely: DCP's .metadata goes through an allowlisting unpickler, DCP's non-tensor
 items (optimizer param_group hyper-parameters) through `torch.load(weights_only=True)`, the per-rank files
 likewise, and the rest is JSON. DCP reshards model and optimizer onto any mesh. The pre-tokenized loader's
@@ -24,6 +27,7 @@ import logging
 import pickle
 import re
 import shutil
+import zlib
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -146,6 +150,67 @@ def checkpoint_dirs(folder: Path, complete_only: bool = True) -> list[tuple[int,
     return sorted(found)
 
 
+def _crc32(file: Path) -> int:
+    crc = 0
+    with open(file, "rb") as stream:
+        while chunk := stream.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def file_checksums(path: Path) -> dict[str, list[int]]:
+    """Every file under checkpoint `path` but the marker: relative path -> [size in bytes, CRC-32]."""
+    return {
+        str(file.relative_to(path)): [file.stat().st_size, _crc32(file)]
+        for file in sorted(Path(path).rglob("*"))
+        if file.is_file() and file.name != MARKER
+    }
+
+
+def verify(path: Path) -> str | None:
+    """None when every file the COMPLETE marker lists is there with its size and checksum, else what is wrong.
+
+    A marker from before checksums ("ok") has nothing to verify and passes."""
+    text = (Path(path) / MARKER).read_text()
+    if text.strip() == "ok":
+        return None
+    try:
+        expected = json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable {MARKER} marker"
+    for name, (size, crc) in expected.items():
+        file = Path(path) / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if _crc32(file) != crc:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def find_verified(folder: Path, step: int = -1) -> Path:
+    """The newest complete checkpoint in `folder` that verifies (logging each one skipped), or exactly `step`'s.
+
+    Raises FileNotFoundError when there is none, or `step`'s is missing or damaged."""
+    complete = checkpoint_dirs(folder)
+    if step >= 0:
+        path = dict(complete).get(step)
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint of step {step} in {folder}")
+        if problem := verify(path):
+            raise FileNotFoundError(f"{path} does not verify: {problem}")
+        return path
+    for _, path in reversed(complete):
+        problem = verify(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s does not verify (%s): falling back to an older one", path, problem)
+    raise FileNotFoundError(
+        f"{folder}: no complete checkpoint that verifies (a step-N directory with a {MARKER} marker)"
+    )
+
+
 def find_latest(folder: Path) -> Path | None:
     """The newest complete checkpoint in `folder`, or None."""
     complete = checkpoint_dirs(folder)
@@ -156,11 +221,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory itself, or the newest complete one inside a checkpoints folder."""
     path = Path(path)
     if (path / MARKER).is_file():
+        if problem := verify(path):
+            raise FileNotFoundError(f"{path} does not verify: {problem}")
         return path
-    latest = find_latest(path)
-    if latest is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (a step-N directory with a {MARKER} marker)")
-    return latest
+    return find_verified(path)
 
 
 def read_train_state(path: Path) -> dict:
@@ -301,7 +365,9 @@ class CheckpointManager:
         fault_point("save", int(path.name.removeprefix("step-")))  # test-only: MYTHOS_FAULT_KILL_AT_STEP=r:s:save
         if self.rank != 0:
             return
-        (path / MARKER).write_text("ok\n")
+        marker = path / f"{MARKER}.tmp"
+        marker.write_text(json.dumps({"files": file_checksums(path)}, indent=0))
+        marker.rename(path / MARKER)  # atomic: a marker is whole or absent
         logger.info("checkpoint saved: %s", path)
         for _, old in checkpoint_dirs(self.folder)[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -319,9 +385,17 @@ class CheckpointManager:
         """Restore the newest complete checkpoint; returns its train state, or None when there is none (or resume is off)."""
         if not (self.cfg.enabled and self.cfg.resume):
             return None
-        # Rank 0 picks the checkpoint: on a shared file system other ranks could list the folder differently.
-        latest = find_latest(self.folder) if self.rank == 0 else None
-        step = _broadcast_int(int(latest.name.removeprefix("step-")) if latest else -1, self.model)
+        # Rank 0 picks (and verifies) the checkpoint: on a shared file system other ranks could list the folder
+        # differently. -1: none to resume from; -2: the checkpoint asked for by load_step is not usable.
+        step, problem = -1, ""
+        if self.rank == 0:
+            try:
+                step = int(find_verified(self.folder, self.cfg.load_step).name.removeprefix("step-"))
+            except FileNotFoundError as err:
+                step, problem = (-2, str(err)) if self.cfg.load_step >= 0 else (-1, "")
+        step = _broadcast_int(step, self.model)
+        if step == -2:
+            raise ConfigError(f"checkpoint.load_step = {self.cfg.load_step}: {problem or 'refused by rank 0'}")
         if step < 0:
             return None
         path = self.folder / f"step-{step}"

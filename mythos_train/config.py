@@ -199,7 +199,9 @@ class CheckpointConfig:
     async_save: bool = False
     "Save in the background on a dedicated gloo group, overlapping the next steps."
     resume: bool = True
-    "Resume from the newest complete checkpoint in folder, if any."
+    "Resume from the newest complete checkpoint in folder whose files match the checksums in its COMPLETE marker (an older one if the newest is damaged), if any."
+    load_step: int = -1
+    "Resume from the checkpoint of exactly this step (an error if it is missing or damaged); -1 = the newest that verifies."
 
 
 @dataclass
@@ -502,6 +504,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep_last >= 1,
         "checkpoint.every_steps and checkpoint.keep_last must be >= 1",
     )
+    _check(cfg.checkpoint.load_step >= -1, f"checkpoint.load_step ({cfg.checkpoint.load_step}) must be >= 0, or -1")
     _check(all(n >= 1 for n in cfg.eval.loop_counts), "eval.loop_counts must all be >= 1")
     p_ = cfg.profile
     _check(
