@@ -32,6 +32,7 @@ from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
 from mythos_train.optim import build_lr_scheduler, build_optimizer
 from mythos_train.profiling import profiling
+from mythos_train.run_lock import RunDirInUse, RunDirLock
 from mythos_train.seeded_init import init_weights_seeded
 from mythos_train.stop_signals import StopSignals
 
@@ -136,6 +137,7 @@ class Trainer:
         self.loss_range: tuple[float, float] | None = None  # (first, last) finite loss of this process's steps
         self.last_eval: dict[int, float] = {}
         self.stopped_by: str | None = None  # the signal that stopped the run early (after a checkpoint)
+        self.run_lock = RunDirLock(self.run_dir)
         self._interval = {"steps": 0, "time": 0.0, "flops": 0.0}
         self._data_wait_ms = 0.0
         self._marks: tuple = ()
@@ -253,8 +255,8 @@ class Trainer:
     def train(self, stop_after: int | None = None) -> None:
         """Train to train.steps (or stop after step `stop_after`, as a run killed there would: tests of resume)."""
         cfg = self.cfg
+        self.lock_run_dir()
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         self.resume()
         self.model.train()
@@ -287,6 +289,17 @@ class Trainer:
                     break
                 if self.step == stop_after:
                     break
+
+    def lock_run_dir(self) -> None:
+        """Rank 0 takes the run_dir's lock before anything is written there; every rank stops if it cannot."""
+        refused = None
+        if self.dist.is_main:
+            try:
+                self.run_lock.acquire()
+            except RunDirInUse as err:
+                refused = err
+        if all_reduce_sum(torch.tensor([float(refused is not None)], device=self.device)).item():
+            raise refused or RunDirInUse(f"{self.run_dir} is in use by another run (rank 0 says which)")
 
     def _account(self, result: StepResult, seconds: float) -> None:
         tokens_per_device = self.tokens_per_step // self.dims.dp_size
@@ -367,3 +380,4 @@ class Trainer:
         self.checkpoint.close()
         self.metrics.close()
         self.data_loader.close()
+        self.run_lock.release()
