@@ -87,7 +87,7 @@ def _checkpoint_folder(cfg: JobConfig) -> str:
 
 
 def run_train(cfg: JobConfig) -> int:
-    from mythos_train.checkpoint import NonFiniteWeightsError  # noqa: PLC0415
+    from mythos_train.checkpoint import CheckpointSpaceError, NonFiniteWeightsError  # noqa: PLC0415
     from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed  # noqa: PLC0415
     from mythos_train.stop_signals import STOPPED_EXIT  # noqa: PLC0415
     from mythos_train.trainer import NonFiniteError, Trainer, check_vocab  # noqa: PLC0415
@@ -111,7 +111,7 @@ def run_train(cfg: JobConfig) -> int:
                 flush=True,
             )
             return STOPPED_EXIT
-    except (NonFiniteError, NonFiniteWeightsError) as err:  # every rank stops at the same step with the same message
+    except (NonFiniteError, NonFiniteWeightsError, CheckpointSpaceError) as err:  # the message says it all
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

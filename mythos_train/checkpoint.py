@@ -20,7 +20,9 @@ load_state_dict refuses another layout with a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import io
 import json
 import logging
@@ -28,6 +30,7 @@ import pickle
 import re
 import shutil
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -281,6 +285,24 @@ def weights_finite(model: nn.Module) -> bool:
     return bool(bad.item() == 0)
 
 
+class CheckpointSpaceError(RuntimeError):
+    """A save ran out of disk space; the newest complete checkpoint is untouched."""
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """Whether a failed save ran out of space: ENOSPC or EDQUOT anywhere in the error chain (DCP wraps each rank's
+    error in its CheckpointException text), or the "unexpected pos" torch's zip writer reports for a short write."""
+    pending = [err]
+    while pending:
+        error = pending.pop()
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in ("No space left on device", "Disk quota exceeded", "unexpected pos")):
+            return True
+        pending += [e for e in (error.__cause__, error.__context__) if e is not None]
+    return False
+
+
 class CheckpointManager:
     """Saves and restores everything a resumed run needs to continue bit-for-bit."""
 
@@ -331,19 +353,34 @@ class CheckpointManager:
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        self._save_rank_state(path)
-        if self.rank == 0:
-            full_state = dict(train_state, lr_scheduler=self.lr_scheduler.state_dict())
-            (path / TRAIN_STATE).write_text(json.dumps(full_state, indent=1))
-
+        with self._space_errors(path):
+            self._save_rank_state(path)
+            if self.rank == 0:
+                full_state = dict(train_state, lr_scheduler=self.lr_scheduler.state_dict())
+                (path / TRAIN_STATE).write_text(json.dumps(full_state, indent=1))
+            if self.async_group is None:
+                dcp.save(state, checkpoint_id=path)
+                self._complete(path)
         if self.async_group is not None:
             self.pending = (dcp.async_save(state, checkpoint_id=path, process_group=self.async_group), path)
             if last:
                 self.wait()
-        else:
-            dcp.save(state, checkpoint_id=path)
-            self._complete(path)
         return True
+
+    @contextlib.contextmanager
+    def _space_errors(self, path: Path) -> Iterator[None]:
+        """Say "no space left" when a save fails for space, instead of DCP's or the zip writer's raw error."""
+        try:
+            yield
+        except (Exception, CheckpointException) as err:
+            if not _out_of_space(err):
+                raise
+            latest = find_latest(self.folder)
+            intact = f"step {latest.name.removeprefix('step-')} ({latest})" if latest else "none (there is none)"
+            raise CheckpointSpaceError(
+                f"no space left on {self.folder}; last complete checkpoint {intact} is intact, {path.name} is not "
+                f"complete. Free space (or lower checkpoint.keep_last) and resume."
+            ) from err
 
     def poll(self) -> None:
         """Finish a background save whose data is all written (cheap; call every step)."""
@@ -356,8 +393,9 @@ class CheckpointManager:
             return
         future, path = self.pending
         self.pending = None
-        future.result()
-        self._complete(path)
+        with self._space_errors(path):
+            future.result()
+            self._complete(path)
 
     def _complete(self, path: Path) -> None:
         # DCP's coordinator writes .metadata only after every rank's shards are written, and the save (or

@@ -69,6 +69,25 @@ def check_vocab(cfg: JobConfig) -> None:
         )
 
 
+def check_paths(cfg: JobConfig) -> None:
+    """train.run_dir and the checkpoint folder must be (or be creatable as) writable directories: found at
+    start-up, not at the first save."""
+    folders = {"train.run_dir": cfg.train.run_dir}
+    folders["checkpoint.folder" if cfg.checkpoint.folder else "train.run_dir (checkpoints)"] = checkpoint_folder(cfg)
+    for field, folder in folders.items():
+        existing = Path(folder).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{field} = {folder}: {existing} is a file, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{field} = {folder}: {existing} is not writable")
+
+
+def checkpoint_folder(cfg: JobConfig) -> Path:
+    return Path(cfg.checkpoint.folder) if cfg.checkpoint.folder else Path(cfg.train.run_dir) / "checkpoints"
+
+
 def spectral_radius(model: MythosModel) -> float:
     """rho(A) of the loop injection; a collective when its parameters are sharded (call on every rank)."""
     with torch.no_grad():
@@ -95,6 +114,7 @@ class Trainer:
     """Owns model, optimizer, schedule, data, checkpoints and metrics of one run; the process group must exist."""
 
     def __init__(self, cfg: JobConfig, dist_info: DistInfo) -> None:
+        check_paths(cfg)
         self.cfg = cfg
         self.dist = dist_info
         self.device = dist_info.device
@@ -118,10 +138,9 @@ class Trainer:
         )
         self.data_iter = None
         self.tokens_per_step = t.seq_len * t.micro_batch_size * t.grad_accum_steps * self.dims.dp_size
-        folder = Path(cfg.checkpoint.folder) if cfg.checkpoint.folder else self.run_dir / "checkpoints"
         self.checkpoint = CheckpointManager(
             cfg.checkpoint,
-            folder,
+            checkpoint_folder(cfg),
             model=self.model,
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
@@ -130,6 +149,7 @@ class Trainer:
         )
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, enabled=dist_info.is_main)
         self.evaluator = Evaluator(cfg, self.model, self.dims, self.device, self.metrics, self.run_dir)
+        self.evaluator.validation_batches()  # read now: an empty validation split must not end the run at its last step
         self.peak_flops = peak_flops(self.device, cfg.metrics)
         self.step = 0
         self.skipped_in_a_row = 0
@@ -279,10 +299,10 @@ class Trainer:
                 stopping = stop_signals.agreed(self.device) and not last  # the same answer on every rank
                 if self.step % cfg.train.log_every == 0 or self.step == 1 or last:
                     self.log(result)
+                self.checkpoint.save(self.step, self.train_state(), last=last or stopping)  # before eval can fail
+                self.checkpoint.poll()
                 if not stopping and (last or (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0)):
                     self.last_eval = self.evaluator.run(self.step)
-                self.checkpoint.save(self.step, self.train_state(), last=last or stopping)
-                self.checkpoint.poll()
                 if stopping:
                     received = stop_signals.received
                     self.stopped_by = received.name if received else "a stop signal on another rank"
