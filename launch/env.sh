@@ -70,8 +70,9 @@ run_torchrun() {
         trap "stopped=$sig; workers=\$(cat /proc/$pid/task/$pid/children 2>/dev/null); kill -s $sig $pid 2>/dev/null || true" "$sig"
     done
     while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends `wait` early: wait again for torchrun to finish
-        wait "$pid" && status=0 || status=$?
+        wait "$pid" || true
     done
+    wait "$pid" && status=0 || status=$?  # bash keeps an ended child's status: its own, not a signal's 128+n
     # A second signal (SLURM signals every process of the step, and this forwards it too) can make torchrun exit
     # before its workers: they still finish their save, so wait for them.
     for worker in $workers; do

@@ -24,6 +24,9 @@ done
 if [[ -z $nnodes || -z $endpoint || -z $run_id ]]; then
     echo "multi_node.sh: --nnodes, --rdzv-endpoint and --run-id are required" >&2; exit 2
 fi
+# Check the config, data, paths and resume checkpoint once (for MIN nodes; the run-dir lock as this run's own):
+# an error is reported here, not by every restart.
+WORLD_SIZE=$(( nproc * ${nnodes%%:*} )) TORCHELASTIC_RUN_ID=$run_id "$PYTHON" -m mythos_train train --validate-only "$@"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(threads_per_process "$nproc")}
 # last_call_timeout: once MIN nodes joined, wait this long for more (torch's default, 30 s, is paid on every
 # rendezvous, restarts included). join_timeout: how long a node waits for MIN nodes before giving up.

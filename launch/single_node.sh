@@ -16,5 +16,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(threads_per_process "$nproc")}
+# Check the config, data, paths and resume checkpoint once: an error is reported here, not by every restart.
+WORLD_SIZE=$nproc "$PYTHON" -m mythos_train train --validate-only "$@"
 # --standalone: a c10d rendezvous on a free local port, so several jobs can share the machine.
 run_torchrun --standalone --nproc_per_node="$nproc" --max-restarts="$max_restarts" -m mythos_train train "$@"

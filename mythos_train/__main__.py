@@ -64,6 +64,13 @@ def _parser(command: str) -> argparse.ArgumentParser:
             "--checkpoint",
             help="a step-N checkpoint directory or a checkpoints folder (default: the run's, newest complete)",
         )
+    if command == "train":
+        parser.add_argument(
+            "--validate-only",
+            action="store_true",
+            help="check the config, data, paths, run-dir lock and the checkpoint to resume from, then exit "
+            "(0 = ok, 2 = an error; WORLD_SIZE sets the world size to check for); starts no process group",
+        )
     if command == "export":
         parser.add_argument("--out", help="output directory (default: <train.run_dir>/export)")
         parser.add_argument(
@@ -173,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         cfg = load_config(args.config, overrides)
-        if command == "train":
+        if command == "train" and args.validate_only:
+            from mythos_train.distributed import env_world_size  # noqa: PLC0415
+            from mythos_train.trainer import preflight  # noqa: PLC0415
+
+            print(preflight(cfg, env_world_size()))
+        elif command == "train":
             return run_train(cfg)
         elif command == "prepare":
             from data_pipeline import prepare  # noqa: PLC0415

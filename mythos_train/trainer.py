@@ -21,8 +21,8 @@ from torch.distributed.tensor import DTensor
 
 import parallel
 from data_pipeline import build_loader, tokenizer_path, tokenizer_vocab_size
-from mythos_train.checkpoint import CheckpointManager
-from mythos_train.config import ConfigError, JobConfig, to_dict
+from mythos_train.checkpoint import CheckpointManager, check_model_config, checkpoint_dirs, find_verified
+from mythos_train.config import ConfigError, JobConfig, to_dict, validate
 from mythos_train.depth import DepthSampler
 from mythos_train.distributed import DistInfo, all_reduce_sum, fault_point
 from mythos_train.evaluate import Evaluator
@@ -82,6 +82,27 @@ def check_paths(cfg: JobConfig) -> None:
             raise ConfigError(f"{field} = {folder}: {existing} is a file, not a directory")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"{field} = {folder}: {existing} is not writable")
+
+
+def preflight(cfg: JobConfig, world_size: int) -> str:
+    """Every check that needs no process group, for `train --validate-only` (the launchers run it once before
+    torchrun, so a bad config is reported once instead of on every restart). Returns what the run would do."""
+    validate(cfg, world_size)
+    check_vocab(cfg)
+    check_paths(cfg)
+    RunDirLock(cfg.train.run_dir).check()
+    folder = checkpoint_folder(cfg)
+    resume = cfg.checkpoint.enabled and cfg.checkpoint.resume and checkpoint_dirs(folder)
+    if not resume:
+        return f"config ok for {world_size} ranks: a new run in {cfg.train.run_dir}"
+    try:
+        path = find_verified(folder, cfg.checkpoint.load_step)
+    except FileNotFoundError as err:
+        if cfg.checkpoint.load_step >= 0:
+            raise ConfigError(f"checkpoint.load_step = {cfg.checkpoint.load_step}: {err}") from None
+        return f"config ok for {world_size} ranks: no checkpoint in {folder} verifies, a new run"
+    check_model_config(path, cfg.model)
+    return f"config ok for {world_size} ranks: resumes from {path}"
 
 
 def checkpoint_folder(cfg: JobConfig) -> Path:

@@ -51,6 +51,26 @@ def config(tmp_path_factory):
     return config_file(prepare_tiny_data(root), root / "run")
 
 
+def test_a_config_error_is_reported_once_before_torchrun(config):
+    proc = _launch(
+        [LAUNCH / "single_node.sh", "--nproc", "2", "--max-restarts", "1", "--config", config, "--optim.lr=-1"],
+        _env(),
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert out.count("optim.lr must be > 0") == 1, out[-3000:]  # before: once per worker and torchrun attempt
+    assert "torch.distributed" not in out  # torchrun never started
+
+
+def test_validate_only_checks_a_good_config_and_writes_nothing(config):
+    run = config.parent / "validate_only"
+    env = {**_env(), "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "mythos_train", "train", "--validate-only", "--config", config]
+    proc = subprocess.run([*map(str, args), f"--train.run_dir={run}"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "config ok for 1 ranks: a new run" in proc.stdout, proc.stderr
+    assert not run.exists()
+
+
 @pytest.mark.slow
 def test_single_node_restarts_a_killed_worker_and_finishes(config):
     run = config.parent / "single"
@@ -111,8 +131,8 @@ FAKE_SCONTROL = """#!/usr/bin/env bash
 if [[ "$1 $2" == "show hostnames" ]]; then printf 'gpu-a17\\ngpu-a18\\n'; else echo "scontrol $*" >> "$CALLS"; fi
 """
 FAKE_SRUN = """#!/usr/bin/env bash
-echo "srun $*" >> "$CALLS"
 trap 'echo "srun got USR1" >> "$CALLS"; kill $!; exit 75' USR1
+echo "srun $*" >> "$CALLS"
 sleep 60 &
 wait
 """
@@ -167,8 +187,9 @@ def test_slurm_script_starts_one_torchrun_per_node_and_requeues_on_usr1(tmp_path
 
 
 FAKE_TORCHRUN = """#!/usr/bin/env bash
-echo "$*" >> "$CALLS"
+[[ $2 == mythos_train ]] && exit 0  # the launcher's train --validate-only: the config is fine
 trap 'echo "got TERM" >> "$CALLS"; kill $!; exit 1' TERM
+echo "$*" >> "$CALLS"
 sleep 60 &
 wait
 """
