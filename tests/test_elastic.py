@@ -234,6 +234,42 @@ def test_stop_signal_saves_the_step_and_the_resumed_run_equals_the_uninterrupted
     _assert_same_state(state, reference["final"])
 
 
+@pytest.mark.slow
+def test_a_frozen_rank_times_out_the_others_and_the_restarted_run_finishes(reference, data_dir, tmp_path):
+    """Rank 1 SIGSTOPped before step 5: rank 0's next collective fails within parallel.timeout_s, torchrun
+    restarts the group (SIGKILLing the frozen process after its 30 s grace) and the run resumes from step 3."""
+    timeout_s = 20
+    records, hold = tmp_path / "records", tmp_path / "hold"
+    records.mkdir()
+    hold.write_text("4")
+    cmd = train_command(
+        torchrun(2, max_restarts=1),
+        config_file(data_dir, tmp_path / "run"),
+        *FIXED_WORLD,
+        f"--parallel.timeout_s={timeout_s}",
+    )
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(
+            cmd, env=run_env(records, MYTHOS_TEST_HOLD_FILE=str(hold)), stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_for(lambda: _holding_ranks(records, 5) == {0, 1}, [proc], "both ranks before step 5")
+        (file,) = records.glob("rank1-pid*.jsonl")
+        os.kill(int(file.stem.split("-pid")[1]), signal.SIGSTOP)
+        frozen_at = time.time()
+        hold.write_text(str(STEPS))
+        proc.wait(timeout=300)
+    finally:
+        kill_tree(proc)
+    log = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 0, log[-6000:]
+    records = read_records(records)
+    first_resumed = min(r["time"] for r in records if r["restart"] == 1)
+    # timeout_s for rank 0 to fail, torchrun's 30 s before it SIGKILLs the frozen rank, then a new group starts
+    assert first_resumed - frozen_at < timeout_s + 30 + 90, log[-6000:]
+    _assert_resumed_and_identical(tmp_path, tmp_path / "run", reference, killed_at=4, resume_from=3)
+
+
 # --------------------------------------------------------------------------- membership changes
 
 
