@@ -10,9 +10,8 @@ A checkpoint counts only with its COMPLETE marker, so a run killed mid-save resu
 marker lists every other file with its size and CRC-32 (rank 0 reads the checkpoint once to write it); resume
 verifies them and falls back to the newest checkpoint that verifies, so a truncated shard or a lost .metadata
 costs the steps since the previous checkpoint, not the run.
-Nothing is ever unpickled freely: DCP's .metadata goes through an allowlisting unpickler, DCP's non-tensor
-items (optimizer param_group hyper-parameters) through `torch.load(weights_only=True)`, the per-rank files
-likewise, and the rest is JSON. DCP reshards model and optimizer onto any mesh. The pre-tokenized loader's
+Nothing is ever unpickled freely (checkpoint_safety.py: the .metadata unpickler, `weights_only` loads; the
+per-rank files are read with weights_only too, the rest is JSON). DCP reshards model and optimizer onto any mesh. The pre-tokenized loader's
 state is one stream position, the same on every rank, so a rank without a file of its own (the run grew)
 takes rank 0's and a run may resume on any number of ranks; the text loader's state is per rank and its
 load_state_dict refuses another layout with a clear error.
@@ -23,13 +22,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import io
 import json
 import logging
-import pickle
 import re
 import shutil
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -39,11 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -53,89 +45,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from mythos_train.checkpoint_safety import MARKER, dcp_load, file_checksums, verify
 from mythos_train.config import CheckpointConfig, ConfigError, ModelConfig
 from mythos_train.distributed import fault_point
 
 logger = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-# --------------------------------------------------------------------------- safe loading
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's .metadata, refusing every global that is not one of DCP's plain-data classes.
-
-    Only exact (module, name) pairs pass: pickle protocol 4 resolves dotted names, so allowing a module (or any
-    name with a dot) would reach through attributes to the function and code types and let a crafted file build
-    and call a function (issue 14).
-    """
-
-    allowed = {
-        *(
-            ("torch.distributed.checkpoint.metadata", name)
-            for name in (
-                "Metadata",
-                "StorageMeta",
-                "MetadataIndex",
-                "ChunkStorageMetadata",
-                "TensorStorageMetadata",
-                "BytesStorageMetadata",
-                "TensorProperties",
-                "_MEM_FORMAT_ENCODING",
-            )
-        ),
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("pathlib", "PosixPath"),
-        ("pathlib", "PurePosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("pathlib", "PureWindowsPath"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
-        if not (dtype or (module, name) in self.allowed):
-            raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
-        return super().find_class(module, name)
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose metadata load cannot run arbitrary code."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as stream:
-            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{path}: not a DCP Metadata object")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner that reads DCP's non-tensor items with weights_only semantics."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
-
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-def dcp_load(state: dict, path: Path, process_group: dist.ProcessGroup | None = None) -> None:
-    """dcp.load `state` in place from `path` through the safe reader and planner."""
-    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), process_group=process_group)
 
 
 # --------------------------------------------------------------------------- folder scanning
@@ -152,45 +69,6 @@ def checkpoint_dirs(folder: Path, complete_only: bool = True) -> list[tuple[int,
         if match and path.is_dir() and (not complete_only or (path / MARKER).is_file()):
             found.append((int(match.group(1)), path))
     return sorted(found)
-
-
-def _crc32(file: Path) -> int:
-    crc = 0
-    with open(file, "rb") as stream:
-        while chunk := stream.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def file_checksums(path: Path) -> dict[str, list[int]]:
-    """Every file under checkpoint `path` but the marker: relative path -> [size in bytes, CRC-32]."""
-    return {
-        str(file.relative_to(path)): [file.stat().st_size, _crc32(file)]
-        for file in sorted(Path(path).rglob("*"))
-        if file.is_file() and file.name != MARKER
-    }
-
-
-def verify(path: Path) -> str | None:
-    """None when every file the COMPLETE marker lists is there with its size and checksum, else what is wrong.
-
-    A marker from before checksums ("ok") has nothing to verify and passes."""
-    text = (Path(path) / MARKER).read_text()
-    if text.strip() == "ok":
-        return None
-    try:
-        expected = json.loads(text)["files"]
-    except (ValueError, KeyError, TypeError):
-        return f"unreadable {MARKER} marker"
-    for name, (size, crc) in expected.items():
-        file = Path(path) / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, {size} were written"
-        if _crc32(file) != crc:
-            return f"{name} does not match its checksum"
-    return None
 
 
 def find_verified(folder: Path, step: int = -1) -> Path:

@@ -12,7 +12,8 @@ import pytest
 import torch
 from trainer_testing import prepare_tiny_data, tiny_config
 
-from mythos_train.checkpoint import MARKER, SafeFileSystemReader, checkpoint_dirs, consolidated_model_state, find_latest
+from mythos_train.checkpoint import MARKER, checkpoint_dirs, consolidated_model_state, find_latest
+from mythos_train.checkpoint_safety import SafeFileSystemReader
 from mythos_train.distributed import destroy_distributed, init_distributed
 from mythos_train.trainer import Trainer
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mythos_train.checkpoint import SafeFileSystemReader
+from mythos_train.checkpoint_safety import SafeFileSystemReader
 
 METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 
