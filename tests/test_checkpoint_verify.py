@@ -10,33 +10,28 @@ import shutil
 
 import pytest
 import torch
-from trainer_testing import prepare_tiny_data, tiny_config
+from elastic_testing import checkpoint_state
+from trainer_testing import prepare_tiny_data, tiny_config, train_in_process
 
-from mythos_train.checkpoint import consolidated_model_state
 from mythos_train.config import ConfigError
-from mythos_train.distributed import destroy_distributed, init_distributed
-from mythos_train.trainer import Trainer
 
 OVERRIDES = ["--train.steps=3", "--checkpoint.every_steps=1", "--checkpoint.keep_last=3"]
-
-
-def _train(cfg) -> tuple[Trainer, dict[str, torch.Tensor]]:
-    trainer = Trainer(cfg, init_distributed(cfg))
-    try:
-        trainer.train()
-        state = consolidated_model_state(trainer.model)
-    finally:
-        trainer.close()
-        destroy_distributed()
-    return trainer, state
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     data_dir = prepare_tiny_data(root)
-    _, state = _train(tiny_config(data_dir, root / "run", OVERRIDES))
-    return {"data": data_dir, "folder": root / "run" / "checkpoints", "state": state}
+    train_in_process(tiny_config(data_dir, root / "run", OVERRIDES))
+    folder = root / "run" / "checkpoints"
+    return {"data": data_dir, "folder": folder, "state": checkpoint_state(folder / "step-3", root / "flat")}
+
+
+def _assert_final_state_is_the_uninterrupted_one(run, uninterrupted, tmp_path):
+    state = checkpoint_state(run / "checkpoints" / "step-3", tmp_path / "flat")
+    assert state.keys() == uninterrupted["state"].keys()
+    for name, value in uninterrupted["state"].items():
+        assert torch.equal(state[name], value) if isinstance(value, torch.Tensor) else state[name] == value, name
 
 
 def _truncate(path):
@@ -65,12 +60,11 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(uninterrupted,
     DAMAGE[damage](run / "checkpoints" / "step-3")
     shutil.rmtree(run / "checkpoints" / "step-2")  # and the one before is gone too: fall back two steps
     with caplog.at_level(logging.INFO):
-        trainer, state = _train(tiny_config(uninterrupted["data"], run, OVERRIDES))
+        trainer = train_in_process(tiny_config(uninterrupted["data"], run, OVERRIDES))
     assert "step-3" in caplog.text and "does not verify" in caplog.text
     assert "resumed from" in caplog.text and "(step 1)" in caplog.text
     assert trainer.step == 3
-    for name, tensor in uninterrupted["state"].items():
-        assert torch.equal(state[name], tensor), name
+    _assert_final_state_is_the_uninterrupted_one(run, uninterrupted, tmp_path)
 
 
 def test_load_step_picks_a_checkpoint_and_refuses_one_that_is_not_there(uninterrupted, tmp_path, caplog):
@@ -78,13 +72,12 @@ def test_load_step_picks_a_checkpoint_and_refuses_one_that_is_not_there(uninterr
     shutil.copytree(uninterrupted["folder"], run / "checkpoints")
     cfg = tiny_config(uninterrupted["data"], run, [*OVERRIDES, "--checkpoint.load_step=1"])
     with caplog.at_level(logging.INFO):
-        trainer, state = _train(cfg)
+        trainer = train_in_process(cfg)
     assert "(step 1)" in caplog.text and trainer.step == 3
-    for name, tensor in uninterrupted["state"].items():
-        assert torch.equal(state[name], tensor), name
+    _assert_final_state_is_the_uninterrupted_one(run, uninterrupted, tmp_path)
 
     DAMAGE["truncated shard"](run / "checkpoints" / "step-2")
     for step, reason in ((7, "no complete checkpoint"), (2, "does not verify")):
         cfg = tiny_config(uninterrupted["data"], run, [*OVERRIDES, f"--checkpoint.load_step={step}"])
         with pytest.raises(ConfigError, match=rf"checkpoint.load_step = {step}: .*{reason}"):
-            _train(cfg)
+            train_in_process(cfg)

@@ -12,7 +12,7 @@ import typing
 
 import pytest
 import torch
-from trainer_testing import prepare_tiny_data, tiny_config
+from trainer_testing import prepare_tiny_data, tiny_config, train_in_process
 
 from mythos_train.checkpoint import checkpoint_dirs
 from mythos_train.config import ConfigError, JobConfig, load_config
@@ -53,16 +53,6 @@ def test_non_finite_numbers_are_refused_in_every_float_field(tmp_path, text):
             load_config(toml)
 
 
-def _train(cfg, stop_after=None) -> Trainer:
-    trainer = Trainer(cfg, init_distributed(cfg))
-    try:
-        trainer.train(stop_after=stop_after)
-    finally:
-        trainer.close()
-        destroy_distributed()
-    return trainer
-
-
 def test_checkpoint_with_non_finite_weights_is_never_marked_complete(data_dir, tmp_path):
     """A NaN weight makes every step non-finite, so each is skipped, but the periodic saves came on regardless."""
     run = tmp_path / "run"
@@ -81,7 +71,7 @@ def test_checkpoint_with_non_finite_weights_is_never_marked_complete(data_dir, t
 
 def test_resume_takes_the_configs_optimizer_hyperparameters_and_logs_the_change(data_dir, tmp_path, caplog):
     run = tmp_path / "run"
-    _train(tiny_config(data_dir, run, ["--train.steps=4", "--optim.warmup_steps=0"]), stop_after=2)
+    train_in_process(tiny_config(data_dir, run, ["--train.steps=4", "--optim.warmup_steps=0"]), stop_after=2)
     changed = ["--train.steps=4", "--optim.warmup_steps=0", "--optim.lr=3e-3", "--optim.beta2=0.9", "--optim.eps=1e-6"]
     cfg = tiny_config(data_dir, run, changed)
     trainer = Trainer(cfg, init_distributed(cfg))
@@ -106,9 +96,9 @@ def test_resume_takes_the_configs_optimizer_hyperparameters_and_logs_the_change(
 
 def test_resume_refuses_a_changed_model_section_naming_the_fields(data_dir, tmp_path):
     run = tmp_path / "run"
-    _train(tiny_config(data_dir, run, ["--train.steps=2", "--checkpoint.every_steps=1"]), stop_after=1)
+    train_in_process(tiny_config(data_dir, run, ["--train.steps=2", "--checkpoint.every_steps=1"]), stop_after=1)
     changed = ["--model.rope_theta=10000", "--model.norm_eps=1e-5"]  # shapes unchanged
     cfg = tiny_config(data_dir, run, ["--train.steps=2", "--checkpoint.every_steps=1", *changed])
     with pytest.raises(ConfigError, match=r"model.rope_theta = 10000.0 \(checkpoint: 500000.0\), model.norm_eps"):
-        _train(cfg)
+        train_in_process(cfg)
     assert [step for step, _ in checkpoint_dirs(run / "checkpoints")] == [1]  # nothing written over

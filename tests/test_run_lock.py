@@ -10,29 +10,17 @@ import sys
 import time
 
 import pytest
-from trainer_testing import config_file, prepare_tiny_data, tiny_config
+from trainer_testing import config_file, prepare_tiny_data, tiny_config, train_in_process
 
 from mythos_train.checkpoint import checkpoint_dirs
 from mythos_train.config import ConfigError
-from mythos_train.distributed import destroy_distributed, init_distributed
 from mythos_train.run_lock import LOCK
 from mythos_train.stop_signals import STOPPED_EXIT
-from mythos_train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return prepare_tiny_data(tmp_path_factory.mktemp("data"))
-
-
-def _train(cfg) -> Trainer:
-    trainer = Trainer(cfg, init_distributed(cfg))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-        destroy_distributed()
-    return trainer
 
 
 def _write_lock(run, **owner):
@@ -47,7 +35,7 @@ def test_a_live_run_holding_the_run_dir_refuses_the_second(data_dir, tmp_path):
         _write_lock(run, pid=other.pid, job="4242")
         (run / "config.json").write_text("the other run's")
         with pytest.raises(ConfigError, match=rf"{run} is in use by another run \(host .*, pid {other.pid}, job 4242"):
-            _train(tiny_config(data_dir, run, ["--train.steps=1", "--checkpoint.every_steps=1"]))
+            train_in_process(tiny_config(data_dir, run, ["--train.steps=1", "--checkpoint.every_steps=1"]))
         assert (run / "config.json").read_text() == "the other run's"  # nothing of the other run was touched
         assert not (run / "checkpoints").exists()
         assert json.loads((run / LOCK).read_text())["pid"] == other.pid
@@ -66,7 +54,7 @@ def test_a_stale_lock_is_taken_over_and_released_at_the_end(data_dir, tmp_path, 
     else:
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
         _write_lock(run, pid=os.getpid(), host="another-host", job="job-7")
-    trainer = _train(tiny_config(data_dir, run, ["--train.steps=1", "--checkpoint.every_steps=1"]))
+    trainer = train_in_process(tiny_config(data_dir, run, ["--train.steps=1", "--checkpoint.every_steps=1"]))
     assert trainer.step == 1 and [s for s, _ in checkpoint_dirs(run / "checkpoints")] == [1]
     assert not (run / LOCK).exists()
 

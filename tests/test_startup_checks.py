@@ -8,30 +8,17 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
-from trainer_testing import prepare_tiny_data, tiny_config
+from trainer_testing import prepare_tiny_data, tiny_config, train_in_process
 
 from data_pipeline.config import DataError
 from mythos_train.checkpoint import checkpoint_dirs, find_verified
 from mythos_train.config import ConfigError
-from mythos_train.distributed import destroy_distributed, init_distributed
 from mythos_train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return prepare_tiny_data(tmp_path_factory.mktemp("data"))
-
-
-def _train(cfg) -> Trainer:
-    trainer = None
-    try:
-        trainer = Trainer(cfg, init_distributed(cfg))
-        trainer.train()
-    finally:
-        if trainer is not None:
-            trainer.close()
-        destroy_distributed()
-    return trainer
 
 
 def _no_step(self, micro_batches):
@@ -46,7 +33,7 @@ def test_an_empty_validation_split_stops_the_run_before_its_first_step(data_dir,
     (no_val / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(Trainer, "train_step", _no_step)
     with pytest.raises(DataError, match=r"\(val\)"):  # before: every step trained, then the final eval crashed
-        _train(tiny_config(no_val, tmp_path / "run", ["--train.steps=3"]))
+        train_in_process(tiny_config(no_val, tmp_path / "run", ["--train.steps=3"]))
 
 
 @pytest.mark.parametrize("where", ["the folder", "a parent"])
@@ -56,7 +43,7 @@ def test_a_checkpoint_folder_that_is_a_file_is_refused_at_start_up(data_dir, tmp
     folder = file if where == "the folder" else file / "checkpoints"
     monkeypatch.setattr(Trainer, "train_step", _no_step)
     with pytest.raises(ConfigError, match=rf"checkpoint.folder = {folder}: {file} is a file"):
-        _train(tiny_config(data_dir, tmp_path / "run", ["--train.steps=2", f"--checkpoint.folder={folder}"]))
+        train_in_process(tiny_config(data_dir, tmp_path / "run", ["--train.steps=2", f"--checkpoint.folder={folder}"]))
     assert file.read_text() == "precious"
 
 
@@ -77,12 +64,12 @@ def _short_write_in_torch_save(monkeypatch):
 @pytest.mark.parametrize("fill", [_enospc_in_dcp, _short_write_in_torch_save], ids=["dcp shard", "rank state"])
 def test_a_save_that_runs_out_of_space_says_so_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch, fill):
     run = tmp_path / "run"
-    _train(tiny_config(data_dir, run, ["--train.steps=1", "--checkpoint.every_steps=1"]))
+    train_in_process(tiny_config(data_dir, run, ["--train.steps=1", "--checkpoint.every_steps=1"]))
     fill(monkeypatch)
     folder = run / "checkpoints"
     message = rf"no space left on {folder}; last complete checkpoint step 1 \({folder / 'step-1'}\) is intact"
     with pytest.raises(RuntimeError, match=message):
-        _train(tiny_config(data_dir, run, ["--train.steps=2", "--checkpoint.every_steps=1"]))
+        train_in_process(tiny_config(data_dir, run, ["--train.steps=2", "--checkpoint.every_steps=1"]))
     monkeypatch.undo()
     assert find_verified(folder) == folder / "step-1"
     assert [step for step, _ in checkpoint_dirs(folder)] == [1]

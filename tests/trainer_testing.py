@@ -129,3 +129,20 @@ def tiny_config(data_dir: Path, run_dir: Path, overrides: list[str] | None = Non
 def config_file(data_dir: Path, run_dir: Path) -> Path:
     tiny_config(data_dir, run_dir)
     return Path(run_dir).parent / f"{Path(run_dir).name}.toml"
+
+
+def train_in_process(cfg: JobConfig, stop_after: int | None = None):
+    """Train `cfg` in this process (a world-size-1 group), as a run stopped after step `stop_after` would;
+    the trainer is closed and the group destroyed whatever happens. Returns the Trainer."""
+    from mythos_train.distributed import destroy_distributed, init_distributed
+    from mythos_train.trainer import Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg, init_distributed(cfg))
+        trainer.train(stop_after=stop_after)
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy_distributed()
+    return trainer
