@@ -111,9 +111,10 @@ def run_train(cfg: JobConfig) -> int:
         if info.is_main:
             print(trainer.summary(), flush=True)
         if trainer.stopped_by:
+            saved = f"checkpoint saved in {trainer.checkpoint.folder}" if cfg.checkpoint.enabled else "no checkpoint"
             print(
-                f"stopped by {trainer.stopped_by} after step {trainer.step}, checkpoint saved in "
-                f"{trainer.checkpoint.folder}; exit status {STOPPED_EXIT}: start the same command again to resume",
+                f"stopped by {trainer.stopped_by} after step {trainer.step}, {saved}; exit status {STOPPED_EXIT}: "
+                "start the same command again to resume",
                 file=sys.stderr,
                 flush=True,
             )
