@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if command == "train" and args.validate_only:
             from mythos_train.distributed import env_world_size  # noqa: PLC0415
-            from mythos_train.trainer import preflight  # noqa: PLC0415
+            from mythos_train.preflight import preflight  # noqa: PLC0415
 
             print(preflight(cfg, env_world_size()))
         elif command == "train":

@@ -21,8 +21,8 @@ from torch.distributed.tensor import DTensor
 
 import parallel
 from data_pipeline import build_loader, tokenizer_path, tokenizer_vocab_size
-from mythos_train.checkpoint import CheckpointManager, check_model_config, checkpoint_dirs, find_verified
-from mythos_train.config import ConfigError, JobConfig, to_dict, validate
+from mythos_train.checkpoint import CheckpointManager
+from mythos_train.config import ConfigError, JobConfig, to_dict
 from mythos_train.depth import DepthSampler
 from mythos_train.distributed import DistInfo, all_reduce_sum, fault_point
 from mythos_train.evaluate import Evaluator
@@ -31,6 +31,7 @@ from mythos_train.metrics import MetricsLogger, console_line, loop_scalars, memo
 from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
 from mythos_train.optim import build_lr_scheduler, build_optimizer
+from mythos_train.preflight import check_paths, checkpoint_folder
 from mythos_train.profiling import profiling
 from mythos_train.run_lock import RunDirInUse, RunDirLock
 from mythos_train.seeded_init import init_weights_seeded
@@ -67,46 +68,6 @@ def check_vocab(cfg: JobConfig) -> None:
             f"model.vocab_size ({cfg.model.vocab_size}) != the tokenizer's vocabulary ({vocab}, {source}): "
             f"set model.vocab_size = {vocab}, or prepare the data again with data.vocab_size = {cfg.model.vocab_size}"
         )
-
-
-def check_paths(cfg: JobConfig) -> None:
-    """train.run_dir and the checkpoint folder must be (or be creatable as) writable directories: found at
-    start-up, not at the first save."""
-    folders = {"train.run_dir": cfg.train.run_dir}
-    folders["checkpoint.folder" if cfg.checkpoint.folder else "train.run_dir (checkpoints)"] = checkpoint_folder(cfg)
-    for field, folder in folders.items():
-        existing = Path(folder).absolute()
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            raise ConfigError(f"{field} = {folder}: {existing} is a file, not a directory")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"{field} = {folder}: {existing} is not writable")
-
-
-def preflight(cfg: JobConfig, world_size: int) -> str:
-    """Every check that needs no process group, for `train --validate-only` (the launchers run it once before
-    torchrun, so a bad config is reported once instead of on every restart). Returns what the run would do."""
-    validate(cfg, world_size)
-    check_vocab(cfg)
-    check_paths(cfg)
-    RunDirLock(cfg.train.run_dir).check()
-    folder = checkpoint_folder(cfg)
-    resume = cfg.checkpoint.enabled and cfg.checkpoint.resume and checkpoint_dirs(folder)
-    if not resume:
-        return f"config ok for {world_size} ranks: a new run in {cfg.train.run_dir}"
-    try:
-        path = find_verified(folder, cfg.checkpoint.load_step)
-    except FileNotFoundError as err:
-        if cfg.checkpoint.load_step >= 0:
-            raise ConfigError(f"checkpoint.load_step = {cfg.checkpoint.load_step}: {err}") from None
-        return f"config ok for {world_size} ranks: no checkpoint in {folder} verifies, a new run"
-    check_model_config(path, cfg.model)
-    return f"config ok for {world_size} ranks: resumes from {path}"
-
-
-def checkpoint_folder(cfg: JobConfig) -> Path:
-    return Path(cfg.checkpoint.folder) if cfg.checkpoint.folder else Path(cfg.train.run_dir) / "checkpoints"
 
 
 def spectral_radius(model: MythosModel) -> float:
