@@ -53,3 +53,34 @@ threads_per_process() {
     cores=$(nproc)
     echo $(( cores / $1 > 0 ? cores / $1 : 1 ))
 }
+
+# Stop signals: torchrun runs in the background so that this shell can pass SIGTERM (SLURM, Kubernetes), SIGINT
+# (Ctrl-C) and SIGUSR1 (SLURM's --signal) on to it; torchrun hands them to every worker (--signals_to_handle)
+# and waits SHUTDOWN_TIMEOUT seconds for them; the trainer finishes its step on every rank, saves a checkpoint
+# and exits 75. torchrun itself then fails with the signal, so the launcher returns STOPPED_EXIT=75 whenever it
+# was stopped by one: start the same command again (SLURM: requeue) to resume from that checkpoint.
+STOPPED_EXIT=75
+run_torchrun() {
+    local stopped="" status=0 pid sig workers="" worker
+    "$PYTHON" -m torch.distributed.run --signals_to_handle=SIGTERM,SIGINT,SIGUSR1 \
+        --shutdown_timeout="${SHUTDOWN_TIMEOUT:-600}" "$@" &
+    pid=$!
+    for sig in TERM INT USR1; do
+        # shellcheck disable=SC2064  # $pid and $sig now, at trap time
+        trap "stopped=$sig; workers=\$(cat /proc/$pid/task/$pid/children 2>/dev/null); kill -s $sig $pid 2>/dev/null || true" "$sig"
+    done
+    while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends `wait` early: wait again for torchrun to finish
+        wait "$pid" || true
+    done
+    wait "$pid" && status=0 || status=$?  # bash keeps an ended child's status: its own, not a signal's 128+n
+    # A second signal (SLURM signals every process of the step, and this forwards it too) can make torchrun exit
+    # before its workers: they still finish their save, so wait for them.
+    for worker in $workers; do
+        while kill -0 "$worker" 2>/dev/null; do sleep 1; done
+    done
+    if [[ -n $stopped ]]; then
+        echo "launcher: stopped by SIG$stopped; exit status $STOPPED_EXIT (start the same command again to resume)" >&2
+        return "$STOPPED_EXIT"
+    fi
+    return "$status"
+}

@@ -64,6 +64,13 @@ def _parser(command: str) -> argparse.ArgumentParser:
             "--checkpoint",
             help="a step-N checkpoint directory or a checkpoints folder (default: the run's, newest complete)",
         )
+    if command == "train":
+        parser.add_argument(
+            "--validate-only",
+            action="store_true",
+            help="check the config, data, paths, run-dir lock and the checkpoint to resume from, then exit "
+            "(0 = ok, 2 = an error; WORLD_SIZE sets the world size to check for); starts no process group",
+        )
     if command == "export":
         parser.add_argument("--out", help="output directory (default: <train.run_dir>/export)")
         parser.add_argument(
@@ -87,7 +94,9 @@ def _checkpoint_folder(cfg: JobConfig) -> str:
 
 
 def run_train(cfg: JobConfig) -> int:
+    from mythos_train.checkpoint import CheckpointSpaceError, NonFiniteWeightsError  # noqa: PLC0415
     from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed  # noqa: PLC0415
+    from mythos_train.stop_signals import STOPPED_EXIT  # noqa: PLC0415
     from mythos_train.trainer import NonFiniteError, Trainer, check_vocab  # noqa: PLC0415
 
     validate(cfg, env_world_size())  # before any rendezvous: a bad config costs nothing
@@ -101,7 +110,16 @@ def run_train(cfg: JobConfig) -> int:
             trainer.close()
         if info.is_main:
             print(trainer.summary(), flush=True)
-    except NonFiniteError as err:  # every rank stops at the same step with the same message
+        if trainer.stopped_by:
+            saved = f"checkpoint saved in {trainer.checkpoint.folder}" if cfg.checkpoint.enabled else "no checkpoint"
+            print(
+                f"stopped by {trainer.stopped_by} after step {trainer.step}, {saved}; exit status {STOPPED_EXIT}: "
+                "start the same command again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            return STOPPED_EXIT
+    except (NonFiniteError, NonFiniteWeightsError, CheckpointSpaceError) as err:  # the message says it all
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
@@ -114,17 +132,15 @@ def run_eval(cfg: JobConfig, checkpoint: str | None) -> dict[int, float]:
     from pathlib import Path  # noqa: PLC0415
 
     import parallel  # noqa: PLC0415
-    from mythos_train.checkpoint import load_model_weights, resolve_checkpoint  # noqa: PLC0415
+    from mythos_train.checkpoint import check_model_config, load_model_weights, resolve_checkpoint  # noqa: PLC0415
     from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed  # noqa: PLC0415
     from mythos_train.evaluate import Evaluator  # noqa: PLC0415
-    from mythos_train.export import checkpoint_model_config  # noqa: PLC0415
     from mythos_train.metrics import MetricsLogger  # noqa: PLC0415
     from mythos_train.trainer import build_model  # noqa: PLC0415
 
     validate(cfg, env_world_size())
     path = resolve_checkpoint(checkpoint or _checkpoint_folder(cfg))
-    if (recorded := checkpoint_model_config(path, cfg.model)) != cfg.model:
-        raise ConfigError(f"{path} was trained with a different [model] section than the config given: {recorded}")
+    check_model_config(path, cfg.model)
     info = init_distributed(cfg)
     try:
         dims = parallel.build_mesh(cfg.parallel, info.world_size, info.device.type)
@@ -165,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         cfg = load_config(args.config, overrides)
-        if command == "train":
+        if command == "train" and args.validate_only:
+            from mythos_train.distributed import env_world_size  # noqa: PLC0415
+            from mythos_train.preflight import preflight  # noqa: PLC0415
+
+            print(preflight(cfg, env_world_size()))
+        elif command == "train":
             return run_train(cfg)
         elif command == "prepare":
             from data_pipeline import prepare  # noqa: PLC0415

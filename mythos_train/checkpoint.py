@@ -6,10 +6,12 @@ Layout of one checkpoint, `<folder>/step-<N>/`:
     rank/rank<r>.pt                each rank's data-loader state and torch CPU (and CUDA) generator states
     COMPLETE                       written last by rank 0, once every rank's data is on disk
 
-A checkpoint counts only with its COMPLETE marker, so a run killed mid-save resumes from the previous one.
-Nothing is ever unpickled freely: DCP's .metadata goes through an allowlisting unpickler, DCP's non-tensor
-items (optimizer param_group hyper-parameters) through `torch.load(weights_only=True)`, the per-rank files
-likewise, and the rest is JSON. DCP reshards model and optimizer onto any mesh. The pre-tokenized loader's
+A checkpoint counts only with its COMPLETE marker, so a run killed mid-save resumes from the previous one. The
+marker lists every other file with its size and CRC-32 (rank 0 reads the checkpoint once to write it); resume
+verifies them and falls back to the newest checkpoint that verifies, so a truncated shard or a lost .metadata
+costs the steps since the previous checkpoint, not the run.
+Nothing is ever unpickled freely (checkpoint_safety.py: the .metadata unpickler, `weights_only` loads; the
+per-rank files are read with weights_only too, the rest is JSON). DCP reshards model and optimizer onto any mesh. The pre-tokenized loader's
 state is one stream position, the same on every rank, so a rank without a file of its own (the run grew)
 takes rank 0's and a run may resume on any number of ranks; the text loader's state is per rank and its
 load_state_dict refuses another layout with a clear error.
@@ -17,12 +19,14 @@ load_state_dict refuses another layout with a clear error.
 
 from __future__ import annotations
 
-import io
+import contextlib
+import dataclasses
+import errno
 import json
 import logging
-import pickle
 import re
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -31,10 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -44,75 +45,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from mythos_train.config import CheckpointConfig
+from mythos_train.checkpoint_safety import MARKER, dcp_load, file_checksums, verify
+from mythos_train.config import CheckpointConfig, ConfigError, ModelConfig
 from mythos_train.distributed import fault_point
 
 logger = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-# --------------------------------------------------------------------------- safe loading
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's .metadata, refusing every global that is not DCP's own bookkeeping."""
-
-    _modules = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    _globals = {
-        ("pathlib", "PosixPath"),
-        ("pathlib", "PurePosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("pathlib", "PureWindowsPath"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = (module, name) in self._globals
-        if module in self._modules:
-            allowed = isinstance(super().find_class(module, name), type)
-        elif module == "torch":
-            allowed = allowed or isinstance(getattr(torch, name, None), torch.dtype)
-        if not allowed:
-            raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
-        return super().find_class(module, name)
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose metadata load cannot run arbitrary code."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as stream:
-            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{path}: not a DCP Metadata object")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner that reads DCP's non-tensor items with weights_only semantics."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
-
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-def dcp_load(state: dict, path: Path, process_group: dist.ProcessGroup | None = None) -> None:
-    """dcp.load `state` in place from `path` through the safe reader and planner."""
-    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), process_group=process_group)
 
 
 # --------------------------------------------------------------------------- folder scanning
@@ -131,6 +71,28 @@ def checkpoint_dirs(folder: Path, complete_only: bool = True) -> list[tuple[int,
     return sorted(found)
 
 
+def find_verified(folder: Path, step: int = -1) -> Path:
+    """The newest complete checkpoint in `folder` that verifies (logging each one skipped), or exactly `step`'s.
+
+    Raises FileNotFoundError when there is none, or `step`'s is missing or damaged."""
+    complete = checkpoint_dirs(folder)
+    if step >= 0:
+        path = dict(complete).get(step)
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint of step {step} in {folder}")
+        if problem := verify(path):
+            raise FileNotFoundError(f"{path} does not verify: {problem}")
+        return path
+    for _, path in reversed(complete):
+        problem = verify(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s does not verify (%s): falling back to an older one", path, problem)
+    raise FileNotFoundError(
+        f"{folder}: no complete checkpoint that verifies (a step-N directory with a {MARKER} marker)"
+    )
+
+
 def find_latest(folder: Path) -> Path | None:
     """The newest complete checkpoint in `folder`, or None."""
     complete = checkpoint_dirs(folder)
@@ -141,15 +103,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory itself, or the newest complete one inside a checkpoints folder."""
     path = Path(path)
     if (path / MARKER).is_file():
+        if problem := verify(path):
+            raise FileNotFoundError(f"{path} does not verify: {problem}")
         return path
-    latest = find_latest(path)
-    if latest is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (a step-N directory with a {MARKER} marker)")
-    return latest
+    return find_verified(path)
 
 
 def read_train_state(path: Path) -> dict:
     return json.loads((Path(path) / TRAIN_STATE).read_text())
+
+
+def check_model_config(path: Path, model: ModelConfig) -> None:
+    """Refuse a checkpoint trained with another [model] section, naming the fields: even a field that keeps every
+    tensor shape (rope_theta, norm_eps) changes what the weights compute."""
+    recorded = read_train_state(path).get("model_config") or {}
+    changed = [
+        f"{name} = {value!r} (checkpoint: {recorded[name]!r})"
+        for name, value in dataclasses.asdict(model).items()
+        if name in recorded and recorded[name] != value
+    ]
+    if changed:
+        raise ConfigError(
+            f"{path} was trained with a different [model] section than the config given: model."
+            + ", model.".join(changed)
+            + "; use the checkpoint's values, or another checkpoint.folder / train.run_dir for a new model"
+        )
 
 
 def load_model_weights(model: nn.Module, path: Path) -> dict:
@@ -169,6 +147,40 @@ def consolidated_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- manager
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """The model's weights hold NaN or inf: such a state is never saved as a complete checkpoint."""
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every weight and buffer of every rank is finite (collective: call on every rank)."""
+    bad = torch.zeros((), dtype=torch.float32, device=next(iter(model.state_dict().values())).device)
+    for tensor in model.state_dict().values():
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if local.is_floating_point():
+            bad = bad + (~torch.isfinite(local)).sum().float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad)
+    return bool(bad.item() == 0)
+
+
+class CheckpointSpaceError(RuntimeError):
+    """A save ran out of disk space; the newest complete checkpoint is untouched."""
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """Whether a failed save ran out of space: ENOSPC or EDQUOT anywhere in the error chain (DCP wraps each rank's
+    error in its CheckpointException text), or the "unexpected pos" torch's zip writer reports for a short write."""
+    pending = [err]
+    while pending:
+        error = pending.pop()
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in ("No space left on device", "Disk quota exceeded", "unexpected pos")):
+            return True
+        pending += [e for e in (error.__cause__, error.__context__) if e is not None]
+    return False
+
+
 class CheckpointManager:
     """Saves and restores everything a resumed run needs to continue bit-for-bit."""
 
@@ -181,8 +193,10 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         lr_scheduler: Any,
         data_loader: Any,
+        model_config: ModelConfig,
     ) -> None:
         self.cfg = cfg
+        self.model_config = model_config
         self.folder = Path(folder)
         self.model, self.optimizer, self.lr_scheduler, self.data_loader = model, optimizer, lr_scheduler, data_loader
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -202,6 +216,12 @@ class CheckpointManager:
         if not self.should_save(step, last):
             return False
         self.wait()  # one save in flight at a time
+        if not weights_finite(self.model):
+            latest = find_latest(self.folder)
+            raise NonFiniteWeightsError(
+                f"step {step}: the model weights are not finite (NaN or inf), so no checkpoint was saved; the "
+                f"newest complete one is {latest or 'none'}. Lower optim.lr or check the data, then resume."
+            )
         path = self.folder / f"step-{step}"
         if self.rank == 0:
             if path.exists():  # a partial save of a killed run; never mix its shards with ours
@@ -211,19 +231,34 @@ class CheckpointManager:
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        self._save_rank_state(path)
-        if self.rank == 0:
-            full_state = dict(train_state, lr_scheduler=self.lr_scheduler.state_dict())
-            (path / TRAIN_STATE).write_text(json.dumps(full_state, indent=1))
-
+        with self._space_errors(path):
+            self._save_rank_state(path)
+            if self.rank == 0:
+                full_state = dict(train_state, lr_scheduler=self.lr_scheduler.state_dict())
+                (path / TRAIN_STATE).write_text(json.dumps(full_state, indent=1))
+            if self.async_group is None:
+                dcp.save(state, checkpoint_id=path)
+                self._complete(path)
         if self.async_group is not None:
             self.pending = (dcp.async_save(state, checkpoint_id=path, process_group=self.async_group), path)
             if last:
                 self.wait()
-        else:
-            dcp.save(state, checkpoint_id=path)
-            self._complete(path)
         return True
+
+    @contextlib.contextmanager
+    def _space_errors(self, path: Path) -> Iterator[None]:
+        """Say "no space left" when a save fails for space, instead of DCP's or the zip writer's raw error."""
+        try:
+            yield
+        except (Exception, CheckpointException) as err:
+            if not _out_of_space(err):
+                raise
+            latest = find_latest(self.folder)
+            intact = f"step {latest.name.removeprefix('step-')} ({latest})" if latest else "none (there is none)"
+            raise CheckpointSpaceError(
+                f"no space left on {self.folder}; last complete checkpoint {intact} is intact, {path.name} is not "
+                f"complete. Free space (or lower checkpoint.keep_last) and resume."
+            ) from err
 
     def poll(self) -> None:
         """Finish a background save whose data is all written (cheap; call every step)."""
@@ -236,8 +271,9 @@ class CheckpointManager:
             return
         future, path = self.pending
         self.pending = None
-        future.result()
-        self._complete(path)
+        with self._space_errors(path):
+            future.result()
+            self._complete(path)
 
     def _complete(self, path: Path) -> None:
         # DCP's coordinator writes .metadata only after every rank's shards are written, and the save (or
@@ -245,7 +281,9 @@ class CheckpointManager:
         fault_point("save", int(path.name.removeprefix("step-")))  # test-only: MYTHOS_FAULT_KILL_AT_STEP=r:s:save
         if self.rank != 0:
             return
-        (path / MARKER).write_text("ok\n")
+        marker = path / f"{MARKER}.tmp"
+        marker.write_text(json.dumps({"files": file_checksums(path)}, indent=0))
+        marker.rename(path / MARKER)  # atomic: a marker is whole or absent
         logger.info("checkpoint saved: %s", path)
         for _, old in checkpoint_dirs(self.folder)[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -263,12 +301,22 @@ class CheckpointManager:
         """Restore the newest complete checkpoint; returns its train state, or None when there is none (or resume is off)."""
         if not (self.cfg.enabled and self.cfg.resume):
             return None
-        # Rank 0 picks the checkpoint: on a shared file system other ranks could list the folder differently.
-        latest = find_latest(self.folder) if self.rank == 0 else None
-        step = _broadcast_int(int(latest.name.removeprefix("step-")) if latest else -1, self.model)
+        # Rank 0 picks (and verifies) the checkpoint: on a shared file system other ranks could list the folder
+        # differently. -1: none to resume from; -2: the checkpoint asked for by load_step is not usable.
+        step, problem = -1, ""
+        if self.rank == 0:
+            try:
+                step = int(find_verified(self.folder, self.cfg.load_step).name.removeprefix("step-"))
+            except FileNotFoundError as err:
+                step, problem = (-2, str(err)) if self.cfg.load_step >= 0 else (-1, "")
+        step = _broadcast_int(step, self.model)
+        if step == -2:
+            raise ConfigError(f"checkpoint.load_step = {self.cfg.load_step}: {problem or 'refused by rank 0'}")
         if step < 0:
             return None
         path = self.folder / f"step-{step}"
+        check_model_config(path, self.model_config)
+        configured = _hyperparameters(self.optimizer, self.lr_scheduler)
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp_load(state, path)
@@ -276,6 +324,7 @@ class CheckpointManager:
 
         train_state = read_train_state(path)
         self.lr_scheduler.load_state_dict(train_state.pop("lr_scheduler"))
+        _restore_hyperparameters(self.optimizer, self.lr_scheduler, configured)
         self._load_rank_state(path)
         logger.info("resumed from %s (step %d)", path, train_state["step"])
         return train_state
@@ -293,6 +342,37 @@ class CheckpointManager:
         if self.async_group is not None:
             dist.destroy_process_group(self.async_group)
             self.async_group = None
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> dict:
+    """The optimizer's per-group settings and the schedule's base LRs, as the config built them."""
+    groups = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
+    return {"groups": groups, "base_lrs": list(lr_scheduler.base_lrs)}
+
+
+def _restore_hyperparameters(optimizer: torch.optim.Optimizer, lr_scheduler: Any, configured: dict) -> None:
+    """After a resume the config's hyper-parameters win over the checkpoint's (a run saved with a bad LR can be
+    rescued by changing the config); each change is logged. The schedule's position stays the checkpoint's."""
+    saved = _hyperparameters(optimizer, lr_scheduler)
+    if saved == configured:
+        return
+    changes = [
+        f"group {i} {key}: {saved_group.get(key)!r} -> {value!r}"
+        for i, (saved_group, group) in enumerate(zip(saved["groups"], configured["groups"], strict=True))
+        for key, value in group.items()
+        if saved_group.get(key) != value
+    ]
+    if saved["base_lrs"] != configured["base_lrs"]:
+        changes.append(f"base lr: {saved['base_lrs']} -> {configured['base_lrs']}")
+    for group, settings in zip(optimizer.param_groups, configured["groups"], strict=True):
+        group.update(settings)
+    lr_scheduler.base_lrs = configured["base_lrs"]
+    for group, base_lr, factor in zip(
+        optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base_lr * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    logger.info("resumed with the config's optimizer settings instead of the checkpoint's: %s", "; ".join(changes))
 
 
 def _broadcast_int(value: int, model: nn.Module) -> int:

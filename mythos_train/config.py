@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -155,6 +156,8 @@ class TrainConfig:
     "Stop with an error after this many non-finite steps in a row."
     log_every: int = 10
     "Console and TensorBoard scalars every N steps."
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    "Signals that make every rank finish its step, save a checkpoint and exit with status 75 (start again to resume): SIGTERM from SLURM/Kubernetes, SIGINT (Ctrl-C), SIGUSR1 from SLURM's --signal."
 
 
 @dataclass
@@ -196,7 +199,9 @@ class CheckpointConfig:
     async_save: bool = False
     "Save in the background on a dedicated gloo group, overlapping the next steps."
     resume: bool = True
-    "Resume from the newest complete checkpoint in folder, if any."
+    "Resume from the newest complete checkpoint in folder whose files match the checksums in its COMPLETE marker (an older one if the newest is damaged), if any."
+    load_step: int = -1
+    "Resume from the checkpoint of exactly this step (an error if it is missing or damaged); -1 = the newest that verifies."
 
 
 @dataclass
@@ -291,7 +296,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp in (int, float):
         if isinstance(value, str):
             try:
-                value = ast.literal_eval(value.strip())
+                text = value.strip()
+                value = float(text) if text.lower().lstrip("+-") in ("inf", "nan") else ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
         if (
@@ -300,6 +306,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             or (tp is int and not float(value).is_integer())
         ):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        if not math.isfinite(value):  # TOML's inf/nan, or a literal too big for a float (1e999)
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
         return tp(value)
     if tp is str:
         if not isinstance(value, str):
@@ -484,6 +492,9 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
             f"train.mean_depth ({t.mean_depth}) must be a whole number with depth_distribution = 'fixed'",
         )
     _check(t.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
+    catchable = {"SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"}
+    for name in t.stop_signals:
+        _check(name in catchable, f"train.stop_signals: {name!r} is not one of {sorted(catchable)}")
 
     o = cfg.optim
     _check(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
@@ -493,6 +504,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep_last >= 1,
         "checkpoint.every_steps and checkpoint.keep_last must be >= 1",
     )
+    _check(cfg.checkpoint.load_step >= -1, f"checkpoint.load_step ({cfg.checkpoint.load_step}) must be >= 0, or -1")
     _check(all(n >= 1 for n in cfg.eval.loop_counts), "eval.loop_counts must all be >= 1")
     p_ = cfg.profile
     _check(

@@ -31,8 +31,11 @@ from mythos_train.metrics import MetricsLogger, console_line, loop_scalars, memo
 from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
 from mythos_train.optim import build_lr_scheduler, build_optimizer
+from mythos_train.preflight import check_paths, checkpoint_folder
 from mythos_train.profiling import profiling
+from mythos_train.run_lock import RunDirInUse, RunDirLock
 from mythos_train.seeded_init import init_weights_seeded
+from mythos_train.stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,7 @@ class Trainer:
     """Owns model, optimizer, schedule, data, checkpoints and metrics of one run; the process group must exist."""
 
     def __init__(self, cfg: JobConfig, dist_info: DistInfo) -> None:
+        check_paths(cfg)
         self.cfg = cfg
         self.dist = dist_info
         self.device = dist_info.device
@@ -116,23 +120,26 @@ class Trainer:
         )
         self.data_iter = None
         self.tokens_per_step = t.seq_len * t.micro_batch_size * t.grad_accum_steps * self.dims.dp_size
-        folder = Path(cfg.checkpoint.folder) if cfg.checkpoint.folder else self.run_dir / "checkpoints"
         self.checkpoint = CheckpointManager(
             cfg.checkpoint,
-            folder,
+            checkpoint_folder(cfg),
             model=self.model,
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
             data_loader=self.data_loader,
+            model_config=cfg.model,
         )
         self.metrics = MetricsLogger(cfg.metrics, self.run_dir, enabled=dist_info.is_main)
         self.evaluator = Evaluator(cfg, self.model, self.dims, self.device, self.metrics, self.run_dir)
+        self.evaluator.validation_batches()  # read now: an empty validation split must not end the run at its last step
         self.peak_flops = peak_flops(self.device, cfg.metrics)
         self.step = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
         self.loss_range: tuple[float, float] | None = None  # (first, last) finite loss of this process's steps
         self.last_eval: dict[int, float] = {}
+        self.stopped_by: str | None = None  # the signal that stopped the run early (after a checkpoint)
+        self.run_lock = RunDirLock(self.run_dir)
         self._interval = {"steps": 0, "time": 0.0, "flops": 0.0}
         self._data_wait_ms = 0.0
         self._marks: tuple = ()
@@ -250,12 +257,15 @@ class Trainer:
     def train(self, stop_after: int | None = None) -> None:
         """Train to train.steps (or stop after step `stop_after`, as a run killed there would: tests of resume)."""
         cfg = self.cfg
+        self.lock_run_dir()
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         self.resume()
         self.model.train()
-        with profiling(cfg.profile, self.run_dir, self.dist.rank, self.device) as profiler:
+        with (
+            profiling(cfg.profile, self.run_dir, self.dist.rank, self.device) as profiler,
+            StopSignals(cfg.train.stop_signals) as stop_signals,
+        ):
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
                 micro_batches = self.next_micro_batches()
@@ -268,14 +278,30 @@ class Trainer:
                 self._account(result, time.perf_counter() - t0)
                 profiler.step()
                 last = self.step == cfg.train.steps
+                stopping = stop_signals.agreed(self.device) and not last  # the same answer on every rank
                 if self.step % cfg.train.log_every == 0 or self.step == 1 or last:
                     self.log(result)
-                if last or (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0):
-                    self.last_eval = self.evaluator.run(self.step)
-                self.checkpoint.save(self.step, self.train_state(), last=last)
+                self.checkpoint.save(self.step, self.train_state(), last=last or stopping)  # before eval can fail
                 self.checkpoint.poll()
+                if not stopping and (last or (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0)):
+                    self.last_eval = self.evaluator.run(self.step)
+                if stopping:
+                    received = stop_signals.received
+                    self.stopped_by = received.name if received else "a stop signal on another rank"
+                    break
                 if self.step == stop_after:
                     break
+
+    def lock_run_dir(self) -> None:
+        """Rank 0 takes the run_dir's lock before anything is written there; every rank stops if it cannot."""
+        refused = None
+        if self.dist.is_main:
+            try:
+                self.run_lock.acquire()
+            except RunDirInUse as err:
+                refused = err
+        if all_reduce_sum(torch.tensor([float(refused is not None)], device=self.device)).item():
+            raise refused or RunDirInUse(f"{self.run_dir} is in use by another run (rank 0 says which)")
 
     def _account(self, result: StepResult, seconds: float) -> None:
         tokens_per_device = self.tokens_per_step // self.dims.dp_size
@@ -356,3 +382,4 @@ class Trainer:
         self.checkpoint.close()
         self.metrics.close()
         self.data_loader.close()
+        self.run_lock.release()

@@ -10,10 +10,11 @@ import shutil
 
 import pytest
 import torch
-from trainer_testing import prepare_tiny_data, tiny_config
+from trainer_testing import prepare_tiny_data, tiny_config, train_in_process
 
-from mythos_train.checkpoint import MARKER, SafeFileSystemReader, checkpoint_dirs, consolidated_model_state, find_latest
-from mythos_train.distributed import destroy_distributed, init_distributed
+from mythos_train.checkpoint import MARKER, checkpoint_dirs, consolidated_model_state, find_latest
+from mythos_train.checkpoint_safety import SafeFileSystemReader
+from mythos_train.distributed import init_distributed
 from mythos_train.trainer import Trainer
 
 
@@ -22,19 +23,9 @@ def data_dir(tmp_path_factory):
     return prepare_tiny_data(tmp_path_factory.mktemp("data"))
 
 
-def _train_in_process(cfg, stop_after=None) -> Trainer:
-    trainer = Trainer(cfg, init_distributed(cfg))
-    try:
-        trainer.train(stop_after=stop_after)
-    finally:
-        trainer.close()
-        destroy_distributed()
-    return trainer
-
-
 def test_partial_checkpoint_is_ignored_and_replaced(data_dir, tmp_path):
     run = tmp_path / "run"
-    _train_in_process(tiny_config(data_dir, run, ["--train.steps=4"]), stop_after=2)
+    train_in_process(tiny_config(data_dir, run, ["--train.steps=4"]), stop_after=2)
     folder = run / "checkpoints"
     assert find_latest(folder) == folder / "step-2"
 
@@ -45,7 +36,7 @@ def test_partial_checkpoint_is_ignored_and_replaced(data_dir, tmp_path):
     assert find_latest(folder) == folder / "step-2"
     assert [step for step, _ in checkpoint_dirs(folder, complete_only=False)] == [2, 4]
 
-    trainer = _train_in_process(tiny_config(data_dir, run, ["--train.steps=4"]))
+    trainer = train_in_process(tiny_config(data_dir, run, ["--train.steps=4"]))
     assert trainer.step == 4
     assert find_latest(folder) == partial and (partial / MARKER).is_file()
     assert (partial / "__0_0.distcp").stat().st_size > 100  # rewritten, not the truncated leftover
@@ -53,7 +44,7 @@ def test_partial_checkpoint_is_ignored_and_replaced(data_dir, tmp_path):
 
 def test_keeps_the_last_k_complete_checkpoints(data_dir, tmp_path):
     run = tmp_path / "run"
-    _train_in_process(
+    train_in_process(
         tiny_config(data_dir, run, ["--train.steps=3", "--checkpoint.every_steps=1", "--checkpoint.keep_last=2"])
     )
     assert [step for step, _ in checkpoint_dirs(run / "checkpoints", complete_only=False)] == [2, 3]
@@ -66,7 +57,7 @@ class _Exploit:
 
 def test_metadata_loading_refuses_arbitrary_globals(data_dir, tmp_path):
     run = tmp_path / "run"
-    _train_in_process(tiny_config(data_dir, run, ["--train.steps=1", "--checkpoint.every_steps=1"]))
+    train_in_process(tiny_config(data_dir, run, ["--train.steps=1", "--checkpoint.every_steps=1"]))
     good = run / "checkpoints" / "step-1"
     assert SafeFileSystemReader(good).read_metadata().state_dict_metadata  # a real checkpoint loads
     bad = tmp_path / "bad"

@@ -11,6 +11,9 @@ pytorch issue 135712 (distributed.attempt_store); the membership test sets TORCH
 as launch/env.sh does, because with the shared store torchrun's agents themselves hang when a node joins.
 """
 
+import os
+import random
+import signal
 import subprocess
 import sys
 import threading
@@ -38,6 +41,7 @@ from trainer_testing import config_file, prepare_tiny_data
 
 from mythos_train.checkpoint import MARKER, find_latest
 from mythos_train.distributed import ATTEMPT_STORE_KEY, attempt_store, fault_point
+from mythos_train.stop_signals import STOPPED_EXIT
 
 STEPS = 10
 EVERY = 3  # complete checkpoints at steps 3, 6, 9 and 10
@@ -169,6 +173,101 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one_and_continues(refere
     assert (folder / "step-6" / MARKER).is_file()  # the partial save was replaced by a complete one
     previous = checkpoint_state(folder / "step-3", tmp_path)  # the checkpoint resumed from is intact
     _assert_same_state(previous, checkpoint_state(reference["run"] / "checkpoints" / "step-3", tmp_path / "ref"))
+
+
+# --------------------------------------------------------------------------- stop signals (preemption)
+
+
+def _holding_ranks(records: Path, step: int) -> set[int]:
+    return {r["rank"] for r in read_records(records, "hold") if r["step"] == step}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signal_name", "target"), [("SIGTERM", "torchrun"), ("SIGUSR1", "rank 1 only")])
+def test_stop_signal_saves_the_step_and_the_resumed_run_equals_the_uninterrupted_one(
+    reference, data_dir, tmp_path, signal_name, target
+):
+    """A signal before a random step: every rank finishes that step, saves it and exits; a restart loses nothing.
+
+    To torchrun (as SLURM and Ctrl-C deliver it) the agent passes it to every worker; to rank 1 alone, rank 0
+    learns of it through the per-step all-reduce and stops after the same step.
+    """
+    stop_step = random.randint(2, STEPS - 1)
+    records, hold = tmp_path / "records", tmp_path / "hold"
+    records.mkdir()
+    hold.write_text(str(stop_step - 1))  # every rank waits before stop_step, so the signal lands at a known step
+    config = config_file(data_dir, tmp_path / "run")
+    launcher = [*torchrun(2, max_restarts=0), "--signals_to_handle=SIGTERM,SIGINT,SIGUSR1"]
+    cmd = train_command(launcher, config, *FIXED_WORLD)
+    with open(tmp_path / "stopped.log", "w") as log:
+        proc = subprocess.Popen(
+            cmd, env=run_env(records, MYTHOS_TEST_HOLD_FILE=str(hold)), stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_for(lambda: _holding_ranks(records, stop_step) == {0, 1}, [proc], f"both ranks before step {stop_step}")
+        if target == "torchrun":
+            pid = proc.pid
+        else:
+            (file,) = records.glob("rank1-pid*.jsonl")
+            pid = int(file.stem.split("-pid")[1])
+        os.kill(pid, signal.Signals[signal_name])
+        hold.write_text(str(STEPS))
+        proc.wait(timeout=180)
+    finally:
+        kill_tree(proc)
+    log = (tmp_path / "stopped.log").read_text()
+    where = f"random stop step {stop_step}, signal {signal_name} to {target}:\n{log[-4000:]}"
+    assert f"stopped by {signal_name} after step {stop_step}" in log, where
+    assert f"exit status {STOPPED_EXIT}" in log, where
+    stopped = read_records(records)
+    assert {r["rank"]: r["step"] for r in stopped} == {0: stop_step, 1: stop_step}, where  # both stopped there
+    assert (tmp_path / "run" / "checkpoints" / f"step-{stop_step}" / MARKER).is_file(), where
+
+    run(train_command(torchrun(2, max_restarts=0), config, *FIXED_WORLD), run_env(records), tmp_path / "resumed.log")
+    timeline = final_timeline(read_records(records))
+    assert min(r["step"] for r in read_records(records)[len(stopped) :]) == stop_step + 1, where  # nothing redone
+    assert sorted(timeline) == list(range(1, STEPS + 1))
+    for step in timeline:  # the loss curve, bitwise
+        assert [r["loss"] for r in timeline[step]] == [r["loss"] for r in reference["timeline"][step]], (step, where)
+    assert consumed_windows(timeline) == consumed_windows(reference["timeline"])
+    state = checkpoint_state(tmp_path / "run" / "checkpoints" / f"step-{STEPS}", tmp_path)
+    _assert_same_state(state, reference["final"])
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_times_out_the_others_and_the_restarted_run_finishes(reference, data_dir, tmp_path):
+    """Rank 1 SIGSTOPped before step 5: rank 0's next collective fails within parallel.timeout_s, torchrun
+    restarts the group (SIGKILLing the frozen process after its 30 s grace) and the run resumes from step 3."""
+    timeout_s = 20
+    records, hold = tmp_path / "records", tmp_path / "hold"
+    records.mkdir()
+    hold.write_text("4")
+    cmd = train_command(
+        torchrun(2, max_restarts=1),
+        config_file(data_dir, tmp_path / "run"),
+        *FIXED_WORLD,
+        f"--parallel.timeout_s={timeout_s}",
+    )
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(
+            cmd, env=run_env(records, MYTHOS_TEST_HOLD_FILE=str(hold)), stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_for(lambda: _holding_ranks(records, 5) == {0, 1}, [proc], "both ranks before step 5")
+        (file,) = records.glob("rank1-pid*.jsonl")
+        os.kill(int(file.stem.split("-pid")[1]), signal.SIGSTOP)
+        frozen_at = time.time()
+        hold.write_text(str(STEPS))
+        proc.wait(timeout=300)
+    finally:
+        kill_tree(proc)
+    log = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 0, log[-6000:]
+    records = read_records(records)
+    first_resumed = min(r["time"] for r in records if r["restart"] == 1)
+    # timeout_s for rank 0 to fail, torchrun's 30 s before it SIGKILLs the frozen rank, then a new group starts
+    assert first_resumed - frozen_at < timeout_s + 30 + 90, log[-6000:]
+    _assert_resumed_and_identical(tmp_path, tmp_path / "run", reference, killed_at=4, resume_from=3)
 
 
 # --------------------------------------------------------------------------- membership changes

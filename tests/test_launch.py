@@ -51,6 +51,26 @@ def config(tmp_path_factory):
     return config_file(prepare_tiny_data(root), root / "run")
 
 
+def test_a_config_error_is_reported_once_before_torchrun(config):
+    proc = _launch(
+        [LAUNCH / "single_node.sh", "--nproc", "2", "--max-restarts", "1", "--config", config, "--optim.lr=-1"],
+        _env(),
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert out.count("optim.lr must be > 0") == 1, out[-3000:]  # before: once per worker and torchrun attempt
+    assert "torch.distributed" not in out  # torchrun never started
+
+
+def test_validate_only_checks_a_good_config_and_writes_nothing(config):
+    run = config.parent / "validate_only"
+    env = {**_env(), "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "mythos_train", "train", "--validate-only", "--config", config]
+    proc = subprocess.run([*map(str, args), f"--train.run_dir={run}"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "config ok for 1 ranks: a new run" in proc.stdout, proc.stderr
+    assert not run.exists()
+
+
 @pytest.mark.slow
 def test_single_node_restarts_a_killed_worker_and_finishes(config):
     run = config.parent / "single"
@@ -111,12 +131,15 @@ FAKE_SCONTROL = """#!/usr/bin/env bash
 if [[ "$1 $2" == "show hostnames" ]]; then printf 'gpu-a17\\ngpu-a18\\n'; else echo "scontrol $*" >> "$CALLS"; fi
 """
 FAKE_SRUN = """#!/usr/bin/env bash
+trap 'echo "srun got USR1" >> "$CALLS"; kill $!; exit 75' USR1
 echo "srun $*" >> "$CALLS"
-exec sleep 60
+sleep 60 &
+wait
 """
 
 
 def test_slurm_script_starts_one_torchrun_per_node_and_requeues_on_usr1(tmp_path):
+    """USR1 is passed on to srun; its tasks exit 75 (stopped with a checkpoint, as the launchers do), so requeue."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()
     for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
@@ -152,10 +175,53 @@ def test_slurm_script_starts_one_torchrun_per_node_and_requeues_on_usr1(tmp_path
             os.killpg(batch.pid, signal.SIGKILL)  # the stand-in srun, still sleeping
         except ProcessLookupError:
             pass
-    srun, requeue = calls.read_text().splitlines()
+    srun, forwarded, requeue = calls.read_text().splitlines()
+    assert forwarded == "srun got USR1"
     assert srun == (
         "srun --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=0 bash launch/multi_node.sh --nnodes 2:2 "
         "--rdzv-endpoint gpu-a17:29500 --run-id mythos-4242 --config configs/mythos_10b.toml"
     )
     assert requeue == "scontrol requeue 4242"
     assert "requeueing job 4242" in log.read_text()
+    assert batch.returncode == 75
+
+
+FAKE_TORCHRUN = """#!/usr/bin/env bash
+[[ $2 == mythos_train ]] && exit 0  # the launcher's train --validate-only: the config is fine
+trap 'echo "got TERM" >> "$CALLS"; kill $!; exit 1' TERM
+echo "$*" >> "$CALLS"
+sleep 60 &
+wait
+"""
+
+
+def test_launcher_passes_a_stop_signal_to_torchrun_and_exits_75(tmp_path):
+    """SIGTERM to the launcher reaches torchrun (which hands it to the workers); torchrun then fails, the launcher
+    exits 75, the status the SLURM script requeues on."""
+    python, calls = tmp_path / "python", tmp_path / "calls"
+    python.write_text(FAKE_TORCHRUN)
+    python.chmod(0o755)
+    launcher = subprocess.Popen(
+        ["bash", str(LAUNCH / "single_node.sh"), "--config", "x.toml"],
+        env={**_env(CALLS=str(calls)), "PYTHON": str(python)},
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (calls.is_file() and calls.read_text()):
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=30)
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    args, received = calls.read_text().splitlines()
+    assert args.startswith("-m torch.distributed.run --signals_to_handle=SIGTERM,SIGINT,SIGUSR1 ")
+    assert received == "got TERM"
+    assert launcher.returncode == 75, stderr
+    assert "stopped by SIGTERM" in stderr

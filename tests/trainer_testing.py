@@ -148,3 +148,20 @@ def step_host_syncs(trainer, micro_batches: list[dict]) -> dict[str, int]:
     syncs = Counter(dispatched.host_syncs) + python.counts
     syncs["_local_scalar_dense"] -= sum(any(t is c for c in step_counters) for t in dispatched.host_reads)
     return dict(+syncs)
+
+
+def train_in_process(cfg: JobConfig, stop_after: int | None = None):
+    """Train `cfg` in this process (a world-size-1 group), as a run stopped after step `stop_after` would;
+    the trainer is closed and the group destroyed whatever happens. Returns the Trainer."""
+    from mythos_train.distributed import destroy_distributed, init_distributed
+    from mythos_train.trainer import Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg, init_distributed(cfg))
+        trainer.train(stop_after=stop_after)
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy_distributed()
+    return trainer

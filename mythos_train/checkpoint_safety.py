@@ -1,0 +1,142 @@
+"""Reading a checkpoint without trusting it: what it may execute, and whether its files are the ones written.
+
+DCP's .metadata is a pickle: it goes through an unpickler that allows exact (module, name) pairs of DCP's plain
+data classes only. DCP's non-tensor items (optimizer hyper-parameters) are read with `torch.load(weights_only=
+True)`. The COMPLETE marker lists every file of the checkpoint with its size and CRC-32, so a truncated,
+overwritten or missing file is found before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
+
+MARKER = "COMPLETE"
+
+# --------------------------------------------------------------------------- safe loading
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's .metadata, refusing every global that is not one of DCP's plain-data classes.
+
+    Only exact (module, name) pairs pass: pickle protocol 4 resolves dotted names, so allowing a module (or any
+    name with a dot) would reach through attributes to the function and code types and let a crafted file build
+    and call a function (issue 14).
+    """
+
+    allowed = {
+        *(
+            ("torch.distributed.checkpoint.metadata", name)
+            for name in (
+                "Metadata",
+                "StorageMeta",
+                "MetadataIndex",
+                "ChunkStorageMetadata",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "TensorProperties",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
+        if not (dtype or (module, name) in self.allowed):
+            raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        return super().find_class(module, name)
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose metadata load cannot run arbitrary code."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path}: not a DCP Metadata object")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that reads DCP's non-tensor items with weights_only semantics."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def dcp_load(state: dict, path: Path, process_group: dist.ProcessGroup | None = None) -> None:
+    """dcp.load `state` in place from `path` through the safe reader and planner."""
+    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), process_group=process_group)
+
+
+# --------------------------------------------------------------------------- file checksums
+
+
+def _crc32(file: Path) -> int:
+    crc = 0
+    with open(file, "rb") as stream:
+        while chunk := stream.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def file_checksums(path: Path) -> dict[str, list[int]]:
+    """Every file under checkpoint `path` but the marker: relative path -> [size in bytes, CRC-32]."""
+    return {
+        str(file.relative_to(path)): [file.stat().st_size, _crc32(file)]
+        for file in sorted(Path(path).rglob("*"))
+        if file.is_file() and file.name != MARKER
+    }
+
+
+def verify(path: Path) -> str | None:
+    """None when every file the COMPLETE marker lists is there with its size and checksum, else what is wrong.
+
+    A marker from before checksums ("ok") has nothing to verify and passes."""
+    text = (Path(path) / MARKER).read_text()
+    if text.strip() == "ok":
+        return None
+    try:
+        expected = json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable {MARKER} marker"
+    for name, (size, crc) in expected.items():
+        file = Path(path) / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if _crc32(file) != crc:
+            return f"{name} does not match its checksum"
+    return None
