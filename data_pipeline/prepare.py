@@ -1,11 +1,11 @@
 """prepare: text -> SentencePiece tokenizer -> pre-tokenized Arrow shards (eos after every document) + manifest.
 
-Crash safety: the old manifest is deleted first and the new one written last (tmp + os.replace), each shard is
-renamed into place only when complete, so an interrupted prepare leaves a directory that loaders refuse
-("manifest.json does not exist") rather than one they would read half of.
+Nothing already prepared is lost: the inputs are checked first, the new dataset is built in a sibling folder
+`<prepared_dir>.partial/dataset` and only a complete one replaces `prepared_dir` (two renames; a crash between
+them is repaired by the next prepare). A failed or interrupted prepare leaves the previous dataset as it was.
 """
 
-import glob
+import fnmatch
 import os
 import platform
 import shutil
@@ -22,14 +22,32 @@ from data_pipeline.tokenizer import TOKENIZER_FILE, file_sha256, load_tokenizer,
 _ENCODE_CHARS = 8_000_000  # text encoded per SentencePiece call (bounds memory for big row groups)
 
 
-def _invalidate(directory: str) -> None:
-    """Make the directory unreadable as a dataset first (no manifest), then drop old shards and tmp leftovers."""
-    manifest = os.path.join(directory, MANIFEST)
-    if os.path.exists(manifest):
-        os.remove(manifest)
-    for pattern in ("train-*.arrow", "val-*.arrow", "*.tmp"):
-        for path in glob.glob(os.path.join(directory, pattern)):
-            os.remove(path)
+_OWN_FILES = (MANIFEST, TOKENIZER_FILE, "train-*.arrow", "val-*.arrow", "*.tmp")
+
+
+def _check_replaceable(out: str, staging: str) -> None:
+    """Refuse to replace a folder prepare did not write; put back a dataset a crash left moved aside."""
+    old = os.path.join(staging, "old")
+    if not os.path.exists(out) and os.path.isfile(os.path.join(old, MANIFEST)):
+        os.rename(old, out)  # a previous prepare stopped between its two renames
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"data.prepared_dir: {out} is a file, not a folder")
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        if not any(fnmatch.fnmatch(name, pattern) for pattern in _OWN_FILES):
+            raise DataError(
+                f"data.prepared_dir: {out} holds {name}, which prepare did not write; prepare replaces the whole "
+                f"folder, so point data.prepared_dir at a new or prepared folder"
+            )
+
+
+def _replace(dataset: str, out: str, staging: str) -> None:
+    """Move the complete `dataset` to `out`, the old dataset aside, then delete the build folder."""
+    old = os.path.join(staging, "old")
+    if os.path.exists(out):
+        shutil.rmtree(old, ignore_errors=True)  # left by a crash after a previous replacement
+        os.rename(out, old)
+    os.rename(dataset, out)
+    shutil.rmtree(staging)
 
 
 def _check_vocab(sp, cfg: DataConfig, path: str) -> int:
@@ -48,17 +66,19 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> dict:
     start = time.perf_counter()
     if cfg.tokenizer_path:  # fail fast, before reading any source
         _check_vocab(load_tokenizer(cfg.tokenizer_path), cfg, cfg.tokenizer_path)
-    out = cfg.prepared_dir
-    os.makedirs(out, exist_ok=True)
-    _invalidate(out)
-
+    out = os.path.normpath(cfg.prepared_dir)
+    staging = out + ".partial"
+    _check_replaceable(out, staging)
     files = resolve_sources(cfg.sources) if cfg.sources else default_corpus()
     counts: dict[str, int] = {}
     units = list_units(files, cfg, counts)
     if not units:
         raise DataError(f"prepare: no readable documents in {len(files)} source file(s) (all skipped)")
 
-    tok_path = os.path.join(out, TOKENIZER_FILE)
+    dataset = os.path.join(staging, "dataset")
+    shutil.rmtree(dataset, ignore_errors=True)
+    os.makedirs(dataset)
+    tok_path = os.path.join(dataset, TOKENIZER_FILE)
     if not cfg.tokenizer_path:
         if progress:
             print(
@@ -67,14 +87,13 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> dict:
                 flush=True,
             )
         train_tokenizer((text for unit in units for _, text in read_documents(unit, cfg, {})), cfg, tok_path)
-    elif os.path.abspath(cfg.tokenizer_path) != os.path.abspath(tok_path):
-        shutil.copyfile(cfg.tokenizer_path, tok_path + ".tmp")
-        os.replace(tok_path + ".tmp", tok_path)
+    else:
+        shutil.copyfile(cfg.tokenizer_path, tok_path)
     sp = load_tokenizer(tok_path)
     eos = _check_vocab(sp, cfg, cfg.tokenizer_path or tok_path)
 
     dtype = token_dtype(cfg.vocab_size)
-    writers = {split: ShardWriter(out, split, dtype, cfg.shard_tokens) for split in ("train", "val")}
+    writers = {split: ShardWriter(dataset, split, dtype, cfg.shard_tokens) for split in ("train", "val")}
     documents = {"train": 0, "val": 0}
     tokens = {"train": 0, "val": 0}
     n_bytes = empty = 0
@@ -132,7 +151,8 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> dict:
         "train": shards["train"],
         "val": shards["val"],
     }
-    write_manifest(out, manifest)  # last: from here on the directory is a valid dataset
+    write_manifest(dataset, manifest)
+    _replace(dataset, out, staging)
     total_tokens = tokens["train"] + tokens["val"]
     summary = {
         "prepared_dir": out,
@@ -144,7 +164,7 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> dict:
         "train_tokens": tokens["train"],
         "val_tokens": tokens["val"],
         "vocab_size": cfg.vocab_size,
-        "tokenizer": tok_path,
+        "tokenizer": os.path.join(out, TOKENIZER_FILE),
         "skipped_records": manifest["skipped_records"],
         "skipped_files": manifest["skipped_files"],
     }

@@ -71,6 +71,13 @@ def _documents(tokens, sp):
     return [sp.decode(doc.tolist()) for doc in np.split(tokens, ends + 1)[:-1]]
 
 
+def _dataset_bytes(out):
+    """Every file of a prepared folder (the manifest without its timing)."""
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    files["manifest.json"] = {k: v for k, v in json.loads(files["manifest.json"]).items() if k != "seconds"}
+    return files
+
+
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_tokenizer_round_trips_real_files(tmp_path, model_type):
     path = str(tmp_path / "t.model")
@@ -150,7 +157,7 @@ def test_loader_reads_prepared_windows_and_doc_starts(tmp_path, corpus, tok):
             assert batch["doc_starts"][row].tolist() == starts
 
 
-def test_interrupted_prepare_leaves_nothing_readable(tmp_path, corpus, tok, monkeypatch):
+def test_interrupted_prepare_keeps_the_previous_dataset(tmp_path, corpus, tok, monkeypatch):
     src, _ = corpus
     out = tmp_path / "out"
     cfg = _cfg(src, out, tok, shard_tokens=3000)
@@ -161,7 +168,7 @@ def test_interrupted_prepare_leaves_nothing_readable(tmp_path, corpus, tok, monk
         )
 
     prepare(cfg, progress=False)
-    load()
+    before = _dataset_bytes(out)
     finish = ShardWriter._finish
 
     def crash_on_second_shard(self):
@@ -172,15 +179,11 @@ def test_interrupted_prepare_leaves_nothing_readable(tmp_path, corpus, tok, monk
     monkeypatch.setattr(ShardWriter, "_finish", crash_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, progress=False)
-    assert (
-        not (out / "manifest.json").exists() and list(out.glob("*.arrow.tmp")) and list(out.glob("train-00000.arrow"))
-    )
-    with pytest.raises(DataError, match="manifest.json does not exist"):
-        load()
+    assert _dataset_bytes(out) == before
+    next(load())
     monkeypatch.undo()
     prepare(cfg, progress=False)
-    assert not list(out.glob("*.tmp"))
-    next(load())
+    assert _dataset_bytes(out) == before and not (tmp_path / "out.partial").exists()
 
 
 def test_tampered_or_mismatched_prepared_data_is_refused(tmp_path, corpus, tok):
@@ -225,3 +228,32 @@ def test_prepare_default_corpus_end_to_end(tmp_path):
     val = _documents(_read_split(out, "val"), sp)
     assert val == [t for i, t in enumerate(texts) if int((i + 1) * 0.02) > int(i * 0.02)]
     assert Counter(_documents(_read_split(out, "train"), sp)) + Counter(val) == Counter(texts)
+
+
+def test_failed_prepare_keeps_the_previous_dataset(tmp_path, corpus, tok):
+    """Issue 14.2: a prepare that fails (missing source, bad file half-way) leaves the old dataset as it was."""
+    src, _ = corpus
+    out = tmp_path / "out"
+    prepare(_cfg(src, out, tok, shard_tokens=3000), progress=False)
+    before = _dataset_bytes(out)
+    with pytest.raises(DataError, match="/no/such/dir"):
+        prepare(_cfg("/no/such/dir", out, tok), progress=False)
+    assert _dataset_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # input checked before any build folder
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.txt").write_text("fine")
+    (bad / "b.txt").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(DataError, match="b.txt: not UTF-8"):
+        prepare(_cfg(str(bad), out, tok), progress=False)
+    assert _dataset_bytes(out) == before
+
+
+def test_prepare_refuses_to_replace_a_folder_it_did_not_write(tmp_path, corpus, tok):
+    src, _ = corpus
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="notes.txt"):
+        prepare(_cfg(src, out, tok), progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
