@@ -299,7 +299,7 @@ def _prepared(cfg: DataConfig, split: str) -> tuple[TokenStream, int]:
             f"re-run prepare or point data.tokenizer_path at that tokenizer"
         )
     files = [os.path.join(cfg.prepared_dir, s["file"]) for s in manifest[split]]
-    stream = TokenStream(files, cfg.vocab_size, COLUMN, [s["tokens"] for s in manifest[split]])
+    stream = TokenStream(files, cfg.vocab_size, COLUMN, manifest[split])
     return stream, manifest["eos_id"]
 
 

@@ -15,7 +15,16 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.config import DataConfig, DataError
-from data_pipeline.shards import FORMAT, MANIFEST, VERSION, ShardWriter, token_dtype, write_manifest
+from data_pipeline.shards import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    ShardWriter,
+    read_manifest,
+    token_dtype,
+    verify_shards,
+    write_manifest,
+)
 from data_pipeline.sources import default_corpus, in_val_split, list_units, read_documents, resolve_sources
 from data_pipeline.tokenizer import TOKENIZER_FILE, file_sha256, load_tokenizer, train_tokenizer
 
@@ -177,3 +186,15 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> dict:
             flush=True,
         )
     return summary
+
+
+def verify_prepared(cfg: DataConfig) -> int:
+    """`prepare --verify`: read every shard of cfg.prepared_dir and compare its sha256 with the manifest (and the
+    tokenizer's); DataError naming each file that differs. Returns the number of shards checked."""
+    manifest = read_manifest(cfg.prepared_dir)
+    tok = os.path.join(cfg.prepared_dir, manifest["tokenizer"])
+    if not os.path.isfile(tok) or file_sha256(tok) != manifest["tokenizer_sha256"]:
+        raise DataError(
+            f"{tok}: missing or not the tokenizer the manifest lists (sha256 {manifest['tokenizer_sha256'][:12]}...)"
+        )
+    return verify_shards(cfg.prepared_dir, manifest)

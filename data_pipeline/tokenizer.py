@@ -34,8 +34,12 @@ def tokenizer_vocab_size(cfg: DataConfig) -> int:
 
 
 def file_sha256(path: str) -> str:
+    """Hex sha256 of a file, read in 8 MiB blocks (shards can be large)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        while block := f.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str, data: bytes) -> None:

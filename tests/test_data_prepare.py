@@ -10,7 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import DataConfig, DataError, build_loader, load_tokenizer, prepare, tokenizer_vocab_size
+from data_pipeline import (
+    DataConfig,
+    DataError,
+    build_loader,
+    load_tokenizer,
+    prepare,
+    tokenizer_vocab_size,
+    verify_prepared,
+)
 from data_pipeline.shards import ShardWriter
 from data_pipeline.sources import default_corpus
 from data_pipeline.tokenizer import train_tokenizer
@@ -204,7 +212,7 @@ def test_tampered_or_mismatched_prepared_data_is_refused(tmp_path, corpus, tok):
         build_loader(_cfg(src, out, other), **shape)
     shard = out / "train-00001.arrow"
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(DataError, match=r"train-00001.arrow: cannot open token shard \(corrupt or truncated"):
+    with pytest.raises(DataError, match=r"train-00001.arrow: cannot read token shard \(corrupt or truncated"):
         build_loader(cfg, **shape)
 
 
@@ -257,3 +265,56 @@ def test_prepare_refuses_to_replace_a_folder_it_did_not_write(tmp_path, corpus, 
     with pytest.raises(DataError, match="notes.txt"):
         prepare(_cfg(src, out, tok), progress=False)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def _epoch(cfg):
+    """Every window of the train split once (one rank), as the trainer would read them."""
+    loader = build_loader(
+        cfg, split="train", seq_len=32, micro_batch_size=1, grad_accum_steps=1, dp_rank=0, dp_world_size=1
+    )
+    return [next(loader) for _ in range(loader.num_windows)]
+
+
+def _overwrite_with_valid_tokens(path, vocab):
+    """Rewrite an Arrow shard with other in-vocabulary token ids, keeping its size, batches and token count."""
+    table = pa.ipc.open_file(str(path)).read_all()
+    schema = table.schema
+    with pa.ipc.new_file(str(path), schema) as w:
+        for batch in table.to_batches():
+            tokens = batch.column(0).to_numpy()
+            w.write_batch(
+                pa.record_batch([pa.array((tokens.astype(np.int64) + 1) % vocab, schema[0].type)], schema=schema)
+            )
+
+
+@pytest.mark.parametrize("damage", ["zeroed_head", "zeroed_middle", "valid_token_ids"])
+def test_corrupt_shard_is_an_error_naming_the_file(tmp_path, corpus, tok, damage):
+    """Issue 14.8: 512 zeroed bytes at the start (a raw ArrowInvalid before) or in the middle (zeros are valid
+    ids: trained silently before), and other valid token ids (trained silently before)."""
+    src, _ = corpus
+    out = tmp_path / "out"
+    cfg = _cfg(src, out, tok, shard_tokens=3000)
+    prepare(cfg, progress=False)
+    shard = out / "train-00001.arrow"
+    size = shard.stat().st_size
+    if damage.startswith("zeroed"):
+        data = bytearray(shard.read_bytes())
+        at = 0 if damage == "zeroed_head" else size // 2
+        data[at : at + 512] = bytes(512)
+        shard.write_bytes(bytes(data))
+    else:
+        _overwrite_with_valid_tokens(shard, VOCAB)
+    assert shard.stat().st_size == size
+    with pytest.raises(DataError, match=r"train-00001.arrow"):
+        _epoch(cfg)
+    with pytest.raises(DataError, match=r"train-00001.arrow: sha256 .* does not match the manifest"):
+        verify_prepared(cfg)
+
+
+def test_verify_passes_an_intact_dataset(tmp_path, corpus, tok):
+    src, _ = corpus
+    out = tmp_path / "out"
+    cfg = _cfg(src, out, tok, shard_tokens=3000)
+    prepare(cfg, progress=False)
+    assert verify_prepared(cfg) == len(list(out.glob("*.arrow")))
+    assert len(_epoch(cfg)) > 10
