@@ -11,11 +11,11 @@ class DataError(ValueError):
 @dataclass
 class DataConfig:
     sources: list[str] = field(default_factory=list)
-    "Text inputs for prepare / source_kind=text, or token shards for source_kind=tokens: files, dirs, globs, URIs; empty = the stdlib corpus."
+    "Text inputs for prepare / source_kind=text (Parquet, Arrow, JSON Lines .jsonl/.jsonl.gz/.json.gz/.jsonl.zst, plain text), or token shards for source_kind=tokens: files, dirs, globs, URIs; empty = the stdlib corpus."
     source_kind: Literal["prepared", "tokens", "text"] = "prepared"
     "What build_loader reads: 'prepared' (manifest.json in prepared_dir), 'tokens' (token shards in sources), 'text' (tokenize sources on the fly)."
     text_column: str = "text"
-    "Column holding the documents in Parquet/Arrow text sources (string or UTF-8 binary)."
+    "Column holding the documents in Parquet/Arrow text sources (string or UTF-8 binary), and the string field holding them in each JSON Lines object."
     token_column: str = "tokens"
     "Integer column holding the flat token stream in token shards (source_kind=tokens)."
     prepared_dir: str = "data/stdlib"
