@@ -32,6 +32,8 @@ class DataConfig:
     "SentencePiece input_sentence_size: paragraphs sampled from the offered text for training."
     val_fraction: float = 0.02
     "Fraction held out for validation: every 1/f-th document (prepare) or Parquet row group / Arrow batch (text)."
+    prepare_workers: int = 0
+    "Processes that tokenize in prepare (output identical for any count); 0 = one per CPU core this process may use."
     shard_tokens: int = 1 << 26
     "Tokens per Arrow shard file written by prepare."
     shuffle_buffer: int = 1024
@@ -77,6 +79,7 @@ class DataConfig:
             (self.shard_tokens >= 1, f"data.shard_tokens must be >= 1, got {self.shard_tokens}"),
             (self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}"),
             (self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}"),
+            (self.prepare_workers >= 0, f"data.prepare_workers must be >= 0, got {self.prepare_workers}"),
             (self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}"),
             (
                 self.tokenizer_train_bytes >= 1,

@@ -77,7 +77,8 @@ def test_prepare_of_jsonl_equals_prepare_of_parquet(tmp_path, tok):
     for name, sources in {"parquet": [str(src / "a.parquet")], "jsonl": [str(src / "b*")]}.items():
         out = tmp_path / name
         prepare(
-            DataConfig(sources=sources, prepared_dir=str(out), tokenizer_path=tok, vocab_size=VOCAB), progress=False
+            DataConfig(sources=sources, prepared_dir=str(out), tokenizer_path=tok, vocab_size=VOCAB, prepare_workers=1),
+            progress=False,
         )
         manifest = json.loads((out / "manifest.json").read_text())
         tokens[name] = np.concatenate(

@@ -1,6 +1,7 @@
 """prepare: lossless tokenizer on real stdlib files, shards that decode back to the source documents (read here
 with plain pyarrow), split rule, atomicity under interruption, and refusal of tampered/mismatched data."""
 
+import importlib
 import json
 import os
 from collections import Counter
@@ -16,6 +17,7 @@ from data_pipeline import (
     build_loader,
     load_tokenizer,
     prepare,
+    prepare_parts,
     tokenizer_vocab_size,
     verify_prepared,
 )
@@ -62,7 +64,8 @@ def corpus(tmp_path):
 
 
 def _cfg(src, out, tok, **kw):
-    return DataConfig(sources=[src], prepared_dir=str(out), tokenizer_path=tok, **{"vocab_size": VOCAB, **kw})
+    kw = {"vocab_size": VOCAB, "prepare_workers": 1, **kw}  # one process: the parallel test covers the pool
+    return DataConfig(sources=[src], prepared_dir=str(out), tokenizer_path=tok, **kw)
 
 
 def _read_split(out, split):
@@ -125,7 +128,8 @@ def test_sources_as_uri_glob_and_files_give_the_same_data(tmp_path, corpus, tok)
     for name, sources in variants.items():
         out = tmp_path / name
         prepare(
-            DataConfig(sources=sources, prepared_dir=str(out), tokenizer_path=tok, vocab_size=VOCAB), progress=False
+            DataConfig(sources=sources, prepared_dir=str(out), tokenizer_path=tok, vocab_size=VOCAB, prepare_workers=1),
+            progress=False,
         )
         streams[name] = _read_split(out, "train").tolist()
     assert streams["uri"] == streams["dir"] == streams["glob"] == streams["files"] and streams["dir"]
@@ -139,7 +143,14 @@ def test_arrow_stream_format_is_read(tmp_path, tok):
             w.write_batch(pa.record_batch([pa.array(part)], names=["text"]))
     out = tmp_path / "out"
     prepare(
-        DataConfig(sources=[str(src)], prepared_dir=str(out), tokenizer_path=tok, vocab_size=VOCAB, val_fraction=0.0),
+        DataConfig(
+            sources=[str(src)],
+            prepared_dir=str(out),
+            tokenizer_path=tok,
+            vocab_size=VOCAB,
+            val_fraction=0.0,
+            prepare_workers=1,
+        ),
         progress=False,
     )
     assert _documents(_read_split(out, "train"), load_tokenizer(tok)) == docs
@@ -168,15 +179,9 @@ def test_loader_reads_prepared_windows_and_doc_starts(tmp_path, corpus, tok):
 def test_interrupted_prepare_keeps_the_previous_dataset(tmp_path, corpus, tok, monkeypatch):
     src, _ = corpus
     out = tmp_path / "out"
-    cfg = _cfg(src, out, tok, shard_tokens=3000)
-
-    def load():
-        return build_loader(
-            cfg, split="train", seq_len=32, micro_batch_size=2, grad_accum_steps=1, dp_rank=0, dp_world_size=1
-        )
-
-    prepare(cfg, progress=False)
+    prepare(_cfg(src, out, tok, shard_tokens=3000), progress=False)
     before = _dataset_bytes(out)
+    other = _cfg(src, out, tok, shard_tokens=2500)  # another dataset into the same folder
     finish = ShardWriter._finish
 
     def crash_on_second_shard(self):
@@ -186,12 +191,21 @@ def test_interrupted_prepare_keeps_the_previous_dataset(tmp_path, corpus, tok, m
 
     monkeypatch.setattr(ShardWriter, "_finish", crash_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        prepare(cfg, progress=False)
+        prepare(other, progress=False)
     assert _dataset_bytes(out) == before
-    next(load())
+    build_loader(
+        _cfg(src, out, tok),
+        split="train",
+        seq_len=32,
+        micro_batch_size=2,
+        grad_accum_steps=1,
+        dp_rank=0,
+        dp_world_size=1,
+    )
     monkeypatch.undo()
-    prepare(cfg, progress=False)
-    assert _dataset_bytes(out) == before and not (tmp_path / "out.partial").exists()
+    prepare(other, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert max(s["tokens"] for s in manifest["train"]) == 2500 and not (tmp_path / "out.partial").exists()
 
 
 def test_tampered_or_mismatched_prepared_data_is_refused(tmp_path, corpus, tok):
@@ -318,3 +332,45 @@ def test_verify_passes_an_intact_dataset(tmp_path, corpus, tok):
     prepare(cfg, progress=False)
     assert verify_prepared(cfg) == len(list(out.glob("*.arrow")))
     assert len(_epoch(cfg)) > 10
+
+
+@pytest.mark.slow
+def test_parallel_prepare_is_bitwise_the_serial_one(tmp_path, corpus, tok):
+    """Issue 17.4: 3 processes write the very bytes 1 process writes (also with a mid-file val split)."""
+    src, _ = corpus
+    outs = {n: tmp_path / f"w{n}" for n in (1, 3)}
+    for n, out in outs.items():
+        prepare(_cfg(src, out, tok, shard_tokens=3000, val_fraction=0.3, prepare_workers=n), progress=False)
+    assert _dataset_bytes(outs[3]) == _dataset_bytes(outs[1])
+
+
+def test_rerun_skips_what_is_prepared(tmp_path, corpus, tok, monkeypatch):
+    """Issue 17.4: a re-run of the same inputs tokenizes nothing; after an interruption only the missing units."""
+    src, _ = corpus
+    cfg = _cfg(src, tmp_path / "out", tok, shard_tokens=3000)
+    reference = tmp_path / "reference"
+    prepare(_cfg(src, reference, tok, shard_tokens=3000), progress=False)
+    tokenized, interrupt = [], [True]
+    tokenize = prepare_parts.tokenize_unit
+
+    def counting(unit, *args):
+        if len(tokenized) == 3 and interrupt.pop():
+            raise KeyboardInterrupt  # the first prepare stops after 3 units
+        tokenized.append(unit)
+        return tokenize(unit, *args)
+
+    monkeypatch.setattr(importlib.import_module("data_pipeline.prepare"), "tokenize_unit", counting)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, progress=False)
+    interrupt.append(False)
+    prepare(cfg, progress=False)
+    n_units = len(tokenized)
+    assert n_units == 7  # 3 units, then the other 4 (a.parquet: 2 row groups, b.arrow: 2 batches, c, d, e)
+    assert _dataset_bytes(tmp_path / "out") == _dataset_bytes(reference)
+    prepare(cfg, progress=False)
+    assert len(tokenized) == n_units  # nothing tokenized again
+    (tmp_path / "src" / "c.txt").write_text("changed")  # a changed input is prepared again
+    prepare(cfg, progress=False)
+    assert len(tokenized) == 2 * n_units and "changed" in _documents(
+        _read_split(tmp_path / "out", "train"), load_tokenizer(tok)
+    )
