@@ -53,12 +53,49 @@ def _child(args: argparse.Namespace) -> None:
     cfg = DataConfig(**json.loads(args.child))
     start = time.perf_counter()
     summary = prepare(cfg, progress=False)
-    seconds = time.perf_counter() - start
-    peak = {
-        who: resource.getrusage(w).ru_maxrss / 1024
-        for who, w in (("main", resource.RUSAGE_SELF), ("worker", resource.RUSAGE_CHILDREN))
-    }
-    print(json.dumps({"seconds": seconds, "tokens": summary["tokens"], "bytes": summary["bytes"], **peak}))
+    print(json.dumps({"seconds": time.perf_counter() - start, "tokens": summary["tokens"], "bytes": summary["bytes"]}))
+
+
+def _tree_rss_mib(root: int) -> list[float]:
+    """RSS (MiB) of `root` and all its descendants, read from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    tree, grew = {root}, True
+    while grew:
+        new = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= new
+        grew = bool(new)
+    rss = []
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                rss.append(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
+        except OSError:
+            continue
+    return rss
+
+
+def _run_sampled(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run cmd; peak summed RSS of its process tree and peak RSS of its largest process (MiB)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks = [0.0, 0.0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            rss = _tree_rss_mib(proc.pid)
+            peaks[0], peaks[1] = max(peaks[0], sum(rss)), max([peaks[1], *rss])
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peaks[0], peaks[1]
 
 
 def main() -> None:
@@ -92,7 +129,7 @@ def main() -> None:
             rows[scale] = {**json.loads(run.stdout.strip().splitlines()[-1]), "total": total, "largest": largest}
     print(f"prepare, {args.workers or len(os.sched_getaffinity(0))} worker process(es), .jsonl.gz, vocab {VOCAB}")
     print(
-        f"{'corpus':<8} {'text MB':>8} {'tokens':>12} {'seconds':>8} {'MB/s':>6} {'main peak RSS MiB':>18} {'worker peak RSS MiB':>20}"
+        f"{'corpus':<8} {'text MB':>8} {'tokens':>12} {'seconds':>8} {'peak RSS, all processes MiB':>28} {'largest process MiB':>20}"
     )
     for scale, r in rows.items():
         print(
