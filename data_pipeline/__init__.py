@@ -6,6 +6,7 @@
         -> iterator of {"input_ids": LongTensor[B, S], "labels": LongTensor[B, S]}
            (+ "doc_starts": BoolTensor[B, S] with data.return_doc_boundaries, + "window_ids": LongTensor[B])
            with .state_dict() / .load_state_dict() / .stats() / .epoch / .skipped_records / .close()
+    source_config(cfg, name) -> DataConfig       one data.mixture source alone (its validation loss)
     load_tokenizer(path) -> SentencePieceProcessor; tokenizer_vocab_size(cfg) -> int; tokenizer_path(cfg) -> str
 
 Pre-tokenized data (source_kind prepared | tokens): one global window order, independent of world size and
@@ -15,6 +16,7 @@ it once, load it on every rank, at any world size). Text sources (source_kind te
 
 from data_pipeline.config import DataConfig, DataError
 from data_pipeline.loader import TextLoader, WindowLoader, build_loader
+from data_pipeline.mixture import source_config
 from data_pipeline.prepare import prepare, verify_prepared
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_path, tokenizer_vocab_size
 
@@ -26,6 +28,7 @@ __all__ = [
     "build_loader",
     "load_tokenizer",
     "prepare",
+    "source_config",
     "tokenizer_path",
     "tokenizer_vocab_size",
     "verify_prepared",

@@ -175,12 +175,17 @@ class MixtureLoader(WindowLoader):
             )
 
 
+def source_config(cfg: DataConfig, name: str) -> DataConfig:
+    """The config of data.mixture source `name` alone (e.g. for its validation loss), with the shared tokenizer."""
+    directory = {n: d for n, _, d in cfg.mixture_sources()}[name]
+    return replace(cfg, mixture=[], prepared_dir=directory, tokenizer_path=tokenizer_path(cfg))
+
+
 def mixture_loader(cfg: DataConfig, *, split: str, **shape) -> MixtureLoader:
     """build_loader for data.mixture: every source a prepared dataset read with the same tokenizer."""
     streams, windows, eos = [], [], -1
     for name, _, directory in cfg.mixture_sources():
-        one = replace(cfg, mixture=[], prepared_dir=directory, tokenizer_path=tokenizer_path(cfg))
-        stream, eos = prepared_stream(one, split)
+        stream, eos = prepared_stream(source_config(cfg, name), split)
         n = max(len(stream) - 1, 0) // shape["seq_len"]
         if n < 1:
             raise DataError(f"data.mixture source {name} ({directory}, {split}): {len(stream)} tokens hold no window")
