@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sysconfig
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -60,6 +61,17 @@ def _wanted(name: str) -> bool:
     ).startswith(".")
 
 
+def _child_uri(src: str, path: str) -> str:
+    """URI of `path` (as a filesystem lists it) under the URI `src`, keeping src's credentials and options
+    (s3://key:secret@bucket/dir?endpoint_override=host:port -> s3://key:secret@bucket/dir/x.parquet?endpoint...)."""
+    parts = urllib.parse.urlsplit(src)
+    if path.startswith("/"):  # hdfs and the like: the host stays, the path is absolute
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+    user = parts.netloc.rpartition("@")[0]
+    bucket, _, key = path.partition("/")
+    return urllib.parse.urlunsplit((parts.scheme, f"{user}@{bucket}" if user else bucket, "/" + key, parts.query, ""))
+
+
 def _expand(src: str) -> list[str]:
     if "://" in src:
         fs, path = filesystem(src)
@@ -68,9 +80,8 @@ def _expand(src: str) -> list[str]:
             raise DataError(f"data.sources: {src} does not exist")
         if info.type == pafs.FileType.File:
             return [src]
-        scheme = src.split("://", 1)[0]
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        return sorted(f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File and _wanted(i.path))
+        return sorted(_child_uri(src, i.path) for i in infos if i.type == pafs.FileType.File and _wanted(i.path))
     if any(c in src for c in "*?["):
         matched = sorted(glob.glob(src, recursive=True))
         if not matched:
@@ -127,9 +138,10 @@ def bad_record(cfg: DataConfig, counts: dict, key: str, message: str) -> None:
 
 
 def _kind(uri: str) -> str:
-    if is_jsonl(uri):
+    name = uri.split("?", 1)[0]  # a URI's query holds filesystem options
+    if is_jsonl(name):
         return "jsonl"
-    return next((k for s, k in TABLE_SUFFIXES.items() if uri.lower().endswith(s)), "plain")
+    return next((k for s, k in TABLE_SUFFIXES.items() if name.lower().endswith(s)), "plain")
 
 
 def _open_ipc(fs: pafs.FileSystem, path: str):
