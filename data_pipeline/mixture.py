@@ -92,8 +92,8 @@ class MixtureOrder:
 class MixtureBatches(WindowBatches):
     """WindowBatches over several sources: window ids are global (source s holds ids [first[s], first[s] + N_s))."""
 
-    def __init__(self, streams: list[TokenStream], windows: list[int], order: MixtureOrder, **kw):
-        super().__init__(streams[0], first_window=0, num_windows=sum(windows), **kw)
+    def __init__(self, batches: WindowBatches, streams: list[TokenStream], windows: list[int], order: MixtureOrder):
+        vars(self).update(vars(batches))  # the loader's settings (shape, rank, position, seed, ...)
         self.streams, self.windows, self.order = streams, windows, order
         self.first = np.cumsum([0, *windows])
 
@@ -128,21 +128,7 @@ class MixtureLoader(WindowLoader):
         self.order = MixtureOrder(cfg.seed, split, cfg.mixture_block, [[0, self.blocks, [0] * len(windows)]])
 
     def _dataset(self) -> MixtureBatches:
-        return MixtureBatches(
-            self.streams,
-            self.windows,
-            self.order,
-            seq_len=self.seq_len,
-            split=self.split,
-            seed=self.cfg.seed,
-            start=self.position,
-            micro_batch_size=self.micro_batch_size,
-            dp_rank=self.dp_rank,
-            dp_world_size=self.dp_world_size,
-            eos_id=self.eos_id,
-            doc_starts=self.cfg.return_doc_boundaries,
-            window_ids=self.cfg.return_window_ids,
-        )
+        return MixtureBatches(super()._dataset(), self.streams, self.windows, self.order)
 
     def stats(self) -> dict:
         shares = self.order.counts(self.position) / max(self.position, 1)
