@@ -58,6 +58,7 @@ def _files(out):
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "manifest.json"}
 
 
+@pytest.mark.slow  # worker processes
 def test_prepare_from_s3_equals_prepare_from_local_files(bucket, tmp_path):
     uri, local, tok = bucket
     outs = {"s3": tmp_path / "s3", "local": tmp_path / "local"}
@@ -68,6 +69,7 @@ def test_prepare_from_s3_equals_prepare_from_local_files(bucket, tmp_path):
     assert _files(outs["s3"]) == _files(outs["local"])
 
 
+@pytest.mark.slow  # a DataLoader worker process
 def test_run_on_remote_text_resumes_exactly(bucket):
     uri, _, tok = bucket
     cfg = DataConfig(

@@ -4,6 +4,7 @@ with plain pyarrow), split rule, atomicity under interruption, and refusal of ta
 import importlib
 import json
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -24,6 +25,7 @@ from data_pipeline import (
 from data_pipeline.shards import ShardWriter
 from data_pipeline.sources import default_corpus
 from data_pipeline.tokenizer import train_tokenizer
+from mythos_train.__main__ import main
 
 VOCAB = 512
 TRICKY = [
@@ -342,6 +344,10 @@ def test_parallel_prepare_is_bitwise_the_serial_one(tmp_path, corpus, tok):
     for n, out in outs.items():
         prepare(_cfg(src, out, tok, shard_tokens=3000, val_fraction=0.3, prepare_workers=n), progress=False)
     assert _dataset_bytes(outs[3]) == _dataset_bytes(outs[1])
+    (tmp_path / "src" / "f.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')  # an error in a worker
+    with pytest.raises(DataError, match=r"f.jsonl: line 2: not valid JSON"):
+        prepare(_cfg(src, outs[3], tok, shard_tokens=3000, val_fraction=0.3, prepare_workers=3), progress=False)
+    assert _dataset_bytes(outs[3]) == _dataset_bytes(outs[1])
 
 
 def test_rerun_skips_what_is_prepared(tmp_path, corpus, tok, monkeypatch):
@@ -374,3 +380,14 @@ def test_rerun_skips_what_is_prepared(tmp_path, corpus, tok, monkeypatch):
     assert len(tokenized) == 2 * n_units and "changed" in _documents(
         _read_split(tmp_path / "out", "train"), load_tokenizer(tok)
     )
+
+
+def test_prepare_verify_command(tmp_path, corpus, tok, capsys):
+    src, _ = corpus
+    out = tmp_path / "out"
+    prepare(_cfg(src, out, tok, shard_tokens=3000), progress=False)
+    command = ["prepare", "--verify", f"--data.prepared_dir={out}", f"--data.vocab_size={VOCAB}"]
+    assert main(command) == 0 and "shard(s) match" in capsys.readouterr().out
+    _overwrite_with_valid_tokens(out / "train-00000.arrow", VOCAB)
+    assert main(command) == 2
+    assert re.search(r"1 of \d+ shard\(s\) damaged .*\n.*train-00000.arrow: sha256", capsys.readouterr().err)
