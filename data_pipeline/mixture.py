@@ -157,7 +157,11 @@ class MixtureLoader(WindowLoader):
                 f"{n} {o / block:.3f} -> {b / block:.3f}" for n, o, b in zip(self.names, old, self.blocks)
             )
             log.warning(
-                "data mixture (%s) re-weighted from window position %d on: %s", self.split, self.position, change
+                "data mixture (%s) re-weighted from window position %d (step %d) on: %s",
+                self.split,
+                self.position,
+                self.position // self.global_batch_windows,
+                change,
             )
 
 

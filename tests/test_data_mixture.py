@@ -107,7 +107,7 @@ def test_reweighting_on_resume_applies_from_there_and_is_logged(sources, caplog)
     resumed = _loader(_cfg(sources, new), b=10)
     resumed.load_state_dict(state)
     assert (
-        "re-weighted from window position 3000 on: web 0.600 -> 0.200, code 0.300 -> 0.300, math 0.100 -> 0.500"
+        "re-weighted from window position 3000 (step 300) on: web 0.600 -> 0.200, code 0.300 -> 0.300, math 0.100 -> 0.500"
         in caplog.text
     )
     tail = _ids(resumed, 1000)
