@@ -20,6 +20,7 @@ import platform
 import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -120,7 +121,7 @@ def _tokenizer(cfg: DataConfig, units: list, staging: str, inputs: str, progress
     path, marker = os.path.join(staging, TOKENIZER_FILE), os.path.join(staging, "tokenizer.inputs")
     if cfg.tokenizer_path:
         shutil.copyfile(cfg.tokenizer_path, path)
-    elif not (os.path.isfile(path) and os.path.isfile(marker) and open(marker).read() == inputs):
+    elif not (os.path.isfile(path) and os.path.isfile(marker) and Path(marker).read_text() == inputs):
         if progress:
             print(
                 f"prepare: training a {cfg.tokenizer_type} SentencePiece tokenizer (vocab {cfg.vocab_size}) "

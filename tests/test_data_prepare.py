@@ -391,3 +391,21 @@ def test_prepare_verify_command(tmp_path, corpus, tok, capsys):
     _overwrite_with_valid_tokens(out / "train-00000.arrow", VOCAB)
     assert main(command) == 2
     assert re.search(r"1 of \d+ shard\(s\) damaged .*\n.*train-00000.arrow: sha256", capsys.readouterr().err)
+
+
+def test_rerun_after_an_interruption_keeps_the_trained_tokenizer(tmp_path, corpus, monkeypatch):
+    src, _ = corpus
+    cfg = _cfg(src, tmp_path / "out", "")
+    module = importlib.import_module("data_pipeline.prepare")
+    trained, tokenize = [], module.tokenize_unit
+    monkeypatch.setattr(module, "train_tokenizer", lambda *a: trained.append(train_tokenizer(*a)))
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "tokenize_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, progress=False)
+    monkeypatch.setattr(module, "tokenize_unit", tokenize)
+    prepare(cfg, progress=False)
+    assert len(trained) == 1  # the parts of a re-run need the same tokenizer, so it is not trained again
