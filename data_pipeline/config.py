@@ -1,5 +1,6 @@
 """Data settings (the `[data]` section of a job config) and the one error type the pipeline raises."""
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -11,13 +12,17 @@ class DataError(ValueError):
 @dataclass
 class DataConfig:
     sources: list[str] = field(default_factory=list)
-    "Text inputs for prepare / source_kind=text, or token shards for source_kind=tokens: files, dirs, globs, URIs; empty = the stdlib corpus."
+    "Text inputs for prepare / source_kind=text (Parquet, Arrow, JSON Lines .jsonl/.jsonl.gz/.json.gz/.jsonl.zst, plain text), or token shards for source_kind=tokens: files, dirs, globs, URIs; empty = the stdlib corpus."
     source_kind: Literal["prepared", "tokens", "text"] = "prepared"
     "What build_loader reads: 'prepared' (manifest.json in prepared_dir), 'tokens' (token shards in sources), 'text' (tokenize sources on the fly)."
     text_column: str = "text"
-    "Column holding the documents in Parquet/Arrow text sources (string or UTF-8 binary)."
+    "Column holding the documents in Parquet/Arrow text sources (string or UTF-8 binary), and the string field holding them in each JSON Lines object."
     token_column: str = "tokens"
     "Integer column holding the flat token stream in token shards (source_kind=tokens)."
+    mixture: list[str] = field(default_factory=list)
+    "Weighted mixture of prepared datasets sharing one tokenizer, as name=weight:prepared_dir entries (e.g. web=0.7:data/web); empty = prepared_dir alone. Changed weights on resume apply from the resume position on (logged)."
+    mixture_block: int = 1000
+    "Windows per mixture block: every block holds each source's share (weight x block, largest remainder) in a seeded order."
     prepared_dir: str = "data/stdlib"
     "Directory that prepare writes (tokenizer.model, Arrow shards, manifest.json) and source_kind=prepared reads."
     tokenizer_path: str = ""
@@ -32,6 +37,8 @@ class DataConfig:
     "SentencePiece input_sentence_size: paragraphs sampled from the offered text for training."
     val_fraction: float = 0.02
     "Fraction held out for validation: every 1/f-th document (prepare) or Parquet row group / Arrow batch (text)."
+    prepare_workers: int = 0
+    "Processes that tokenize in prepare (output identical for any count); 0 = one per CPU core this process may use."
     shard_tokens: int = 1 << 26
     "Tokens per Arrow shard file written by prepare."
     shuffle_buffer: int = 1024
@@ -77,6 +84,7 @@ class DataConfig:
             (self.shard_tokens >= 1, f"data.shard_tokens must be >= 1, got {self.shard_tokens}"),
             (self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}"),
             (self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}"),
+            (self.prepare_workers >= 0, f"data.prepare_workers must be >= 0, got {self.prepare_workers}"),
             (self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}"),
             (
                 self.tokenizer_train_bytes >= 1,
@@ -88,7 +96,33 @@ class DataConfig:
                 self.source_kind != "tokens" or bool(self.sources),
                 "data.sources must list token shards when data.source_kind = 'tokens'",
             ),
+            (self.mixture_block >= 1, f"data.mixture_block must be >= 1, got {self.mixture_block}"),
+            (
+                not self.mixture or self.source_kind == "prepared",
+                f"data.mixture needs data.source_kind = 'prepared', got {self.source_kind!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise DataError(message)
+        self.mixture_sources()
+
+    def mixture_sources(self) -> list[tuple[str, float, str]]:
+        """(name, weight, prepared_dir) of each data.mixture entry; DataError naming a bad one."""
+        sources = []
+        for entry in self.mixture:
+            name, _, rest = entry.partition("=")
+            weight, _, directory = rest.partition(":")
+            try:
+                value = float(weight)
+            except ValueError:
+                value = math.nan
+            if not name or not directory or not math.isfinite(value) or value < 0:
+                raise DataError(f"data.mixture: {entry!r} is not name=weight:prepared_dir with a finite weight >= 0")
+            sources.append((name, value, directory))
+        names = [n for n, _, _ in sources]
+        if len(set(names)) != len(names):
+            raise DataError(f"data.mixture: source names must be unique, got {names}")
+        if sources and not sum(w for _, w, _ in sources) > 0:
+            raise DataError("data.mixture: the weights sum to 0")
+        return sources

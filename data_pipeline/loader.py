@@ -101,25 +101,28 @@ class WindowLoader:
 
     def __next__(self) -> dict:
         if self._it is None:
-            dataset = WindowBatches(
-                self.stream,
-                seq_len=self.seq_len,
-                first_window=self.first_window,
-                num_windows=self.num_windows,
-                split=self.split,
-                seed=self.cfg.seed,
-                start=self.position,
-                micro_batch_size=self.micro_batch_size,
-                dp_rank=self.dp_rank,
-                dp_world_size=self.dp_world_size,
-                eos_id=self.eos_id,
-                doc_starts=self.cfg.return_doc_boundaries,
-                window_ids=self.cfg.return_window_ids,
-            )
-            self._it = iter(_dataloader(self.cfg, dataset, sampler=_Forever()))
+            self._it = iter(_dataloader(self.cfg, self._dataset(), sampler=_Forever()))
         batch = next(self._it)
         self.position += self.micro_batch_size * self.dp_world_size
         return batch
+
+    def _dataset(self) -> WindowBatches:
+        """This rank's micro-batches from the current position on."""
+        return WindowBatches(
+            self.stream,
+            seq_len=self.seq_len,
+            first_window=self.first_window,
+            num_windows=self.num_windows,
+            split=self.split,
+            seed=self.cfg.seed,
+            start=self.position,
+            micro_batch_size=self.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_world_size=self.dp_world_size,
+            eos_id=self.eos_id,
+            doc_starts=self.cfg.return_doc_boundaries,
+            window_ids=self.cfg.return_window_ids,
+        )
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when the loader is garbage-collected)."""
@@ -285,7 +288,8 @@ def _check_tokenizer(cfg: DataConfig, path: str) -> int:
     return sp.eos_id()
 
 
-def _prepared(cfg: DataConfig, split: str) -> tuple[TokenStream, int]:
+def prepared_stream(cfg: DataConfig, split: str) -> tuple[TokenStream, int]:
+    """The token stream of a prepared split and its eos id, after checking manifest, vocabulary and tokenizer."""
     manifest = read_manifest(cfg.prepared_dir)
     where = os.path.join(cfg.prepared_dir, "manifest.json")
     if manifest["vocab_size"] != cfg.vocab_size:
@@ -299,7 +303,7 @@ def _prepared(cfg: DataConfig, split: str) -> tuple[TokenStream, int]:
             f"re-run prepare or point data.tokenizer_path at that tokenizer"
         )
     files = [os.path.join(cfg.prepared_dir, s["file"]) for s in manifest[split]]
-    stream = TokenStream(files, cfg.vocab_size, COLUMN, [s["tokens"] for s in manifest[split]])
+    stream = TokenStream(files, cfg.vocab_size, COLUMN, manifest[split])
     return stream, manifest["eos_id"]
 
 
@@ -331,6 +335,10 @@ def build_loader(
         dp_world_size=dp_world_size,
     )
 
+    if cfg.mixture:
+        from data_pipeline.mixture import mixture_loader  # imported here: mixture.py builds on this module
+
+        return mixture_loader(cfg, split=split, **shape)
     if cfg.source_kind == "text":
         counts: dict[str, int] = {}
         units = list_units(resolve_sources(cfg.sources), cfg, counts) if cfg.sources else []
@@ -364,7 +372,7 @@ def build_loader(
         return TextLoader(cfg, dataset, split=split, listing_counts=counts, **shape)
 
     if cfg.source_kind == "prepared":
-        stream, eos = _prepared(cfg, split)
+        stream, eos = prepared_stream(cfg, split)
         where = f"{cfg.prepared_dir} ({split})"
         first, count = 0, max(len(stream) - 1, 0) // seq_len
     else:

@@ -3,21 +3,27 @@
 Several shards read as one token stream (their concatenation), so window ids do not depend on how the stream
 was cut into files. manifest.json (written last, atomically) is the only thing that makes a prepared
 directory valid: shards it does not list, and *.tmp leftovers of an interrupted prepare, are never read.
+
+Checksums: the manifest lists each shard's sha256 (checked by `prepare --verify`, which reads everything) and a
+crc32 of each record batch's token ids, checked the first time a process reads from that batch: a shard damaged
+or replaced after prepare (even by valid token ids) is an error naming the file, at the cost of one extra pass
+over the bytes a process reads anyway.
 """
 
 import bisect
 import json
 import os
+import zlib
 
 import numpy as np
 import pyarrow as pa
 
 from data_pipeline.config import DataError
-from data_pipeline.tokenizer import write_atomic
+from data_pipeline.tokenizer import file_sha256, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "mythos-token-shards"
-VERSION = 1
+VERSION = 2
 COLUMN = "tokens"
 
 
@@ -45,6 +51,7 @@ class ShardWriter:
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
         self._in_shard = 0  # tokens already written to the open file
+        self._crc32: list[int] = []  # of each record batch in the open file
         self._writer = None
 
     def _name(self) -> str:
@@ -69,6 +76,7 @@ class ShardWriter:
             self._writer = pa.ipc.new_file(os.path.join(self.directory, self._name() + ".tmp"), self.schema)
         tokens = np.concatenate(self._pending)
         self._writer.write_batch(pa.record_batch([pa.array(tokens)], schema=self.schema))
+        self._crc32.append(zlib.crc32(tokens))
         self._in_shard += len(tokens)
         self._pending, self._pending_tokens = [], 0
 
@@ -81,11 +89,19 @@ class ShardWriter:
         tmp, path = os.path.join(self.directory, name + ".tmp"), os.path.join(self.directory, name)
         _fsync(tmp)
         os.replace(tmp, path)
-        self.shards.append({"file": name, "tokens": self._in_shard, "bytes": os.path.getsize(path)})
-        self._writer, self._in_shard = None, 0
+        self.shards.append(
+            {
+                "file": name,
+                "tokens": self._in_shard,
+                "bytes": os.path.getsize(path),
+                "sha256": file_sha256(path),
+                "batch_crc32": self._crc32,
+            }
+        )
+        self._writer, self._in_shard, self._crc32 = None, 0, []
 
     def close(self) -> list[dict]:
-        """Finish the last shard; the list of {file, tokens, bytes} written."""
+        """Finish the last shard; the list of {file, tokens, bytes, sha256, batch_crc32} written."""
         self._finish()
         return self.shards
 
@@ -105,17 +121,36 @@ def read_manifest(directory: str) -> dict:
         raise DataError(f"{path}: unreadable manifest: {err}") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise DataError(
-            f"{path}: not a {FORMAT} v{VERSION} manifest (format={manifest.get('format')!r}, version={manifest.get('version')!r})"
+            f"{path}: not a {FORMAT} v{VERSION} manifest (format={manifest.get('format')!r}, version={manifest.get('version')!r}); "
+            f"run prepare again (v{VERSION} adds shard checksums)"
         )
     return manifest
+
+
+def verify_shards(directory: str, manifest: dict) -> int:
+    """sha256 of every shard the manifest lists; DataError naming each one that differs. Returns the count."""
+    bad = []
+    shards = [s for split in ("train", "val") for s in manifest[split]]
+    for shard in shards:
+        path = os.path.join(directory, shard["file"])
+        digest = file_sha256(path) if os.path.isfile(path) else "missing"
+        if digest != shard["sha256"]:
+            bad.append(f"{path}: sha256 {digest[:12]}... does not match the manifest's {shard['sha256'][:12]}...")
+    if bad:
+        raise DataError(f"{len(bad)} of {len(shards)} shard(s) damaged or replaced since prepare:\n" + "\n".join(bad))
+    return len(shards)
 
 
 def _open_shard(path: str, column: str) -> list[np.ndarray]:
     """Zero-copy numpy views (one per record batch) of a memory-mapped shard's token column."""
     try:
-        reader = pa.ipc.open_file(pa.memory_map(path))
+        return _shard_arrays(path, column)
     except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{path}: cannot open token shard (corrupt or truncated?): {err}") from None
+        raise DataError(f"{path}: cannot read token shard (corrupt or truncated?): {err}") from None
+
+
+def _shard_arrays(path: str, column: str) -> list[np.ndarray]:
+    reader = pa.ipc.open_file(pa.memory_map(path))
     if column not in reader.schema.names:
         raise DataError(
             f"{path}: no token column '{column}' (columns: {', '.join(reader.schema.names)}); set data.token_column"
@@ -139,19 +174,26 @@ class TokenStream:
     naming the file and offset, never a silent wrong batch."""
 
     def __init__(
-        self, files: list[str], vocab_size: int, column: str = COLUMN, expected_tokens: list[int] | None = None
+        self, files: list[str], vocab_size: int, column: str = COLUMN, manifest_shards: list[dict] | None = None
     ):
         self.files, self.vocab_size, self.column = files, vocab_size, column
+        self.batch_crc32 = [s["batch_crc32"] for s in manifest_shards] if manifest_shards else None
+        "Per shard, the crc32 of each record batch's token ids (prepared data), checked on first read."
         lengths = []
         for i, path in enumerate(files):
-            n = sum(len(a) for a in _open_shard(path, column))
-            if expected_tokens is not None and n != expected_tokens[i]:
+            arrays = _open_shard(path, column)
+            n = sum(len(a) for a in arrays)
+            if manifest_shards is not None and n != manifest_shards[i]["tokens"]:
                 raise DataError(
-                    f"{path}: holds {n} tokens but the manifest lists {expected_tokens[i]} (truncated or replaced?)"
+                    f"{path}: holds {n} tokens but the manifest lists {manifest_shards[i]['tokens']} (truncated or replaced?)"
+                )
+            if self.batch_crc32 is not None and len(arrays) != len(self.batch_crc32[i]):
+                raise DataError(
+                    f"{path}: has {len(arrays)} record batches but the manifest lists {len(self.batch_crc32[i])} (replaced?)"
                 )
             lengths.append(n)
         self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).tolist()
-        self._shards: dict[int, tuple[list[int], list[np.ndarray]]] = {}
+        self._shards: dict[int, tuple[list[int], list[np.ndarray], set[int]]] = {}
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -159,11 +201,22 @@ class TokenStream:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_shards": {}}
 
-    def _shard(self, i: int) -> tuple[list[int], list[np.ndarray]]:
+    def _shard(self, i: int) -> tuple[list[int], list[np.ndarray], set[int]]:
+        """(batch offsets, batch arrays, indices of the batches whose checksum was checked) of shard i."""
         if i not in self._shards:
             arrays = _open_shard(self.files[i], self.column)
-            self._shards[i] = (np.cumsum([0] + [len(a) for a in arrays]).tolist(), arrays)
+            self._shards[i] = (np.cumsum([0] + [len(a) for a in arrays]).tolist(), arrays, set())
         return self._shards[i]
+
+    def _check_batch(self, f: int, b: int, array: np.ndarray, checked: set[int]) -> None:
+        if self.batch_crc32 is not None and b not in checked:
+            crc = zlib.crc32(array)
+            if crc != self.batch_crc32[f][b]:
+                raise DataError(
+                    f"{self.files[f]}: record batch {b} has crc32 {crc:08x}, the manifest {self.batch_crc32[f][b]:08x}: "
+                    f"the shard was damaged or replaced since prepare (prepare --verify checks every shard)"
+                )
+            checked.add(b)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """tokens[start:stop] as int64 (a copy), across shard and record-batch boundaries."""
@@ -173,9 +226,10 @@ class TokenStream:
         pos = start
         while pos < stop:
             f = bisect.bisect_right(self.offsets, pos) - 1
-            batch_offsets, arrays = self._shard(f)
+            batch_offsets, arrays, checked = self._shard(f)
             local = pos - self.offsets[f]
             b = bisect.bisect_right(batch_offsets, local) - 1
+            self._check_batch(f, b, arrays[b], checked)
             lo = local - batch_offsets[b]
             piece = arrays[b][lo : lo + stop - pos]
             if len(piece) and (int(piece.min()) < 0 or int(piece.max()) >= self.vocab_size):

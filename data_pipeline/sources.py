@@ -1,7 +1,8 @@
 """Text sources: resolving files, the stdlib default corpus, and reading documents one *unit* at a time.
 
 A unit is the smallest piece of a file that can be read on its own: a Parquet row group, an Arrow IPC file
-record batch, a whole Arrow IPC stream, or a whole plain-text file (one document). Units are listed from
+record batch, a whole Arrow IPC stream, a whole JSON Lines file (streamed line by line, jsonl.py), or a whole
+plain-text file (one document). Units are listed from
 metadata, so prepare and the text loader stream them one by one (never a whole dataset in memory) and can hand
 them out to splits, ranks and workers.
 """
@@ -12,6 +13,7 @@ import logging
 import math
 import os
 import sysconfig
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from data_pipeline.config import DataConfig, DataError
+from data_pipeline.jsonl import JSONL_SUFFIXES, is_jsonl, jsonl_documents
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ class Unit:
     uri: str
     "File as the user named it (error messages quote it)."
     kind: str
-    "parquet | ipc | ipc_stream | plain"
+    "parquet | ipc | ipc_stream | jsonl | plain"
     index: int
     "Row group / record batch within the file (0 for whole-file units)."
     first_row: int
@@ -53,7 +56,20 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _wanted(name: str) -> bool:
-    return name.endswith(tuple(TABLE_SUFFIXES) + TEXT_SUFFIXES) and not os.path.basename(name).startswith(".")
+    return name.endswith(tuple(TABLE_SUFFIXES) + TEXT_SUFFIXES + tuple(JSONL_SUFFIXES)) and not os.path.basename(
+        name
+    ).startswith(".")
+
+
+def _child_uri(src: str, path: str) -> str:
+    """URI of `path` (as a filesystem lists it) under the URI `src`, keeping src's credentials and options
+    (s3://key:secret@bucket/dir?endpoint_override=host:port -> s3://key:secret@bucket/dir/x.parquet?endpoint...)."""
+    parts = urllib.parse.urlsplit(src)
+    if path.startswith("/"):  # hdfs and the like: the host stays, the path is absolute
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+    user = parts.netloc.rpartition("@")[0]
+    bucket, _, key = path.partition("/")
+    return urllib.parse.urlunsplit((parts.scheme, f"{user}@{bucket}" if user else bucket, "/" + key, parts.query, ""))
 
 
 def _expand(src: str) -> list[str]:
@@ -64,9 +80,8 @@ def _expand(src: str) -> list[str]:
             raise DataError(f"data.sources: {src} does not exist")
         if info.type == pafs.FileType.File:
             return [src]
-        scheme = src.split("://", 1)[0]
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        return sorted(f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File and _wanted(i.path))
+        return sorted(_child_uri(src, i.path) for i in infos if i.type == pafs.FileType.File and _wanted(i.path))
     if any(c in src for c in "*?["):
         matched = sorted(glob.glob(src, recursive=True))
         if not matched:
@@ -90,7 +105,7 @@ def resolve_sources(sources: list[str]) -> list[str]:
         found = _expand(src)
         if not found:
             raise DataError(
-                f"data.sources: {src!r} holds no {', '.join(sorted(TABLE_SUFFIXES) + list(TEXT_SUFFIXES))} files"
+                f"data.sources: {src!r} holds no {', '.join(sorted(TABLE_SUFFIXES) + list(TEXT_SUFFIXES) + list(JSONL_SUFFIXES))} files"
             )
         files += found
     return list(dict.fromkeys(files))
@@ -123,7 +138,10 @@ def bad_record(cfg: DataConfig, counts: dict, key: str, message: str) -> None:
 
 
 def _kind(uri: str) -> str:
-    return next((k for s, k in TABLE_SUFFIXES.items() if uri.lower().endswith(s)), "plain")
+    name = uri.split("?", 1)[0]  # a URI's query holds filesystem options
+    if is_jsonl(name):
+        return "jsonl"
+    return next((k for s, k in TABLE_SUFFIXES.items() if name.lower().endswith(s)), "plain")
 
 
 def _open_ipc(fs: pafs.FileSystem, path: str):
@@ -147,8 +165,8 @@ def _file_units(uri: str, cfg: DataConfig) -> list[Unit]:
     if info.type != pafs.FileType.File:
         raise DataError(f"{uri}: not a file")
     kind = _kind(uri)
-    if kind == "plain":
-        return [Unit(uri, "plain", 0, 0)]
+    if kind in ("plain", "jsonl"):
+        return [Unit(uri, kind, 0, 0)]
     if info.size == 0:
         raise DataError(f"{uri}: empty file (0 bytes), not a valid {kind} file")
     try:
@@ -211,8 +229,45 @@ def _decode(array: pa.Array) -> list:
     return out
 
 
+def _usable(value: str | bytes | None, where: str, cfg: DataConfig, counts: dict) -> bool:
+    """Whether a row is a document; a null, non-UTF-8 or over-long one is an error or a counted skip."""
+    if value is None:
+        bad_record(cfg, counts, "skipped_records", f"{where}: null text")
+    elif isinstance(value, bytes):
+        bad_record(cfg, counts, "skipped_records", f"{where}: not UTF-8 text")
+    elif len(value) > cfg.max_document_chars:
+        bad_record(
+            cfg,
+            counts,
+            "skipped_records",
+            f"{where}: document of {len(value)} chars exceeds data.max_document_chars={cfg.max_document_chars}",
+        )
+    else:
+        return True
+    return False
+
+
+def _jsonl(unit: Unit, cfg: DataConfig, counts: dict) -> Iterator[tuple[int, str]]:
+    fs, path = filesystem(unit.uri)
+    number = 0
+    try:
+        for number, text, why in jsonl_documents(fs, path, cfg.text_column, cfg.max_document_chars):
+            if why is not None:
+                bad_record(cfg, counts, "skipped_records", f"{unit.uri}: line {number}: {why}")
+            elif _usable(text, f"{unit.uri}: line {number}", cfg, counts):
+                yield number, text
+    except (pa.ArrowInvalid, OSError) as err:
+        bad_record(
+            cfg, counts, "skipped_files", f"{unit.uri}: unreadable after line {number} (truncated or corrupt?): {err}"
+        )
+
+
 def read_documents(unit: Unit, cfg: DataConfig, counts: dict) -> Iterator[tuple[int, str]]:
-    """(row in file, text) for each usable document of `unit`; bad rows are errors or counted skips."""
+    """(row in file, text) for each usable document of `unit` (row = line number for JSON Lines); bad rows are
+    errors or counted skips."""
+    if unit.kind == "jsonl":
+        yield from _jsonl(unit, cfg, counts)
+        return
     if unit.kind == "plain":
         fs, path = filesystem(unit.uri)
         with fs.open_input_stream(path) as f:
@@ -222,32 +277,14 @@ def read_documents(unit: Unit, cfg: DataConfig, counts: dict) -> Iterator[tuple[
         except UnicodeDecodeError as err:
             bad_record(cfg, counts, "skipped_records", f"{unit.uri}: not UTF-8 text (bad byte at offset {err.start})")
             return
-        if len(text) > cfg.max_document_chars:
-            bad_record(
-                cfg,
-                counts,
-                "skipped_records",
-                f"{unit.uri}: document of {len(text)} chars exceeds data.max_document_chars={cfg.max_document_chars}",
-            )
-            return
-        yield 0, text
+        if _usable(text, unit.uri, cfg, counts):
+            yield 0, text
         return
     row = unit.first_row
     try:
         for array in _unit_arrays(unit, cfg.text_column):
             for value in _decode(array):
-                if value is None:
-                    bad_record(cfg, counts, "skipped_records", f"{unit.uri}: row {row}: null text")
-                elif isinstance(value, bytes):
-                    bad_record(cfg, counts, "skipped_records", f"{unit.uri}: row {row}: not UTF-8 text")
-                elif len(value) > cfg.max_document_chars:
-                    bad_record(
-                        cfg,
-                        counts,
-                        "skipped_records",
-                        f"{unit.uri}: row {row}: document of {len(value)} chars exceeds data.max_document_chars={cfg.max_document_chars}",
-                    )
-                else:
+                if _usable(value, f"{unit.uri}: row {row}", cfg, counts):
                     yield row, value
                 row += 1
     except (pa.ArrowInvalid, OSError) as err:

@@ -14,8 +14,10 @@ _MAX_SENTENCE_BYTES = 16384
 
 
 def tokenizer_path(cfg: DataConfig) -> str:
-    """The .model a config means: data.tokenizer_path, else the one prepare writes into data.prepared_dir."""
-    return cfg.tokenizer_path or os.path.join(cfg.prepared_dir, TOKENIZER_FILE)
+    """The .model a config means: data.tokenizer_path, else the one prepare wrote into data.prepared_dir (with a
+    mixture: into the first source's; the loader checks that every source was prepared with it)."""
+    directory = cfg.mixture_sources()[0][2] if cfg.mixture else cfg.prepared_dir
+    return cfg.tokenizer_path or os.path.join(directory, TOKENIZER_FILE)
 
 
 def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
@@ -34,8 +36,12 @@ def tokenizer_vocab_size(cfg: DataConfig) -> int:
 
 
 def file_sha256(path: str) -> str:
+    """Hex sha256 of a file, read in 8 MiB blocks (shards can be large)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        while block := f.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str, data: bytes) -> None:

@@ -73,13 +73,16 @@ class WindowBatches(Dataset):
             ids[here] = epoch_order(index[here], self.num_windows, self.seed, self.split, int(epoch))
         return ids
 
+    def window_tokens(self, w: int) -> np.ndarray:
+        """Tokens [S + 1] of window w."""
+        start = (self.first_window + w) * self.seq_len
+        return self.stream.read(start, start + self.seq_len + 1)
+
     def __getitem__(self, m: int) -> dict:
-        b, s = self.micro_batch_size, self.seq_len
+        b = self.micro_batch_size
         positions = self.start + m * b * self.dp_world_size + self.dp_rank * b + np.arange(b)
         ids = self.windows_at(positions)
-        tokens = np.stack(
-            [self.stream.read((self.first_window + w) * s, (self.first_window + w) * s + s + 1) for w in ids]
-        )
+        tokens = np.stack([self.window_tokens(w) for w in ids])
         batch = make_batch(tokens, self.eos_id, self.doc_starts)
         if self.window_ids:
             batch["window_ids"] = torch.from_numpy(ids)

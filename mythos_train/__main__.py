@@ -71,6 +71,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
             help="check the config, data, paths, run-dir lock and the checkpoint to resume from, then exit "
             "(0 = ok, 2 = an error; WORLD_SIZE sets the world size to check for); starts no process group",
         )
+    if command == "prepare":
+        parser.add_argument(
+            "--verify", action="store_true", help="check every prepared shard against its manifest sha256, then exit"
+        )
     if command == "export":
         parser.add_argument("--out", help="output directory (default: <train.run_dir>/export)")
         parser.add_argument(
@@ -189,10 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "train":
             return run_train(cfg)
         elif command == "prepare":
-            from data_pipeline import prepare  # noqa: PLC0415
+            from data_pipeline import prepare, verify_prepared  # noqa: PLC0415
 
             cfg.data.validate()
-            prepare(cfg.data)
+            if args.verify:
+                print(
+                    f"prepare --verify: {verify_prepared(cfg.data)} shard(s) match {cfg.data.prepared_dir}/manifest.json"
+                )
+            else:
+                prepare(cfg.data)
         elif command == "eval":
             run_eval(cfg, args.checkpoint)
         elif command == "export":

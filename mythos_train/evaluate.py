@@ -17,7 +17,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 import parallel
-from data_pipeline import build_loader
+from data_pipeline import build_loader, source_config
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_path
 from mythos_train.config import JobConfig
 from mythos_train.distributed import all_reduce_sum
@@ -86,14 +86,15 @@ class Evaluator:
         self.cfg, self.model, self.dims, self.device, self.metrics = cfg, model, dims, device, metrics
         self.folder = Path(run_dir) / "eval"
         self.is_main = dims.dp_rank == 0
-        self._batches: list[dict[str, torch.Tensor]] | None = None
+        self._batches: dict[str, list[dict[str, torch.Tensor]]] = {}  # by data.mixture source ("" = all data)
 
-    def validation_batches(self) -> list[dict[str, torch.Tensor]]:
-        """`eval.batches` micro-batches of this rank's validation share, read once (CPU tensors)."""
-        if self._batches is None:
+    def validation_batches(self, source: str = "") -> list[dict[str, torch.Tensor]]:
+        """`eval.batches` micro-batches of this rank's validation share (of data.mixture `source` when given),
+        read once (CPU tensors)."""
+        if source not in self._batches:
             t = self.cfg.train
             loader = build_loader(
-                self.cfg.data,
+                source_config(self.cfg.data, source) if source else self.cfg.data,
                 split="val",
                 seq_len=t.seq_len,
                 micro_batch_size=t.micro_batch_size,
@@ -106,15 +107,15 @@ class Evaluator:
                 {k: b[k] for k in ("input_ids", "labels")} for b in itertools.islice(loader, self.cfg.eval.batches)
             ]
             loader.close()
-            self._batches = batches
-        return self._batches
+            self._batches[source] = batches
+        return self._batches[source]
 
     @torch.no_grad()
-    def losses(self) -> dict[int, float]:
-        """Token-weighted validation loss at each loop count, identical on every rank."""
-        batches = self.validation_batches()
+    def losses(self, source: str = "", loop_counts: list[int] | None = None) -> dict[int, float]:
+        """Token-weighted validation loss at each loop count (of data.mixture `source`), identical on every rank."""
+        batches = self.validation_batches(source)
         results = {}
-        for loops in self.cfg.eval.loop_counts:
+        for loops in loop_counts or self.cfg.eval.loop_counts:
             total = torch.zeros(2, device=self.device, dtype=torch.float64)  # [loss sum, tokens]
             for batch in batches:
                 labels = batch["labels"].to(self.device)
@@ -144,17 +145,25 @@ class Evaluator:
         self.model.eval()
         try:
             losses = self.losses()
+            by_source = self.source_losses()
             text = self.sample() if self.cfg.eval.sample_tokens > 0 else None
         finally:
             self.model.train(was_training)
             reshard(self.model)
         if self.is_main:
             self.metrics.scalars(step, {f"eval/loss/loops_{n:03d}": v for n, v in losses.items()})
+            self.metrics.scalars(step, {f"eval/loss_by_source/{name}": v for name, v in by_source.items()})
             if text is not None:
                 self.metrics.text(step, "eval/sample", text)
             self._save(step, losses)
-            self.metrics.console(f"eval step {step} | " + " | ".join(f"loops {n}: {v:.4f}" for n, v in losses.items()))
+            parts = [f"loops {n}: {v:.4f}" for n, v in losses.items()] + [f"{k}: {v:.4f}" for k, v in by_source.items()]
+            self.metrics.console(f"eval step {step} | " + " | ".join(parts))
         return losses
+
+    def source_losses(self) -> dict[str, float]:
+        """Validation loss of each data.mixture source at the largest eval loop count ({} without a mixture)."""
+        loops = max(self.cfg.eval.loop_counts)
+        return {name: self.losses(name, [loops])[loops] for name, _, _ in self.cfg.data.mixture_sources()}
 
     def _save(self, step: int, losses: dict[int, float]) -> None:
         """Append to eval/history.jsonl and redraw eval/loss_vs_loops.png from the whole history."""

@@ -148,7 +148,14 @@ def _source_dir(tmp_path, case):
 def test_prepare_bad_input_errors_or_counted_skip(tmp_path, tok, case):
     _, _, message, counter, extra_docs = CASES[case]
     src = _source_dir(tmp_path, case)
-    cfg = dict(sources=[src], tokenizer_path=tok, vocab_size=VOCAB, max_document_chars=10_000, val_fraction=0.0)
+    cfg = dict(
+        sources=[src],
+        tokenizer_path=tok,
+        vocab_size=VOCAB,
+        max_document_chars=10_000,
+        val_fraction=0.0,
+        prepare_workers=1,
+    )
     with pytest.raises(DataError, match=message):
         prepare(DataConfig(prepared_dir=str(tmp_path / "err"), **cfg), progress=False)
     assert not os.path.exists(tmp_path / "err" / "manifest.json")

@@ -47,7 +47,14 @@ def prepare_tiny_data(root: Path) -> Path:
         (src / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
     out = root / "prepared"
     prepare(
-        DataConfig(sources=[str(src)], prepared_dir=str(out), vocab_size=VOCAB, val_fraction=0.2, num_workers=0),
+        DataConfig(
+            sources=[str(src)],
+            prepared_dir=str(out),
+            vocab_size=VOCAB,
+            val_fraction=0.2,
+            num_workers=0,
+            prepare_workers=1,
+        ),
         progress=False,
     )
     return out
