@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler import record_function
 
 from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel
@@ -84,10 +85,13 @@ def _train_step(model: torch.nn.Module, forward, tokens: torch.Tensor):
 
     def step():
         logits = forward(tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("mythos:loss"):  # the ranges `profile` reads (mythos_train/profile_trace.py)
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        with record_function("mythos:backward"):
+            loss.backward()
+        with record_function("mythos:optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return step
 
@@ -125,14 +129,41 @@ def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.devi
     times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size)
     flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(
-            activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]
-        ) as prof:
-            step()
-        Path(args.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+        _profile_step(step, model, cfg, args, device)
     return _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
+
+
+def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: torch.device) -> None:
+    """One more step under the profiler: its op table to args.profile, its Chrome trace beside it, and the phase
+    table of `python -m mythos_train profile` printed."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    from mythos_train.config import JobConfig, TrainConfig  # noqa: PLC0415
+    from mythos_train.profile_report import rank_tables  # noqa: PLC0415
+    from mythos_train.profile_trace import STEP_RANGE, read_trace  # noqa: PLC0415
+
+    with profile(
+        activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])],
+        profile_memory=True,
+    ) as prof:
+        _sync(device)
+        start = time.perf_counter()
+        with record_function(STEP_RANGE):
+            step()
+            _sync(device)
+        measured = (time.perf_counter() - start) * 1e3
+    Path(args.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    trace = f"{args.profile}.trace.json"
+    prof.export_chrome_trace(trace)
+    job = JobConfig(model=cfg, train=TrainConfig(seq_len=args.seq, micro_batch_size=args.batch, grad_accum_steps=1))
+    report = read_trace(trace).to_dict() | {
+        "rank": 0,
+        "measured_step_ms": [measured],
+        "depths": [(0, args.loops)],
+        "static_bytes": 3 * sum(p.numel() * p.element_size() for p in model.parameters()),  # + AdamW's 2 moments
+        "peak_flops": matmul_flops_per_s(device, args.peak_size),
+    }
+    print(rank_tables(report, job) + f"\n  (op table: {args.profile}, trace: {trace})")
 
 
 def _bench_reference(
