@@ -129,11 +129,13 @@ def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.devi
     times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size)
     flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
     if args.profile:
-        _profile_step(step, model, cfg, args, device)
+        _profile_step(step, model, cfg, args, device, statistics.median(peaks))
     return _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
 
 
-def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: torch.device) -> None:
+def _profile_step(
+    step, model: torch.nn.Module, cfg: ModelConfig, args, device: torch.device, peak_flops: float
+) -> None:
     """One more step under the profiler: its op table to args.profile, its Chrome trace beside it, and the phase
     table of `python -m mythos_train profile` printed."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
@@ -161,7 +163,7 @@ def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: 
         "measured_step_ms": [measured],
         "depths": [(0, args.loops)],
         "static_bytes": 3 * sum(p.numel() * p.element_size() for p in model.parameters()),  # + AdamW's 2 moments
-        "peak_flops": matmul_flops_per_s(device, args.peak_size),
+        "peak_flops": peak_flops,
     }
     print(rank_tables(report, job) + f"\n  (op table: {args.profile}, trace: {trace})")
 

@@ -81,6 +81,38 @@ def test_reading_of_a_hand_timed_trace():
     assert (reading.memory_peak_rise, reading.memory_peak_phase) == (300, "loop0 recompute")
 
 
+def test_device_reading_of_a_hand_timed_gpu_trace():
+    """Kernels take the phase of the host op that launched them; NCCL time under a compute kernel is hidden."""
+
+    def launch(ts, corr):
+        return _x("cudaLaunchKernel", ts, 5, cat="cuda_runtime", correlation=corr)
+
+    def kernel(name, ts, dur, corr):
+        return _x(name, ts, dur, tid=7, cat="kernel", correlation=corr)
+
+    trace = {
+        "traceEvents": [
+            _x("mythos:step", 0, 1000, cat="user_annotation"),
+            _x("mythos:loop0:grad", 10, 100, cat="user_annotation"),
+            launch(20, 1),
+            launch(30, 2),
+            _x("mythos:optimizer", 200, 50, cat="user_annotation"),
+            launch(210, 3),
+            kernel("void gemm_kernel", 100, 300, 1),
+            kernel("ncclDevKernel_AllGather_RING_LL", 350, 150, 2),  # 350-400 under the gemm: 50 hidden
+            kernel("multi_tensor_apply_kernel", 600, 100, 3),
+        ]
+    }
+    reading = read_trace(trace)
+    assert reading.reading == "device"
+    assert reading.phases == {
+        "loop0": {"compute": 0.3, "all_gather": 0.1},
+        "optimizer": {"compute": 0.1},
+        "idle": {"compute": pytest.approx(1.0 - 0.5)},
+    }
+    assert (reading.in_flight_ms, reading.exposed_ms, reading.overlapped_ms) == pytest.approx((0.15, 0.1, 0.05))
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return prepare_tiny_data(tmp_path_factory.mktemp("profile_data"))
