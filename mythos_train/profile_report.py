@@ -181,7 +181,14 @@ def write_png(reports: list[dict], path: Path) -> Path:
     left = [0.0] * len(reports)
     ranks = [f"rank {r['rank']}" for r in reports]
     colors = plt.get_cmap("tab20").colors
-    for i, (label, widths) in enumerate(sorted(segments.items(), key=lambda kv: kv[0] == "exposed comm")):
+
+    def order(label: str) -> tuple[int, str]:  # the step's order: forward parts, their backward, comm last
+        group, _, column = label.partition(" ")
+        return (
+            len(PARTS) + 1 if label == "exposed comm" else PARTS.index(group) if group in PARTS else len(PARTS)
+        ), column
+
+    for i, (label, widths) in enumerate(sorted(segments.items(), key=lambda kv: order(kv[0]))):
         hatch = "//" if label == "exposed comm" else None
         ax.barh(ranks, widths, left=left, label=label, color=colors[i % len(colors)], hatch=hatch)
         left = [a + b for a, b in zip(left, widths)]
