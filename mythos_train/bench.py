@@ -52,17 +52,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_flops_per_s(device: torch.device, n: int) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"bench --clock: wall time, or the process's CPU time (see --help)."
+
+
+def matmul_flops_per_s(device: torch.device, n: int, clock=time.perf_counter) -> float:
     """FLOP/s of one timed n x n fp32 matmul."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     a @ b
     _sync(device)
-    return 2 * n**3 / (time.perf_counter() - start)
+    return 2 * n**3 / (clock() - start)
 
 
-def time_steps(step, device: torch.device, warmup: int, steps: int, peak_size: int) -> tuple[list[float], list[float]]:
+def time_steps(
+    step, device: torch.device, warmup: int, steps: int, peak_size: int, clock=time.perf_counter
+) -> tuple[list[float], list[float]]:
     """(seconds of each timed step(), matmul FLOP/s measured right before each): interleaving the two keeps the
     peak and the step measured under the same load when other processes share the machine.
     """
@@ -70,12 +76,12 @@ def time_steps(step, device: torch.device, warmup: int, steps: int, peak_size: i
         step()
     times, peaks = [], []
     for _ in range(steps):
-        peaks.append(matmul_flops_per_s(device, peak_size))
+        peaks.append(matmul_flops_per_s(device, peak_size, clock))
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         step()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times, peaks
 
 
@@ -126,7 +132,7 @@ def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.devi
     torch.manual_seed(0)
     model = MythosModel(cfg).to(device)
     step = _train_step(model, lambda x: model(x, n_grad=args.loops), tokens)
-    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size)
+    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size, CLOCKS[args.clock])
     flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
     if args.profile:
         _profile_step(step, model, cfg, args, device, statistics.median(peaks))
@@ -180,7 +186,7 @@ def _bench_reference(
     iterations = []
     model.recurrent.block.register_forward_hook(lambda *_: iterations.append(1))
     step = _train_step(model, lambda x: model(x, n_loops=args.loops), tokens)
-    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size)
+    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size, CLOCKS[args.clock])
     loops_run = len(iterations) / (args.warmup + args.steps)
     ref_cfg = dataclasses.replace(cfg, use_act=True)
     one, two = (training_flops_per_token(ref_cfg, args.seq, 0, n) for n in (1, 2))
@@ -203,6 +209,13 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--peak-size", type=int, default=4096, help="side of the square matmul that measures the peak")
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall time, or this process's CPU time (CPU only; with one thread on a shared machine it leaves out the "
+        "time spent waiting for a core, so medians move less)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip timing open-mythos")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one of our steps to this file")
     parser.add_argument(
@@ -213,11 +226,14 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.clock == "cpu" and device.type == "cuda":
+        parser.error("--clock cpu times CPU work only: use it on CPU")
     cfg = ModelConfig(**(BENCH_SHAPE | {"max_seq_len": args.seq, "max_loop_iters": args.loops, "attn_type": args.attn}))
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     print(
         f"device {device.type}, {torch.get_num_threads()} threads, batch {args.batch} x seq {args.seq}, "
-        f"{args.loops} loops; medians of {args.steps} steps, each right after one {args.peak_size}^2 fp32 matmul"
+        f"{args.loops} loops; medians of {args.steps} steps, each right after one {args.peak_size}^2 fp32 matmul "
+        f"({args.clock} clock)"
     )
     results = {"mythos_train": _bench_ours(cfg, args, tokens, device)}
     reference = None if args.no_reference else load_open_mythos()

@@ -80,7 +80,8 @@ def rank_tables(report: dict, cfg: JobConfig) -> str:
     header = f"  {'':<12}{'fwd ms':>10}{'recomp ms':>10}{'bwd ms':>10}{'total ms':>10}{'share':>8}{'comm ms':>10}  MFU"
     loops = sorted((p for p in table if _loop_key(p) >= 0), key=_loop_key)
     grouped = {part: table[part] for part in PARTS if part in table}
-    grouped["loop"] = {k: sum(table[p][k] for p in loops) for k in (*COLUMNS, "comm", "flops")}
+    whole_loop = table.get("loop", {})  # FSDP's gathers / reductions of the looped block (not one iteration's)
+    grouped["loop"] = {k: sum(table[p][k] for p in loops) + whole_loop.get(k, 0.0) for k in (*COLUMNS, "comm", "flops")}
     model_flops = (
         sum(training_flops_per_token(cfg.model, cfg.train.seq_len, n, k) for n, k in report["depths"])
         * cfg.train.micro_batch_size

@@ -10,7 +10,9 @@ has none) and is not a dependency here. The reading follows the named ranges the
   `evaluate_function` belongs to the backward of the forward phase that created that autograd node (matched by
   sequence number); a loop range entered during backward is that iteration's activation-checkpoint recompute.
 - Communication: time inside a collective op, a `wait_tensor`, or FSDP's all-gather / reduce-scatter ranges is
-  *exposed* communication of that kind: the training thread waited instead of computing. The collectives
+  *exposed* communication of that kind: the training thread waited instead of computing. FSDP's hooks run outside
+  the block they serve, so they count for it by their unit name (`(coda.0)` -> coda; `(recurrent)` -> `loop`, the
+  loop as a whole). The collectives
   themselves run on gloo's threads (`gloo:*` events); the part of that which ran while the training thread computed
   is *overlapped*.
 - Device reading (traces with GPU kernels): a kernel takes the phase of the host op that launched it (correlation
@@ -40,6 +42,9 @@ _FSDP_KINDS = (
 _OP_KINDS = (("all_to_all", "all_to_all"), ("alltoall", "all_to_all"), ("all_gather", "all_gather"),
              ("allgather", "all_gather"), ("reduce_scatter", "reduce_scatter"), ("allreduce", "all_reduce"),
              ("all_reduce", "all_reduce"), ("sendrecv", "all_to_all"), ("broadcast", "broadcast"))  # fmt: skip
+_FSDP_UNIT = re.compile(r"\((prelude|coda|recurrent)[.)]")
+_FSDP_PHASES = {"prelude": "prelude", "coda": "coda", "recurrent": "loop"}
+"FSDP2 names its hooks' ranges after the unit, e.g. 'FSDP::pre_forward (coda.0)': its traffic is that phase's."
 COMM_KINDS = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce", "broadcast", "other")
 
 
@@ -171,8 +176,11 @@ class _Reader:
         elif name.startswith("autograd::engine::evaluate_function"):
             backward = True
             phase = self.seq_phase.get(args.get("Sequence number", -1), "other") + " bwd"
+        elif name.startswith("FSDP::") and (unit := _FSDP_UNIT.search(name)):
+            phase = _FSDP_PHASES.get(unit.group(1), phase) + (" bwd" if backward else "")
         elif not backward and "Sequence number" in args:
-            self.seq_phase.setdefault(args["Sequence number"], phase)
+            # ops read the next sequence number without taking it: the last one to carry it created the node
+            self.seq_phase[args["Sequence number"]] = phase
         if comm is None and (kind := comm_kind(name, self.last_kind)) is not None:
             comm = kind
             if "wait" not in name:
