@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
-from mythos_train.config import JobConfig, validate
+from mythos_train.config import ConfigError, JobConfig, validate
 from mythos_train.distributed import DistInfo, destroy_distributed, env_world_size, init_distributed
 from mythos_train.profile_report import render, write_png
 from mythos_train.profile_trace import STEP_RANGE, read_trace
@@ -129,8 +129,6 @@ def profile_job(cfg: JobConfig, info: DistInfo, warm_steps: int, steps: int, gpu
     """Profile on every rank of an existing process group; returns all ranks' reports (printed on rank 0)."""
     from mythos_train.trainer import Trainer  # noqa: PLC0415
 
-    if steps < 1 or warm_steps < 0:
-        raise ValueError(f"profile: need --steps >= 1 and --warm-steps >= 0, got {steps} and {warm_steps}")
     folder = Path(cfg.train.run_dir) / "profile"
     folder.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, info)
@@ -165,6 +163,8 @@ def run_profile(cfg: JobConfig, warm_steps: int, steps: int, gpu: str | None) ->
     """The `profile` command: process group (torchrun or one process) -> profile_job -> teardown."""
     from mythos_train.trainer import check_vocab  # noqa: PLC0415
 
+    if steps < 1 or warm_steps < 0:
+        raise ConfigError(f"profile: --steps must be >= 1 and --warm-steps >= 0 (got {steps} and {warm_steps})")
     validate(cfg, env_world_size())
     check_vocab(cfg)
     info = init_distributed(cfg)

@@ -144,6 +144,11 @@ def test_profile_command_one_process(data_dir, tmp_path, capsys):
     assert png.startswith(b"\x89PNG") and len(png) > 2000
 
 
+def test_profile_command_rejects_bad_step_counts(capsys):
+    assert main(["profile", "--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+
+
 def _profile_two_ranks(rank, world_size, data_dir, run_dir):
     from mythos_train.distributed import DistInfo
     from mythos_train.profile_run import profile_job
