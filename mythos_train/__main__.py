@@ -1,4 +1,4 @@
-"""`python -m mythos_train {train,prepare,eval,export,bench,plan}` (console script: `mythos-train`).
+"""`python -m mythos_train {train,prepare,eval,export,profile,bench,plan}` (console script: `mythos-train`).
 
 Every command that reads a job config takes `--config path.toml` plus `--section.field=value` overrides;
 `--help` lists the config fields with their docs. `bench` and `plan` parse their own arguments.
@@ -21,6 +21,7 @@ COMMANDS = {
     "prepare": "tokenize text into Arrow shards (and train the tokenizer)",
     "eval": "validation loss vs loop count and a sample, from a checkpoint",
     "export": "consolidated safetensors (ours and open-mythos') from a checkpoint",
+    "profile": "a few warm training steps under the profiler: per-rank phase tables, picture, planner check",
     "bench": "micro-benchmarks of the model (own arguments: bench --help)",
     "plan": "memory / throughput plan for a config on a GPU type (own arguments: plan --help)",
 }
@@ -83,6 +84,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
             choices=["float32", "bfloat16", "float16"],
             help="dtype of the exported weights",
         )
+    if command == "profile":
+        parser.add_argument("--warm-steps", type=int, default=2, help="training steps run before profiling")
+        parser.add_argument("--steps", type=int, default=2, help="training steps profiled")
+        parser.add_argument("--gpu", help="planner accelerator to compare with (default: this device)")
     return parser
 
 
@@ -192,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             print(preflight(cfg, env_world_size()))
         elif command == "train":
             return run_train(cfg)
+        elif command == "profile":
+            from mythos_train.profile_run import run_profile  # noqa: PLC0415
+
+            return run_profile(cfg, args.warm_steps, args.steps, args.gpu)
         elif command == "prepare":
             from data_pipeline import prepare, verify_prepared  # noqa: PLC0415
 

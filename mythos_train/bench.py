@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler import record_function
 
 from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel
@@ -51,17 +52,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_flops_per_s(device: torch.device, n: int) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"bench --clock: wall time, or the process's CPU time (see --help)."
+
+
+def matmul_flops_per_s(device: torch.device, n: int, clock=time.perf_counter) -> float:
     """FLOP/s of one timed n x n fp32 matmul."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     a @ b
     _sync(device)
-    return 2 * n**3 / (time.perf_counter() - start)
+    return 2 * n**3 / (clock() - start)
 
 
-def time_steps(step, device: torch.device, warmup: int, steps: int, peak_size: int) -> tuple[list[float], list[float]]:
+def time_steps(
+    step, device: torch.device, warmup: int, steps: int, peak_size: int, clock=time.perf_counter
+) -> tuple[list[float], list[float]]:
     """(seconds of each timed step(), matmul FLOP/s measured right before each): interleaving the two keeps the
     peak and the step measured under the same load when other processes share the machine.
     """
@@ -69,12 +76,12 @@ def time_steps(step, device: torch.device, warmup: int, steps: int, peak_size: i
         step()
     times, peaks = [], []
     for _ in range(steps):
-        peaks.append(matmul_flops_per_s(device, peak_size))
+        peaks.append(matmul_flops_per_s(device, peak_size, clock))
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         step()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times, peaks
 
 
@@ -84,10 +91,13 @@ def _train_step(model: torch.nn.Module, forward, tokens: torch.Tensor):
 
     def step():
         logits = forward(tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("mythos:loss"):  # the ranges `profile` reads (mythos_train/profile_trace.py)
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        with record_function("mythos:backward"):
+            loss.backward()
+        with record_function("mythos:optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return step
 
@@ -122,17 +132,46 @@ def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.devi
     torch.manual_seed(0)
     model = MythosModel(cfg).to(device)
     step = _train_step(model, lambda x: model(x, n_grad=args.loops), tokens)
-    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size)
+    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size, CLOCKS[args.clock])
     flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(
-            activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]
-        ) as prof:
-            step()
-        Path(args.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+        _profile_step(step, model, cfg, args, device, statistics.median(peaks))
     return _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
+
+
+def _profile_step(
+    step, model: torch.nn.Module, cfg: ModelConfig, args, device: torch.device, peak_flops: float
+) -> None:
+    """One more step under the profiler: its op table to args.profile, its Chrome trace beside it, and the phase
+    table of `python -m mythos_train profile` printed."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    from mythos_train.config import JobConfig, TrainConfig  # noqa: PLC0415
+    from mythos_train.profile_report import rank_tables  # noqa: PLC0415
+    from mythos_train.profile_trace import STEP_RANGE, read_trace  # noqa: PLC0415
+
+    with profile(
+        activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])],
+        profile_memory=True,
+    ) as prof:
+        _sync(device)
+        start = time.perf_counter()
+        with record_function(STEP_RANGE):
+            step()
+            _sync(device)
+        measured = (time.perf_counter() - start) * 1e3
+    Path(args.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    trace = f"{args.profile}.trace.json"
+    prof.export_chrome_trace(trace)
+    job = JobConfig(model=cfg, train=TrainConfig(seq_len=args.seq, micro_batch_size=args.batch, grad_accum_steps=1))
+    report = read_trace(trace).to_dict() | {
+        "rank": 0,
+        "measured_step_ms": [measured],
+        "depths": [(0, args.loops)],
+        "static_bytes": 3 * sum(p.numel() * p.element_size() for p in model.parameters()),  # + AdamW's 2 moments
+        "peak_flops": peak_flops,
+    }
+    print(rank_tables(report, job) + f"\n  (op table: {args.profile}, trace: {trace})")
 
 
 def _bench_reference(
@@ -147,7 +186,7 @@ def _bench_reference(
     iterations = []
     model.recurrent.block.register_forward_hook(lambda *_: iterations.append(1))
     step = _train_step(model, lambda x: model(x, n_loops=args.loops), tokens)
-    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size)
+    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size, CLOCKS[args.clock])
     loops_run = len(iterations) / (args.warmup + args.steps)
     ref_cfg = dataclasses.replace(cfg, use_act=True)
     one, two = (training_flops_per_token(ref_cfg, args.seq, 0, n) for n in (1, 2))
@@ -170,6 +209,13 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--peak-size", type=int, default=4096, help="side of the square matmul that measures the peak")
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall time, or this process's CPU time (CPU only; with one thread on a shared machine it leaves out the "
+        "time spent waiting for a core, so medians move less)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip timing open-mythos")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one of our steps to this file")
     parser.add_argument(
@@ -180,11 +226,14 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.clock == "cpu" and device.type == "cuda":
+        parser.error("--clock cpu times CPU work only: use it on CPU")
     cfg = ModelConfig(**(BENCH_SHAPE | {"max_seq_len": args.seq, "max_loop_iters": args.loops, "attn_type": args.attn}))
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     print(
         f"device {device.type}, {torch.get_num_threads()} threads, batch {args.batch} x seq {args.seq}, "
-        f"{args.loops} loops; medians of {args.steps} steps, each right after one {args.peak_size}^2 fp32 matmul"
+        f"{args.loops} loops; medians of {args.steps} steps, each right after one {args.peak_size}^2 fp32 matmul "
+        f"({args.clock} clock)"
     )
     results = {"mythos_train": _bench_ours(cfg, args, tokens, device)}
     reference = None if args.no_reference else load_open_mythos()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler import record_function
 
 IGNORE_INDEX = -100
 "Label value that contributes no loss and no token count."
@@ -11,7 +12,10 @@ IGNORE_INDEX = -100
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed token cross-entropy in fp32: logits [B, S, V], labels [B, S] -> []."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
+    with record_function("mythos:loss"):
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+        )
 
 
 def token_count(labels: torch.Tensor) -> torch.Tensor:

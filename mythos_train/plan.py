@@ -130,11 +130,12 @@ def depth_draws(cfg: JobConfig) -> list[tuple[int, int]]:
     return _DRAWS[key]
 
 
-def depth_stats(cfg: JobConfig) -> DepthStats:
+def depth_stats(cfg: JobConfig, draws: list[tuple[int, int]] | None = None) -> DepthStats:
+    """FLOPs and depths over the run's first steps, or over the (n_nograd, n_grad) `draws` given (profile's steps)."""
     from mythos_train.model.flops import attention_params, attention_score_flops, training_flops_per_token  # noqa: PLC0415
 
     m, t = cfg.model, cfg.train
-    draws = depth_draws(cfg)
+    draws = draws or depth_draws(cfg)
     counts: dict[tuple[int, int], int] = {}
     for draw in draws:
         counts[draw] = counts.get(draw, 0) + 1

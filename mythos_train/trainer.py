@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.autograd.profiler import record_function
 from torch.distributed.tensor import DTensor
 
 import parallel
@@ -197,19 +198,22 @@ class Trainer:
                 self.model(mb["input_ids"], n_nograd=n_nograd, n_grad=n_grad, wrap_iteration=self.wrap_iteration),
                 mb["labels"],
             )
-            (ce * scale).backward()
+            with record_function("mythos:backward"):  # named ranges: what `python -m mythos_train profile` reads
+                (ce * scale).backward()
             loss_sum += ce.detach()
             self.balancer.accumulate(self.model.recurrent.last_stats)
         t1 = self._clock()
-        grad_norm = parallel.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm, self.dims)
+        with record_function("mythos:clip_grad"):
+            grad_norm = parallel.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm, self.dims)
         loss = all_reduce_sum(loss_sum.reshape(1))[0] / global_tokens
         loss_value, norm_value = torch.stack([loss, grad_norm.to(loss)]).tolist()  # the step's one host sync
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
-        if not skipped:
-            self.skipped_in_a_row = 0
-            self.optimizer.step()  # the router-bias update runs in its pre-step hook
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("mythos:optimizer"):
+            if not skipped:
+                self.skipped_in_a_row = 0
+                self.optimizer.step()  # the router-bias update runs in its pre-step hook
+                self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self._marks = (t0, t1, self._clock())
         if skipped:
             self._skip(loss_value, norm_value)  # raises after max_skipped_steps in a row

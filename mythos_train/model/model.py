@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from mythos_train.config import ModelConfig
 from mythos_train.model.attention import GQAttention, MLAttention, Rope
@@ -91,13 +92,16 @@ class MythosModel(nn.Module):
         kv_cache: a dict filled in place (one slot per layer and loop step); start_pos: position of tokens[:, 0].
         """
         rope = self.rope(start_pos, tokens.shape[1])
-        h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.prelude):
-            h, _ = layer(h, rope, cache_slot(kv_cache, f"prelude_{i}"))
+        with record_function("mythos:prelude"):  # named ranges: what `python -m mythos_train profile` reads
+            h = self.tok_embeddings(tokens)
+            for i, layer in enumerate(self.prelude):
+                h, _ = layer(h, rope, cache_slot(kv_cache, f"prelude_{i}"))
         h = self.recurrent(h, h, rope, n_nograd, n_grad, wrap_iteration, kv_cache)
-        for i, layer in enumerate(self.coda):
-            h, _ = layer(h, rope, cache_slot(kv_cache, f"coda_{i}"))
-        return F.linear(self.norm(h), self.tok_embeddings.weight)
+        with record_function("mythos:coda"):
+            for i, layer in enumerate(self.coda):
+                h, _ = layer(h, rope, cache_slot(kv_cache, f"coda_{i}"))
+        with record_function("mythos:head"):
+            return F.linear(self.norm(h), self.tok_embeddings.weight)
 
     @torch.no_grad()
     def generate(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from mythos_train.config import ModelConfig
 from mythos_train.model.attention import Rope
@@ -165,13 +166,15 @@ class RecurrentBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One loop step -> (h_next [B, T, dim], tokens_per_expert [E], halting prob [B, T] or None).
 
-        Telemetry is returned, never stored, so activation checkpointing may rerun this freely.
+        Telemetry is returned, never stored, so activation checkpointing may rerun this freely. The named range
+        (`mythos:loop<t>:grad|nograd`) is what `profile` reads; a rerun inside backward is its recompute.
         """
-        x = self.norm(h + loop_index_embedding(loop_t, h.shape[-1], self.loop_dim, h.device).to(h.dtype) + e)
-        y, tokens_per_expert = self.block(x, rope, cache_slot(kv_cache, f"loop_{loop_t}"))
-        y = y + self.lora(y, loop_t)
-        h_next = self.injection(h, input_term, y)
-        return h_next, tokens_per_expert, (self.act(h_next) if self.act is not None else None)
+        with record_function(f"mythos:loop{loop_t}:{'grad' if torch.is_grad_enabled() else 'nograd'}"):
+            x = self.norm(h + loop_index_embedding(loop_t, h.shape[-1], self.loop_dim, h.device).to(h.dtype) + e)
+            y, tokens_per_expert = self.block(x, rope, cache_slot(kv_cache, f"loop_{loop_t}"))
+            y = y + self.lora(y, loop_t)
+            h_next = self.injection(h, input_term, y)
+            return h_next, tokens_per_expert, (self.act(h_next) if self.act is not None else None)
 
     def forward(
         self,
