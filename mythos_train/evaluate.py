@@ -128,7 +128,7 @@ class Evaluator:
 
     @torch.no_grad()
     def sample(self) -> str | None:
-        """Greedy continuation of `eval.sample_prompt` (None when the data has no tokenizer)."""
+        """Greedy continuation of `eval.sample_prompt` (None when the data has no tokenizer), run eagerly."""
         path = tokenizer_path(self.cfg.data)
         if not os.path.isfile(path):
             return None
@@ -137,7 +137,10 @@ class Evaluator:
         prompt_ids = tokenizer.encode(e.sample_prompt)[-self.cfg.model.max_seq_len // 2 :] or [tokenizer.bos_id()]
         new_tokens = min(e.sample_tokens, self.cfg.model.max_seq_len - len(prompt_ids))
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        out = self.model.generate(prompt, max_new_tokens=new_tokens, n_loops=e.sample_loops, greedy=True)
+        # Eager even when the blocks are compiled: every decode step changes the cache shapes the blocks (all one
+        # code object) guard on, so a few tokens would exceed dynamo's recompile limit, a hard error under fullgraph.
+        with torch.compiler.set_stance("force_eager"):
+            out = self.model.generate(prompt, max_new_tokens=new_tokens, n_loops=e.sample_loops, greedy=True)
         return e.sample_prompt + tokenizer.decode(out[0, len(prompt_ids) :].tolist())
 
     def run(self, step: int) -> dict[int, float]:

@@ -30,8 +30,12 @@ def causal_sdpa(
         v = F.pad(v, (0, q.shape[-1] - v_dim))
     elif v_dim > q.shape[-1]:
         q, k = F.pad(q, (0, v_dim - q.shape[-1])), F.pad(k, (0, v_dim - k.shape[-1]))
-    if past == 0 or T == 1:  # prefill/training: plain causal; one-token decode: sees everything cached
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and T > 1, scale=scale, enable_gqa=enable_gqa)
+    # Each branch passes SDPA a constant is_causal: under torch.compile with a KV cache, `past` and T are symbolic,
+    # and a bool computed from them is a SymBool, which SDPA rejects (the `if`s here only add shape guards).
+    if T == 1:  # one-token decode: sees everything cached
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=enable_gqa)
+    elif past == 0:  # prefill/training: plain causal
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
     else:  # a chunk after a cache: causal aligned to the bottom right
         mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)

@@ -45,7 +45,7 @@ class Router(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, dim] -> (gates [N, k] fp32, selected experts [N, k] int64)."""
-        logits = F.linear(x, self.weight).float()  # [N, E]
+        logits = F.linear(x.float(), self.weight.float())  # [N, E] fp32: bf16 logits tie and flip the top-k
         scores = logits.softmax(dim=-1)
         selected = (logits + self.expert_bias).topk(self.top_k, dim=-1).indices
         gates = scores.gather(-1, selected)
