@@ -57,6 +57,10 @@ class DataConfig:
     "Documents longer than this are bad records (protects workers from a single huge row)."
     return_doc_boundaries: bool = False
     "Add doc_starts (BoolTensor[B, S]: True where a document starts, and at position 0) to every batch."
+    loss_mask: Literal["all", "answers"] = "all"
+    "Which next-token labels count in the loss: 'all', or 'answers': only the tokens after data.answer_marker up to and including the document's eos, in documents that start inside the window (a prompt whose start was cut off has no answer to learn). Batches then carry loss_mask (BoolTensor[B, S])."
+    answer_marker: str = ""
+    "Text that ends a prompt (loss_mask = 'answers'); prepare registers it with the tokenizer it trains as one piece."
     return_window_ids: bool = False
     "Add window_ids (LongTensor[B]) to every batch (source_kind prepared/tokens; for tests and debugging)."
 
@@ -92,6 +96,18 @@ class DataConfig:
             ),
             (self.tokenizer_sentences >= 1, f"data.tokenizer_sentences must be >= 1, got {self.tokenizer_sentences}"),
             (self.max_document_chars >= 1, f"data.max_document_chars must be >= 1, got {self.max_document_chars}"),
+            (
+                self.loss_mask in ("all", "answers"),
+                f"data.loss_mask must be all or answers, got {self.loss_mask!r}",
+            ),
+            (
+                self.loss_mask == "all" or bool(self.answer_marker),
+                "data.loss_mask = 'answers' needs data.answer_marker (the text that ends a prompt)",
+            ),
+            (
+                self.loss_mask == "all" or self.source_kind != "text",
+                "data.loss_mask = 'answers' needs pre-tokenized data (data.source_kind prepared or tokens)",
+            ),
             (
                 self.source_kind != "tokens" or bool(self.sources),
                 "data.sources must list token shards when data.source_kind = 'tokens'",

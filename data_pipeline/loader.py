@@ -73,8 +73,10 @@ class WindowLoader:
         dp_rank: int,
         dp_world_size: int,
         eos_id: int,
+        answer_id: int | None = None,
     ):
         self.cfg, self.stream, self.split, self.seq_len = cfg, stream, split, seq_len
+        self.answer_id = answer_id
         self.first_window, self.num_windows, self.eos_id = first_window, num_windows, eos_id
         self.micro_batch_size, self.dp_rank, self.dp_world_size = micro_batch_size, dp_rank, dp_world_size
         self.global_batch_windows = micro_batch_size * grad_accum_steps * dp_world_size
@@ -122,6 +124,7 @@ class WindowLoader:
             eos_id=self.eos_id,
             doc_starts=self.cfg.return_doc_boundaries,
             window_ids=self.cfg.return_window_ids,
+            answer_id=self.answer_id,
         )
 
     def close(self) -> None:
@@ -288,6 +291,17 @@ def _check_tokenizer(cfg: DataConfig, path: str) -> int:
     return sp.eos_id()
 
 
+def _answer_id(cfg: DataConfig, path: str) -> int:
+    """The one piece data.answer_marker is, in the tokenizer at `path` (prepare registers it)."""
+    sp = load_tokenizer(path)
+    if sp.encode(cfg.answer_marker) != [piece := sp.piece_to_id(cfg.answer_marker)] or sp.is_unknown(piece):
+        raise DataError(
+            f"tokenizer {path} has no single piece for data.answer_marker {cfg.answer_marker!r} "
+            f"(prepare again with it set, so the tokenizer registers it)"
+        )
+    return piece
+
+
 def prepared_stream(cfg: DataConfig, split: str) -> tuple[TokenStream, int]:
     """The token stream of a prepared split and its eos id, after checking manifest, vocabulary and tokenizer."""
     manifest = read_manifest(cfg.prepared_dir)
@@ -318,7 +332,8 @@ def build_loader(
     dp_world_size: int,
 ) -> "WindowLoader | TextLoader":
     """This rank's loader of `split` ("train" | "val"): micro-batches dict(input_ids=LongTensor[B, seq_len],
-    labels=LongTensor[B, seq_len]) (+ doc_starts BoolTensor[B, seq_len], + window_ids LongTensor[B])."""
+    labels=LongTensor[B, seq_len]) (+ doc_starts BoolTensor[B, seq_len], + window_ids LongTensor[B],
+    + loss_mask BoolTensor[B, seq_len] with data.loss_mask = 'answers')."""
     cfg.validate()
     if split not in ("train", "val"):
         raise DataError(f"split must be 'train' or 'val', got {split!r}")
@@ -389,6 +404,12 @@ def build_loader(
     if count < 1:
         hint = f" (data.val_fraction={cfg.val_fraction})" if split == "val" else ""
         raise DataError(f"{where}: {len(stream)} tokens hold no window of seq_len+1={seq_len + 1} tokens{hint}")
-    if cfg.return_doc_boundaries and eos < 0:
-        raise DataError("data.return_doc_boundaries needs the eos id: set data.tokenizer_path for source_kind=tokens")
-    return WindowLoader(cfg, stream, split=split, first_window=first, num_windows=count, eos_id=eos, **shape)
+    if (cfg.return_doc_boundaries or cfg.loss_mask == "answers") and eos < 0:
+        raise DataError(
+            "data.return_doc_boundaries and data.loss_mask = 'answers' need the eos id: "
+            "set data.tokenizer_path for source_kind=tokens"
+        )
+    answer_id = _answer_id(cfg, tokenizer_path(cfg)) if cfg.loss_mask == "answers" else None
+    return WindowLoader(
+        cfg, stream, split=split, first_window=first, num_windows=count, eos_id=eos, answer_id=answer_id, **shape
+    )

@@ -19,13 +19,17 @@ from mythos_train.config import ConfigError, JobConfig, field_docs, load_config,
 COMMANDS = {
     "train": "train a model (torchrun for several processes)",
     "prepare": "tokenize text into Arrow shards (and train the tokenizer)",
+    "canary": "write the depth-canary programs (train text + eval set) and prepare them",
     "eval": "validation loss vs loop count and a sample, from a checkpoint",
     "export": "consolidated safetensors (ours and open-mythos') from a checkpoint",
     "profile": "a few warm training steps under the profiler: per-rank phase tables, picture, planner check",
     "bench": "micro-benchmarks of the model (own arguments: bench --help)",
     "plan": "memory / throughput plan for a config on a GPU type (own arguments: plan --help)",
 }
-SECTIONS = {"prepare": ("data",)}  # which config sections a command's --help lists (default: all)
+SECTIONS = {
+    "prepare": ("data",),
+    "canary": ("data", "canary"),
+}  # which config sections a command's --help lists (default: all)
 
 
 def _type_name(tp: object) -> str:
@@ -211,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
             else:
                 prepare(cfg.data)
+        elif command == "canary":
+            from mythos_train.canary import write_canary  # noqa: PLC0415
+
+            validate(cfg, 1)
+            for kind, path in write_canary(cfg).items():
+                print(f"{kind}: {path}")
         elif command == "eval":
             run_eval(cfg, args.checkpoint)
         elif command == "export":

@@ -158,6 +158,8 @@ class TrainConfig:
     "Console and TensorBoard scalars every N steps."
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
     "Signals that make every rank finish its step, save a checkpoint and exit with status 75 (start again to resume): SIGTERM from SLURM/Kubernetes, SIGINT (Ctrl-C), SIGUSR1 from SLURM's --signal."
+    document_masking: bool = False
+    "Packed documents attend only within themselves (block-diagonal causal attention, positions restarting at each document); needs data.return_doc_boundaries."
 
 
 @dataclass
@@ -253,6 +255,26 @@ class EvalConfig:
 
 
 @dataclass
+class CanaryConfig:
+    """The depth canary (`python -m mythos_train canary`): chained assignments whose answer needs exactly d hops."""
+
+    dir: str = "data/canary/text"
+    "Where the canary command writes the training text (programs.parquet) and the evaluation set (eval.jsonl)."
+    programs: int = 200_000
+    "Training programs written (prepare holds out data.val_fraction of them)."
+    train_hops: int = 4
+    "D_train: training programs need 1..D_train hops; evaluation covers 1..2*D_train (beyond: extrapolation)."
+    distractor_chains: int = 2
+    "Chains besides the queried one in every program, each 1..train_hops assignments long."
+    eval_programs: int = 64
+    "Evaluation programs per hop count (divided among the data-parallel ranks)."
+    seed: int = 0
+    "Seed of the programs; the evaluation set uses a different stream and excludes every training program."
+    accuracy: bool = False
+    "Measure answer accuracy by hops x inference loops at every evaluation (needs the canary's eval.jsonl)."
+
+
+@dataclass
 class JobConfig:
     """The whole job."""
 
@@ -265,6 +287,7 @@ class JobConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -495,6 +518,10 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     catchable = {"SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"}
     for name in t.stop_signals:
         _check(name in catchable, f"train.stop_signals: {name!r} is not one of {sorted(catchable)}")
+    _check(
+        not t.document_masking or cfg.data.return_doc_boundaries,
+        "train.document_masking needs data.return_doc_boundaries = true (the batches' doc_starts)",
+    )
 
     o = cfg.optim
     _check(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
@@ -506,6 +533,16 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     )
     _check(cfg.checkpoint.load_step >= -1, f"checkpoint.load_step ({cfg.checkpoint.load_step}) must be >= 0, or -1")
     _check(all(n >= 1 for n in cfg.eval.loop_counts), "eval.loop_counts must all be >= 1")
+    c = cfg.canary
+    _check(
+        min(c.programs, c.train_hops, c.eval_programs) >= 1 and c.distractor_chains >= 0,
+        "canary.programs, canary.train_hops and canary.eval_programs must be >= 1, canary.distractor_chains >= 0",
+    )
+    _check(
+        2 * c.train_hops + c.distractor_chains * c.train_hops <= 26,
+        f"canary: 2 * train_hops + distractor_chains * train_hops = "
+        f"{(2 + c.distractor_chains) * c.train_hops} variables exceed the 26 letters",
+    )
     p_ = cfg.profile
     _check(
         min(p_.wait, p_.warmup, p_.repeat) >= 0 and p_.active >= 1,

@@ -17,11 +17,13 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 import parallel
-from data_pipeline import build_loader, source_config
+from data_pipeline import DataError, build_loader, source_config
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_path
+from mythos_train.canary import ANSWER_MARKER, EVAL_FILE, read_eval_programs
+from mythos_train.canary_eval import Encoded, answer_accuracy, encode_programs, rank_share, save_accuracy
 from mythos_train.config import JobConfig
 from mythos_train.distributed import all_reduce_sum
-from mythos_train.loss import cross_entropy_sum, token_count
+from mythos_train.loss import cross_entropy_sum, loss_labels, token_count
 from mythos_train.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,9 @@ class Evaluator:
         self.folder = Path(run_dir) / "eval"
         self.is_main = dims.dp_rank == 0
         self._batches: dict[str, list[dict[str, torch.Tensor]]] = {}  # by data.mixture source ("" = all data)
+        self._canary: dict[int, Encoded] | None = None
+        self.last_canary: dict | None = None
+        "The last canary accuracy record (canary.accuracy), else None."
 
     def validation_batches(self, source: str = "") -> list[dict[str, torch.Tensor]]:
         """`eval.batches` micro-batches of this rank's validation share (of data.mixture `source` when given),
@@ -103,9 +108,8 @@ class Evaluator:
                 dp_world_size=self.dims.dp_size,
             )
             # The val loader restarts at its first window and cycles: every rank gets exactly eval.batches.
-            batches = [
-                {k: b[k] for k in ("input_ids", "labels")} for b in itertools.islice(loader, self.cfg.eval.batches)
-            ]
+            keys = ("input_ids", "labels", "loss_mask", "doc_starts" if self.cfg.train.document_masking else "")
+            batches = [{k: b[k] for k in keys if k in b} for b in itertools.islice(loader, self.cfg.eval.batches)]
             loader.close()
             self._batches[source] = batches
         return self._batches[source]
@@ -117,13 +121,14 @@ class Evaluator:
         results = {}
         for loops in loop_counts or self.cfg.eval.loop_counts:
             total = torch.zeros(2, device=self.device, dtype=torch.float64)  # [loss sum, tokens]
-            for batch in batches:
-                labels = batch["labels"].to(self.device)
-                logits = self.model(batch["input_ids"].to(self.device), n_nograd=0, n_grad=loops)
+            for cpu_batch in batches:
+                batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
+                labels = loss_labels(batch)
+                logits = self.model(batch["input_ids"], n_nograd=0, n_grad=loops, doc_starts=batch.get("doc_starts"))
                 total[0] += cross_entropy_sum(logits, labels)
                 total[1] += token_count(labels)
             all_reduce_sum(total)
-            results[loops] = float(total[0] / total[1])
+            results[loops] = float(total[0] / total[1].clamp(min=1))
         return results
 
     @torch.no_grad()
@@ -143,6 +148,46 @@ class Evaluator:
             out = self.model.generate(prompt, max_new_tokens=new_tokens, n_loops=e.sample_loops, greedy=True)
         return e.sample_prompt + tokenizer.decode(out[0, len(prompt_ids) :].tolist())
 
+    def canary_batches(self) -> dict[int, Encoded]:
+        """This rank's share of the canary's evaluation programs by hop count, tokenized once (CPU tensors)."""
+        if self._canary is None:
+            sp = load_tokenizer(tokenizer_path(self.cfg.data))
+            programs = read_eval_programs(os.path.join(self.cfg.canary.dir, EVAL_FILE))
+            answer_id = sp.piece_to_id(ANSWER_MARKER)
+            if sp.is_unknown(answer_id):
+                raise DataError(
+                    f"tokenizer {tokenizer_path(self.cfg.data)} has no piece {ANSWER_MARKER!r}: prepare the canary "
+                    f"with data.answer_marker = {ANSWER_MARKER!r} (configs/canary.toml)"
+                )
+            share = rank_share(programs, self.dims.dp_rank, self.dims.dp_size)
+            self._canary = {h: encode_programs(p, sp, answer_id, sp.eos_id()) for h, p in share.items()}
+        return self._canary
+
+    def canary_accuracy(self, step: int) -> dict:
+        """Answer accuracy by hops x loops (collective), logged and saved on the main rank."""
+        accuracy, delta = answer_accuracy(self.model, self.canary_batches(), self.cfg.eval.loop_counts, self.device)
+        record = {
+            "step": step,
+            "accuracy": {str(h): {str(n): a for n, a in row.items()} for h, row in accuracy.items()},
+            "state_delta": delta,
+            "train_hops": self.cfg.canary.train_hops,
+            "mean_depth": self.cfg.train.mean_depth,
+        }
+        if self.is_main:
+            scalars = {
+                f"canary/accuracy/hops_{h:02d}/loops_{n:03d}": a for h, row in accuracy.items() for n, a in row.items()
+            }
+            scalars.update({f"canary/state_delta/iter_{t:02d}": v for t, v in enumerate(delta)})
+            self.metrics.scalars(step, scalars)
+            save_accuracy(record, self.folder, self.cfg.canary.train_hops, self.cfg.train.mean_depth)
+            self.metrics.console(
+                f"canary step {step} | accuracy by hops at loops "
+                + "/".join(str(n) for n in self.cfg.eval.loop_counts)
+                + ": "
+                + " | ".join(f"d={h}: " + "/".join(f"{a:.2f}" for a in row.values()) for h, row in accuracy.items())
+            )
+        return record
+
     def run(self, step: int) -> dict[int, float]:
         was_training = self.model.training
         self.model.eval()
@@ -150,6 +195,7 @@ class Evaluator:
             losses = self.losses()
             by_source = self.source_losses()
             text = self.sample() if self.cfg.eval.sample_tokens > 0 else None
+            self.last_canary = self.canary_accuracy(step) if self.cfg.canary.accuracy else None
         finally:
             self.model.train(was_training)
             reshard(self.model)

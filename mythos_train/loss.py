@@ -18,6 +18,15 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
         )
 
 
+def loss_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's labels [B, S] with every position its loss_mask [B, S] (if any) excludes set to IGNORE_INDEX:
+    masked positions then add nothing to the loss, its normalisation or the token counts."""
+    labels = batch["labels"]
+    if "loss_mask" not in batch:
+        return labels
+    return labels.masked_fill(~batch["loss_mask"], IGNORE_INDEX)
+
+
 def token_count(labels: torch.Tensor) -> torch.Tensor:
     """Tokens that count towards the loss (on device, no host sync)."""
     return (labels != IGNORE_INDEX).sum()

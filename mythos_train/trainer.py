@@ -27,7 +27,7 @@ from mythos_train.config import ConfigError, JobConfig, to_dict
 from mythos_train.depth import DepthSampler
 from mythos_train.distributed import DistInfo, all_reduce_sum, fault_point
 from mythos_train.evaluate import Evaluator
-from mythos_train.loss import cross_entropy_sum, token_count
+from mythos_train.loss import cross_entropy_sum, loss_labels, token_count
 from mythos_train.metrics import MetricsLogger, console_line, loop_scalars, memory_gib, peak_flops
 from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
@@ -91,6 +91,8 @@ class StepResult:
     skipped: bool
     n_nograd: int
     n_grad: int
+    loss_tokens: float
+    "Labels that counted in the loss over all ranks (fewer than the tokens processed under a loss mask)."
 
 
 class Trainer:
@@ -141,7 +143,7 @@ class Trainer:
         self.last_eval: dict[int, float] = {}
         self.stopped_by: str | None = None  # the signal that stopped the run early (after a checkpoint)
         self.run_lock = RunDirLock(self.run_dir)
-        self._interval = {"steps": 0, "time": 0.0, "flops": 0.0}
+        self._interval = {"steps": 0, "time": 0.0, "flops": 0.0, "loss_tokens": 0.0}
         self._data_wait_ms = 0.0
         self._marks: tuple = ()
         n_params = sum(p.numel() for p in self.model.parameters())  # DTensor numel is the global one
@@ -178,7 +180,8 @@ class Trainer:
         batches = []
         for _ in range(self.cfg.train.grad_accum_steps):
             batch = next(self.data_iter)
-            batches.append({k: batch[k].to(self.device, non_blocking=True) for k in ("input_ids", "labels")})
+            keys = ("input_ids", "labels", "loss_mask", "doc_starts" if self.cfg.train.document_masking else "")
+            batches.append({k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch})
         return batches
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
@@ -187,16 +190,22 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         # Global token count first (one all-reduce, no host sync): each micro-batch's loss is its share of the
         # step's mean. FSDP averages gradients over the data-parallel ranks, hence the factor dp_size.
-        local_tokens = sum(token_count(mb["labels"]) for mb in micro_batches).float()
+        local_tokens = sum(token_count(loss_labels(mb)) for mb in micro_batches).float()
         global_tokens = all_reduce_sum(local_tokens.reshape(1))[0]
-        scale = self.dims.dp_size / global_tokens
+        scale = self.dims.dp_size / global_tokens.clamp(min=1)  # a step whose every label is masked: loss 0
         loss_sum = torch.zeros((), device=self.device)
         t0 = self._clock()
         for mb in micro_batches:
             # No name holds the logits [B, S, vocab]: the loss keeps what its backward needs, nothing more.
             ce = cross_entropy_sum(
-                self.model(mb["input_ids"], n_nograd=n_nograd, n_grad=n_grad, wrap_iteration=self.wrap_iteration),
-                mb["labels"],
+                self.model(
+                    mb["input_ids"],
+                    n_nograd=n_nograd,
+                    n_grad=n_grad,
+                    wrap_iteration=self.wrap_iteration,
+                    doc_starts=mb.get("doc_starts"),
+                ),
+                loss_labels(mb),
             )
             with record_function("mythos:backward"):  # named ranges: what `python -m mythos_train profile` reads
                 (ce * scale).backward()
@@ -205,8 +214,9 @@ class Trainer:
         t1 = self._clock()
         with record_function("mythos:clip_grad"):
             grad_norm = parallel.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm, self.dims)
-        loss = all_reduce_sum(loss_sum.reshape(1))[0] / global_tokens
-        loss_value, norm_value = torch.stack([loss, grad_norm.to(loss)]).tolist()  # the step's one host sync
+        loss = all_reduce_sum(loss_sum.reshape(1))[0] / global_tokens.clamp(min=1)
+        # the step's one host sync
+        loss_value, norm_value, loss_tokens = torch.stack([loss, grad_norm.to(loss), global_tokens.to(loss)]).tolist()
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         with record_function("mythos:optimizer"):
             if not skipped:
@@ -217,7 +227,7 @@ class Trainer:
         self._marks = (t0, t1, self._clock())
         if skipped:
             self._skip(loss_value, norm_value)  # raises after max_skipped_steps in a row
-        return StepResult(loss_value, norm_value, lr, skipped, n_nograd, n_grad)
+        return StepResult(loss_value, norm_value, lr, skipped, n_nograd, n_grad, loss_tokens)
 
     def _clock(self) -> float | torch.cuda.Event:
         """A time mark: a recorded CUDA event (read at log time, so no sync per step) or perf_counter on CPU."""
@@ -312,7 +322,8 @@ class Trainer:
         flops = training_flops_per_token(self.cfg.model, self.cfg.train.seq_len, result.n_nograd, result.n_grad)
         self._interval["steps"] += 1
         self._interval["time"] += seconds
-        self._interval["flops"] += flops * tokens_per_device
+        self._interval["flops"] += flops * tokens_per_device  # masked tokens cost the same FLOPs
+        self._interval["loss_tokens"] += result.loss_tokens
 
     def log(self, result: StepResult) -> None:
         """Scalars of this step plus throughput over the steps since the last log (collective: every rank calls it)."""
@@ -330,6 +341,7 @@ class Trainer:
             / self.dims.dp_size
             / seconds,
             "throughput/tflops_per_device": interval["flops"] / seconds / 1e12,
+            "throughput/loss_tokens_per_s": interval["loss_tokens"] / seconds,
             "depth/n_nograd": result.n_nograd,
             "depth/n_grad": result.n_grad,
             "time/step_ms": seconds / interval["steps"] * 1e3,
@@ -341,7 +353,7 @@ class Trainer:
         m.update(self.data_stats())
         if self.cfg.metrics.loop_telemetry:
             m.update(self.loop_telemetry())
-        self._interval = {"steps": 0, "time": 0.0, "flops": 0.0}
+        self._interval = {"steps": 0, "time": 0.0, "flops": 0.0, "loss_tokens": 0.0}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.metrics.scalars(self.step, m)
@@ -360,13 +372,15 @@ class Trainer:
         """Loop statistics of the last micro-batch; expert loads summed over all ranks."""
         stats = self.model.recurrent.last_stats
         load = all_reduce_sum(stats.tokens_per_expert.clone())
-        return loop_scalars(
+        scalars = loop_scalars(
             stats.h_norm.cpu(),
             load.cpu(),
             float(stats.halting_depth_mean),
             float(stats.halting_depth_max),
             spectral_radius(self.model),
         )
+        scalars.update({f"loop/h_delta/iter_{t:02d}": v for t, v in enumerate(stats.h_delta.tolist())})
+        return scalars
 
     def summary(self) -> str:
         """Where the results are and how far the loss fell in this process's steps (printed at the end of train)."""

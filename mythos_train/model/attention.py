@@ -12,15 +12,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from mythos_train.config import ModelConfig
-from mythos_train.model.rope import apply_rope
+from mythos_train.model.rope import Rope, apply_rope
 
-Rope = tuple[torch.Tensor, torch.Tensor]
+__all__ = ["GQAttention", "MLAttention", "Rope", "causal_sdpa"]
 
 
 def causal_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, past: int, enable_gqa: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    past: int,
+    enable_gqa: bool = False,
+    doc_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [B, H, T, Dqk] over k/v [B, Hkv, past + T, *] where the first `past` keys are cached.
+
+    doc_mask [B, 1, T, past + T] (bool, causal already) replaces the causal mask: document masking.
 
     A value width different from the query/key width makes SDPA fall back to its slow math kernel, so the narrower
     side is zero-padded (exact: zero query/key columns add nothing to the scores, zero value columns are cut off).
@@ -32,7 +40,9 @@ def causal_sdpa(
         q, k = F.pad(q, (0, v_dim - q.shape[-1])), F.pad(k, (0, v_dim - k.shape[-1]))
     # Each branch passes SDPA a constant is_causal: under torch.compile with a KV cache, `past` and T are symbolic,
     # and a bool computed from them is a SymBool, which SDPA rejects (the `if`s here only add shape guards).
-    if T == 1:  # one-token decode: sees everything cached
+    if doc_mask is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask, scale=scale, enable_gqa=enable_gqa)
+    elif T == 1:  # one-token decode: sees everything cached
         out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=enable_gqa)
     elif past == 0:  # prefill/training: plain causal
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
@@ -77,7 +87,7 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope, cache: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
-        cos, sin = rope
+        cos, sin = rope.cos, rope.sin
         c_q = self.q_norm(self.q_down(x))  # [B, T, q_lora_rank]
         q_nope = self.q_up_nope(c_q).view(B, T, H, self.nope_dim)
         q_rope = apply_rope(self.q_up_rope(c_q).view(B, T, H, self.rope_dim), cos, sin)
@@ -91,7 +101,7 @@ class MLAttention(nn.Module):
         kv = self.kv_up(self.kv_norm(c_kv)).view(B, S, H, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, S, H, self.rope_dim)], dim=-1).transpose(1, 2)  # [B, H, S, nope + rope]
-        out = causal_sdpa(q, k, v.transpose(1, 2), self.scale, past)  # [B, H, T, v]
+        out = causal_sdpa(q, k, v.transpose(1, 2), self.scale, past, doc_mask=rope.doc_mask)  # [B, H, T, v]
         return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 
@@ -112,7 +122,7 @@ class GQAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        cos, sin = rope
+        cos, sin = rope.cos, rope.sin
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -124,5 +134,6 @@ class GQAttention(nn.Module):
             self.head_dim**-0.5,
             past,
             enable_gqa=self.n_kv_heads != self.n_heads,
+            doc_mask=rope.doc_mask,
         )  # [B, H, T, head_dim]
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))

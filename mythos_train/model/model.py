@@ -9,6 +9,7 @@ from torch.autograd.profiler import record_function
 
 from mythos_train.config import ModelConfig
 from mythos_train.model.attention import GQAttention, MLAttention, Rope
+from mythos_train.model.documents import document_rope
 from mythos_train.model.moe import FeedForward, MoE
 from mythos_train.model.recurrent import RecurrentBlock, WrapIteration, cache_slot
 from mythos_train.model.rope import RotaryEmbedding
@@ -86,12 +87,18 @@ class MythosModel(nn.Module):
         wrap_iteration: WrapIteration | None = None,
         kv_cache: dict | None = None,
         start_pos: int = 0,
+        doc_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab]. n_nograd + n_grad loop iterations (n_grad None = max_loop_iters).
 
         kv_cache: a dict filled in place (one slot per layer and loop step); start_pos: position of tokens[:, 0].
+        doc_starts [B, T] (bool): document masking, each packed document attends only to itself and its positions
+        start at 0 (start_pos is then unused; a cache continues the last document).
         """
-        rope = self.rope(start_pos, tokens.shape[1])
+        if doc_starts is None:
+            rope = self.rope(start_pos, tokens.shape[1])
+        else:
+            rope = document_rope(self.rope, doc_starts, kv_cache)
         with record_function("mythos:prelude"):  # named ranges: what `python -m mythos_train profile` reads
             h = self.tok_embeddings(tokens)
             for i, layer in enumerate(self.prelude):

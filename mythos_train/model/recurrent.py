@@ -135,6 +135,8 @@ class LoopStats:
 
     h_norm: torch.Tensor
     "[n_iters] mean L2 norm of the hidden state after each iteration."
+    h_delta: torch.Tensor
+    "[n_iters] mean L2 norm of h_t - h_{t-1}, the change each iteration made (h_0 = the prelude output): convergence."
     tokens_per_expert: torch.Tensor
     "[n_iters, E] float32 routed (token, choice) slots per expert, counted once per real forward (never by AC recompute)."
     halting_depth_mean: torch.Tensor
@@ -244,8 +246,9 @@ class RecurrentBlock(nn.Module):
             cumulative_p = torch.zeros(h.shape[:-1], dtype=torch.float32, device=h.device)
             running = torch.ones(h.shape[:-1], dtype=torch.float32, device=h.device)  # 1 until a position halts
             halting_depth = torch.zeros_like(cumulative_p)
-        h_norms, loads = [], []
+        h_norms, h_deltas, loads = [], [], []
         for t in range(n_iters):
+            h_prev = h.detach()
             if t < n_nograd:
                 with torch.no_grad():
                     h, tokens_per_expert, p = self.iteration(h, e, input_term, t, rope, kv_cache, dynamics)
@@ -262,10 +265,13 @@ class RecurrentBlock(nn.Module):
                 halting_depth = halting_depth + running
                 running = running * (cumulative_p < self.act_threshold)
             h_norms.append(torch.linalg.vector_norm(h.detach(), dim=-1, dtype=torch.float32).mean())
+            h_deltas.append(torch.linalg.vector_norm(h.detach() - h_prev, dim=-1, dtype=torch.float32).mean())
             loads.append(tokens_per_expert.detach())
         if self.act is not None:
             depth_mean, depth_max = halting_depth.mean(), halting_depth.max()
         else:
             depth_mean = depth_max = torch.full((), float(n_iters), device=h.device)
-        self.last_stats = LoopStats(torch.stack(h_norms), torch.stack(loads), depth_mean, depth_max)
+        self.last_stats = LoopStats(
+            torch.stack(h_norms), torch.stack(h_deltas), torch.stack(loads), depth_mean, depth_max
+        )
         return (h_out if self.act is not None else h).to(block_dtype)

@@ -7,8 +7,21 @@ tensors break torch.compile and FSDP mixed precision, so the same rotation is wr
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
+
+
+class Rope(NamedTuple):
+    """Where the queries of one forward sit: what every attention layer needs besides its input."""
+
+    cos: torch.Tensor
+    "[T, head_dim // 2], or [B, T, head_dim // 2] when positions differ per row (document masking)."
+    sin: torch.Tensor
+    "Same shape as cos."
+    doc_mask: torch.Tensor | None = None
+    "[B, 1, T, S] bool, True where query t may see key s (same document, causal); None = plain causal."
 
 
 def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -18,9 +31,10 @@ def rope_angles(head_dim: int, positions: torch.Tensor, theta: float) -> torch.T
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, T, H, D] by tables cos/sin [T, D // 2]; computed in fp32, returned in x's dtype."""
+    """Rotate interleaved pairs of x [B, T, H, D] by tables cos/sin [T, D // 2] or [B, T, D // 2]; computed in fp32,
+    returned in x's dtype."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each [B, T, H, D/2]
-    cos, sin = cos[:, None], sin[:, None]  # [T, 1, D/2]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [T, 1, D/2] or [B, T, 1, D/2]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [B, T, H, D/2, 2]
     return rotated.flatten(-2).to(x.dtype)
 
@@ -41,8 +55,12 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
 
-    def forward(self, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for positions [start_pos, start_pos + seq_len), each [seq_len, head_dim // 2]."""
+    def forward(self, start_pos: int, seq_len: int) -> Rope:
+        """Tables for positions [start_pos, start_pos + seq_len), each [seq_len, head_dim // 2]."""
         if start_pos + seq_len > self.max_seq_len:
             raise ValueError(f"position {start_pos + seq_len - 1} is beyond model.max_seq_len ({self.max_seq_len})")
-        return self.cos[start_pos : start_pos + seq_len], self.sin[start_pos : start_pos + seq_len]
+        return Rope(self.cos[start_pos : start_pos + seq_len], self.sin[start_pos : start_pos + seq_len])
+
+    def at(self, positions: torch.Tensor, doc_mask: torch.Tensor) -> Rope:
+        """Tables for per-row positions [B, T] (each [B, T, head_dim // 2]) with a document mask."""
+        return Rope(self.cos[positions], self.sin[positions], doc_mask)

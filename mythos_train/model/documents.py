@@ -1,0 +1,46 @@
+"""Document masking: packed documents attend only within themselves, with positions restarting at each one.
+
+From doc_starts [B, T] (True where a document starts) come per-row positions for RoPE and a block-diagonal causal
+mask for attention, both carried by the model's `Rope` (one tensor more through every block, the loop, activation
+checkpointing and compile; nothing else changes). With a KV cache the document ids and next positions of the cached
+tokens are kept in the cache under DOCS, so a chunk after a prefill continues the last document (or starts new
+ones where its doc_starts says so) and never sees earlier documents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mythos_train.model.rope import Rope, RotaryEmbedding
+
+DOCS = "documents"
+"KV-cache key of the cached tokens' document ids [B, S] and the next position of each row [B]."
+
+
+def document_rope(rotary: RotaryEmbedding, doc_starts: torch.Tensor, kv_cache: dict | None = None) -> Rope:
+    """doc_starts [B, T] (bool) -> Rope with per-row positions [B, T] and doc_mask [B, 1, T, past + T]."""
+    B, T = doc_starts.shape
+    state = kv_cache.get(DOCS) if kv_cache is not None else None
+    index = torch.arange(T, device=doc_starts.device).expand(B, T)  # [B, T]
+    starts = doc_starts.clone()
+    if state is None:
+        starts[:, 0] = True  # a window (or prompt) begins a document
+        past_ids = torch.zeros(B, 0, dtype=torch.long, device=doc_starts.device)
+        last_id, next_pos = torch.full((B,), -1, device=doc_starts.device), None
+    else:
+        past_ids, next_pos = state["doc_ids"], state["next_pos"]
+        last_id = past_ids[:, -1]
+    doc_ids = last_id[:, None] + starts.long().cumsum(dim=1)  # [B, T], from 0 (or the cached last document's id)
+    last_start = torch.where(starts, index, torch.full_like(index, -1)).cummax(dim=1).values  # [B, T]
+    positions = index - last_start
+    if next_pos is not None:  # tokens before this chunk's first start continue the cached document
+        positions = torch.where(last_start < 0, next_pos[:, None] + index, positions)
+    key_ids = torch.cat([past_ids, doc_ids], dim=1)  # [B, S] with S = past + T
+    past = past_ids.shape[1]
+    causal = torch.ones(T, past + T, dtype=torch.bool, device=doc_starts.device).tril(diagonal=past)
+    doc_mask = (doc_ids[:, :, None] == key_ids[:, None, :]) & causal  # [B, T, S]
+    if kv_cache is not None:
+        kv_cache[DOCS] = {"doc_ids": key_ids, "next_pos": positions[:, -1] + 1}
+    if kv_cache is not None and int(positions.max()) >= rotary.max_seq_len:  # (generation syncs anyway)
+        raise ValueError(f"document position {int(positions.max())} is beyond model.max_seq_len ({rotary.max_seq_len})")
+    return rotary.at(positions, doc_mask.unsqueeze(1))

@@ -1,0 +1,67 @@
+"""The depth canary's programs: the hop count is exact and every answer is what Python prints for the program."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+
+import pytest
+from canary_testing import CANARY_TOML, prepare_canary
+
+from mythos_train.canary import ANSWER_MARKER, evaluation_programs, make_program, read_eval_programs
+from mythos_train.config import ConfigError, load_config, validate
+
+
+def _run(program: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(program, {})  # the answer marker starts a comment: the whole document is the program
+    return out.getvalue().strip()
+
+
+def _hops(program: str) -> int:
+    """Independent hop count: parse the assignments, walk from the printed name to the digit, and check that
+    every name is assigned once (so no shorter path exists)."""
+    statements = [s.strip() for s in program.split(ANSWER_MARKER)[0].split(";")]
+    assigned: dict[str, str] = {}
+    for s in statements:
+        if "=" in s:
+            name, value = (x.strip() for x in s.split("="))
+            assert name not in assigned, f"{name} assigned twice in {program!r}"
+            assigned[name] = value
+    name, hops = statements[-1].removeprefix("print (").removesuffix(")").strip(), 0
+    while not name.isdigit():
+        name, hops = assigned[name], hops + 1
+    return hops
+
+
+@pytest.mark.parametrize("hops", range(1, 9))
+def test_hop_count_is_exact_and_the_answer_is_what_python_prints(hops):
+    rng = random.Random(hops)
+    for _ in range(50):
+        program = make_program(rng, hops, distractor_chains=2, max_distractor_hops=4)
+        assert program.hops == hops == _hops(program.prompt)
+        assert _run(program.text) == program.answer
+        assert program.prompt.endswith(ANSWER_MARKER) and program.answer.isdigit()
+
+
+def test_canary_command_writes_disjoint_splits_and_prepares_them(tmp_path):
+    cfg = prepare_canary(tmp_path)
+    import pyarrow.parquet as pq
+
+    train = set(pq.read_table(tmp_path / "text" / "programs.parquet").column("text").to_pylist())
+    evaluation = read_eval_programs(str(tmp_path / "text" / "eval.jsonl"))
+    assert len(train) > 2900  # a few random programs repeat; that is fine within the training text
+    assert sorted({p.hops for p in evaluation}) == list(range(1, 2 * cfg.canary.train_hops + 1))
+    assert all(p.text not in train for p in evaluation)
+    assert all(_hops(p.prompt) == p.hops and _run(p.text) == p.answer for p in evaluation)
+    assert json.loads((tmp_path / "prepared" / "manifest.json").read_text())["documents"]["train"] > 2500
+    assert evaluation_programs(cfg, train) == evaluation  # the evaluation set is reproducible from the config
+
+
+def test_too_many_variables_is_a_config_error():
+    cfg = load_config(CANARY_TOML, ["--canary.train_hops=6", "--canary.distractor_chains=3"])
+    with pytest.raises(ConfigError, match="26 letters"):
+        validate(cfg, 1)

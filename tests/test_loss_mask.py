@@ -1,0 +1,90 @@
+"""The per-token loss mask: built by the loader from the answer marker, honoured by the trainer's loss, its
+normalisation and token counts, and by evaluation; each compared with an independent computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from canary_testing import prepare_canary
+
+from data_pipeline import build_loader
+from data_pipeline.windows import answer_mask
+from mythos_train.distributed import destroy_distributed, init_distributed
+from mythos_train.evaluate import Evaluator
+from mythos_train.trainer import Trainer
+
+EOS, MARK = 2, 9
+
+
+def _reference_mask(row: list[int]) -> list[bool]:
+    """Label j counts iff tokens[j+1] is an answer token or the eos closing it, in a document that started inside
+    the window (an eos was seen before its marker). A plain state machine over the window."""
+    mask, seen_eos, in_answer = [], False, False
+    for token in row[:-1]:
+        if token == EOS:
+            seen_eos, in_answer = True, False
+        elif token == MARK and seen_eos:
+            in_answer = True
+        mask.append(in_answer)
+    return mask
+
+
+def test_answer_mask_matches_a_state_machine():
+    g = torch.Generator().manual_seed(0)
+    # tokens 3..8 are text; ~1 in 8 is an eos, ~1 in 8 a marker (several markers per document included)
+    tokens = torch.randint(3, 9, (64, 40), generator=g)
+    tokens[torch.rand(tokens.shape, generator=g) < 0.125] = EOS
+    tokens[torch.rand(tokens.shape, generator=g) < 0.125] = MARK
+    expected = torch.tensor([_reference_mask(row) for row in tokens.tolist()])
+    got = answer_mask(tokens, EOS, MARK)
+    assert got.shape == (64, 39) and 0 < expected.sum() < expected.numel() / 2
+    assert torch.equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def canary(tmp_path_factory):
+    return prepare_canary(tmp_path_factory.mktemp("canary"))
+
+
+def test_loader_masks_all_but_the_answer_and_its_eos(canary):
+    loader = build_loader(
+        canary.data, split="train", seq_len=64, micro_batch_size=4, grad_accum_steps=1, dp_rank=0, dp_world_size=1
+    )
+    batch = next(iter(loader))
+    from data_pipeline.tokenizer import load_tokenizer, tokenizer_path
+
+    sp = load_tokenizer(tokenizer_path(canary.data))
+    labels, mask = batch["labels"], batch["loss_mask"]
+    assert mask.any() and mask.float().mean() < 0.2
+    for row in range(labels.shape[0]):
+        counted = sp.id_to_piece(labels[row][mask[row]].tolist())
+        # every counted label is a digit (the answer) or the eos after it, and they alternate
+        assert counted[0::2] == [p for p in counted[0::2] if p.isdigit()] and set(counted[1::2]) <= {"</s>"}
+    loader.close()
+
+
+def test_trainer_and_evaluator_losses_are_the_masked_cross_entropy(canary, tmp_path):
+    cfg = canary
+    cfg.train.run_dir = str(tmp_path / "run")
+    cfg.train.depth_distribution, cfg.train.mean_depth, cfg.train.backprop_depth = "fixed", 2.0, 2
+    try:
+        trainer = Trainer(cfg, init_distributed(cfg))
+        micro = trainer.next_micro_batches()
+        mb = micro[0]
+        assert "loss_mask" in mb and "doc_starts" in mb
+        with torch.no_grad():  # independent reference: F.cross_entropy over the unmasked labels only
+            logits = trainer.model(mb["input_ids"], n_grad=2, doc_starts=mb["doc_starts"])
+            keep = mb["loss_mask"]
+            reference = F.cross_entropy(logits[keep], mb["labels"][keep]).item()
+            whole = F.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten()).item()
+        evaluator = Evaluator(cfg, trainer.model, trainer.dims, trainer.device, trainer.metrics, tmp_path)
+        evaluator._batches = [{k: v for k, v in mb.items()}]
+        assert evaluator.losses()[2] == pytest.approx(reference, rel=1e-5)
+        result = trainer.train_step(micro)
+        assert result.loss == pytest.approx(reference, rel=1e-5)
+        assert whole != pytest.approx(reference, rel=1e-3)  # ignoring the mask would fail the checks above
+        assert result.loss_tokens == int(keep.sum())
+        trainer.close()
+    finally:
+        destroy_distributed()
