@@ -30,7 +30,7 @@ def test_help_lists_fields_with_docs(capsys):
     assert "--data.vocab_size" in out and "--model.dim" not in out
     assert (
         main([]) == 2
-        and "usage: mythos-train {train,prepare,eval,export,profile,bench,plan}" in capsys.readouterr().out
+        and "usage: mythos-train {train,prepare,canary,eval,export,profile,bench,plan}" in capsys.readouterr().out
     )
 
 

@@ -79,7 +79,7 @@ def test_trainer_and_evaluator_losses_are_the_masked_cross_entropy(canary, tmp_p
             reference = F.cross_entropy(logits[keep], mb["labels"][keep]).item()
             whole = F.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten()).item()
         evaluator = Evaluator(cfg, trainer.model, trainer.dims, trainer.device, trainer.metrics, tmp_path)
-        evaluator._batches = [{k: v for k, v in mb.items()}]
+        evaluator._batches = {"": [{k: v for k, v in mb.items()}]}
         assert evaluator.losses()[2] == pytest.approx(reference, rel=1e-5)
         result = trainer.train_step(micro)
         assert result.loss == pytest.approx(reference, rel=1e-5)
