@@ -95,7 +95,8 @@ def memory_plan(
         cfg.model, tokens, n_grad, n_nograd, p.activation_checkpoint, a, device != "cuda", sizes["ep"], not p.reshard_per_iteration,
         p.shared_expert_chunks,
     )  # fmt: skip
-    working = working_memory(acts.phases, units, cfg.model, a, p.activation_checkpoint)
+    r = 2 if p.reduce_dtype == "bfloat16" else 4
+    working = working_memory(acts.phases, units, cfg.model, a, p.activation_checkpoint, sizes, r)
     static = static_memory(params, buffers, sizes, rank)
     phase = max(working, key=working.get)
     forward_end = acts.saved + units.gathered["root"] * a
