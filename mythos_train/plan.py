@@ -328,11 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", default="h100", help=f"one of {', '.join(ACCELERATORS)}")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--no-alternatives", action="store_true", help="skip the search for configs that fit")
+    parser.add_argument(
+        "--write-gbps", type=float, default=1.0, help="checkpoint write bandwidth per rank, GB/s (default 1)"
+    )
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, overrides)
-        if args.nodes < 1 or args.gpus_per_node < 1:
-            raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+        if args.nodes < 1 or args.gpus_per_node < 1 or args.write_gbps <= 0:
+            raise ConfigError("--nodes and --gpus-per-node must be >= 1, --write-gbps > 0")
         plan = build_plan(cfg, args.nodes, args.gpus_per_node, args.gpu)
         alts = None if args.no_alternatives else alternatives(cfg, args.nodes, args.gpus_per_node, args.gpu)
     except (ConfigError, ValueError) as err:
@@ -340,5 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mythos_train.plan_report import render, to_json  # noqa: PLC0415
 
-    print(json.dumps(to_json(plan, alts), indent=1) if args.json else render(plan, cfg, args.config, alts))
+    print(
+        json.dumps(to_json(plan, alts), indent=1)
+        if args.json
+        else render(plan, cfg, args.config, alts, args.write_gbps)
+    )
     return 0 if plan.fits else 1

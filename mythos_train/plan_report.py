@@ -14,7 +14,20 @@ def _gib(n: float) -> str:
     return f"{n / GIB:8.2f}"
 
 
-def render(plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, Plan]] | None) -> str:
+def checkpoint_save(plan: Plan, cfg: JobConfig, write_gbps: float) -> tuple[int, float, bool]:
+    """(bytes one rank writes, seconds at `write_gbps` GB/s, whether parallel.timeout_s covers it).
+
+    A save writes each rank's fp32 parameter and AdamW shards (unpadded) and its buffers; the other ranks wait in
+    the next collective meanwhile, so a synchronous save must finish within the process-group timeout."""
+    st = plan.memory.static
+    nbytes = 3 * st.param_numel * 4 + st.buffers
+    seconds = nbytes / (write_gbps * 1e9)
+    return nbytes, seconds, seconds < cfg.parallel.timeout_s
+
+
+def render(
+    plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, Plan]] | None, write_gbps: float = 1.0
+) -> str:
     m, t, p, mem = cfg.model, cfg.train, cfg.parallel, plan.memory
     s, st, act = plan.sizes, mem.static, mem.activations
     lines = [
@@ -65,6 +78,13 @@ def render(plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, P
         f"+ exposed FSDP {plan.exposed_fsdp_s:.2f}",
         f"speed    {plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {plan.mfu:.1%} (model FLOPs / peak)",
     ]
+    nbytes, seconds, covered = checkpoint_save(plan, cfg, write_gbps)
+    lines.append(
+        f"save     {nbytes / 1e9:.2f} GB per rank at {write_gbps:g} GB/s (--write-gbps) = {seconds:.0f} s: "
+        + (f"within parallel.timeout_s = {cfg.parallel.timeout_s:g} s" if covered else
+           f"OVER parallel.timeout_s = {cfg.parallel.timeout_s:g} s: a synchronous save would time the group out; "
+           f"raise it above {seconds * 1.5:.0f}")
+    )  # fmt: skip
     if alts is not None:
         lines += [
             "",

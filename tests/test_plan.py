@@ -218,3 +218,18 @@ def test_plan_matches_bf16_step_with_fp32_reduce(monkeypatch):
         got = measured[rank][0]
         assert got["peak"] == pytest.approx(plan.peak - plan.static.total, rel=0.1), (got["peak"], plan.working)
         assert got["rss_growth"] == pytest.approx(plan.peak - plan.static.total, rel=0.25), (got, plan.working)
+
+
+def test_plan_says_whether_the_timeout_covers_a_synchronous_save(capsys):
+    """Checkpoint bytes per rank by hand (fp32 parameters + AdamW's two moments, unpadded, and the buffers) at the
+    stated bandwidth, against parallel.timeout_s (issue 13.7)."""
+    cfg = load_config(DEBUG)
+    params, buffers = model_parameters(cfg.model)
+    static = static_memory(params, buffers, mesh_sizes(cfg.parallel, 2), 0)
+    nbytes = 3 * 4 * static.param_numel + buffers
+    args = ["--config", DEBUG, "--gpus-per-node", "2", "--no-alternatives"]
+    main([*args, "--write-gbps", str(nbytes / 1e9 / 100), "--parallel.timeout_s=150"])  # a 100 s save
+    assert f"save     {nbytes / 1e9:.2f} GB per rank" in (out := capsys.readouterr().out)
+    assert "= 100 s: within parallel.timeout_s = 150 s" in out
+    main([*args, "--write-gbps", str(nbytes / 1e9 / 100), "--parallel.timeout_s=60"])
+    assert "OVER parallel.timeout_s = 60 s" in capsys.readouterr().out
