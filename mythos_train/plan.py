@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from mythos_train.config import ConfigError, JobConfig, load_config, mesh_sizes, validate
 from mythos_train.plan_activations import ActivationMemory, micro_batch_activations
-from mythos_train.plan_comm import Collective, step_collectives, time_collectives
+from mythos_train.plan_comm import Collective, exposed_loop_gather_s, step_collectives, time_collectives
 from mythos_train.plan_hw import ACCELERATORS, MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION, Accelerator, get_accelerator
 from mythos_train.plan_memory import (
     StaticMemory,
@@ -131,8 +131,15 @@ def depth_draws(cfg: JobConfig) -> list[tuple[int, int]]:
     return _DRAWS[key]
 
 
+def dense_block_flops(m, seq_len: int) -> float:
+    """Forward FLOPs per token of one prelude/coda block."""
+    from mythos_train.model.flops import attention_params, attention_score_flops  # noqa: PLC0415
+
+    return 2 * (attention_params(m) + 3 * m.dim * m.ffn_dim) + attention_score_flops(m, seq_len)
+
+
 def depth_stats(cfg: JobConfig) -> DepthStats:
-    from mythos_train.model.flops import attention_params, attention_score_flops, training_flops_per_token  # noqa: PLC0415
+    from mythos_train.model.flops import training_flops_per_token  # noqa: PLC0415
 
     m, t = cfg.model, cfg.train
     draws = depth_draws(cfg)
@@ -140,7 +147,7 @@ def depth_stats(cfg: JobConfig) -> DepthStats:
     for draw in draws:
         counts[draw] = counts.get(draw, 0) + 1
     per_iteration = training_flops_per_token(m, t.seq_len, 1, 0) - training_flops_per_token(m, t.seq_len, 0, 0)
-    dense_block = 2 * (attention_params(m) + 3 * m.dim * m.ffn_dim) + attention_score_flops(m, t.seq_len)
+    dense_block = dense_block_flops(m, t.seq_len)
     mean_k = sum(k for _, k in draws) / len(draws)
     recompute = {"none": 0.0, "loop": mean_k * per_iteration}
     recompute["full"] = recompute["loop"] + (m.prelude_layers + m.coda_layers) * dense_block
@@ -174,6 +181,8 @@ class Plan:
     tokens_per_step: int
     compute_s: float
     exposed_fsdp_s: float
+    exposed_loop_gather_s: float
+    "Under expert parallelism: the looped unit's all-gathers not hidden behind the unit that prefetches them."
     all_to_all_s: float
     loop_parts: dict[str, int]
     "Looped block part -> its gathered bytes in param_dtype on one rank (plan_memory.UnitSizes.loop_parts)."
@@ -184,7 +193,7 @@ class Plan:
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.exposed_fsdp_s + self.all_to_all_s
+        return self.compute_s + self.exposed_fsdp_s + self.exposed_loop_gather_s + self.all_to_all_s
 
     @property
     def tokens_per_s_per_gpu(self) -> float:
@@ -218,12 +227,16 @@ def build_plan(
     t = cfg.train
     tokens_per_rank = t.micro_batch_size * t.seq_len * t.grad_accum_steps
     flops = (depth.model_flops_per_token + depth.recompute_flops_per_token) * tokens_per_rank
-    compute_s = flops / (hw.peak_bf16_tflops * 1e12 * MATMUL_EFFICIENCY)
+    peak_flops = hw.peak_bf16_tflops * 1e12 * MATMUL_EFFICIENCY
+    compute_s = flops / peak_flops
     fsdp_s = sum(c.seconds for c in collectives if c.overlapped)
+    dense_block_s = dense_block_flops(cfg.model, t.seq_len) * t.micro_batch_size * t.seq_len / peak_flops
+    loop_exposed = exposed_loop_gather_s(cfg, sizes, units, a, gpus_per_node, hw, dense_block_s)
     return Plan(
         nodes=nodes, gpus_per_node=gpus_per_node, gpu=hw, sizes=sizes, params=parameter_counts(params, cfg.model),
         memory=memory, capacity=hw.memory_gib * GIB * USABLE_MEMORY_FRACTION, depth=depth, collectives=collectives,
         tokens_per_step=tokens_per_rank * world, compute_s=compute_s, exposed_fsdp_s=max(0.0, fsdp_s - compute_s),
+        exposed_loop_gather_s=loop_exposed,
         all_to_all_s=sum(c.seconds for c in collectives if not c.overlapped),
         loop_parts={part: n * a for part, n in units.loop_parts.items()},
     )  # fmt: skip
@@ -344,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     from mythos_train.plan_report import render, to_json  # noqa: PLC0415
 
     print(
-        json.dumps(to_json(plan, alts), indent=1)
+        json.dumps(to_json(plan, cfg, alts), indent=1)
         if args.json
         else render(plan, cfg, args.config, alts, args.write_gbps)
     )
