@@ -46,6 +46,14 @@ else
     NPROC_PER_NODE=${NPROC_PER_NODE:-2}
 fi
 
+# The asynchronous checkpoint's process group is gloo (mythos_train/checkpoint.py), and gloo picks the address
+# the hostname resolves to unless told: where NCCL_SOCKET_IFNAME names the interfaces, gloo gets the same ones.
+# Gloo takes a plain comma-separated list, so NCCL's exact-match prefix '=' is dropped, and an exclusion list
+# ('^docker0,lo') cannot be translated: set GLOO_SOCKET_IFNAME yourself then.
+if [[ -n ${NCCL_SOCKET_IFNAME:-} && -z ${GLOO_SOCKET_IFNAME:-} && ${NCCL_SOCKET_IFNAME} != ^* ]]; then
+    export GLOO_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME#=}
+fi
+
 # Intra-op threads: the cores this process may use (nproc honours the CPU affinity SLURM gives the task), split
 # between the processes of the node, at least 1. torchrun would otherwise force 1 thread per process.
 threads_per_process() {

@@ -114,6 +114,8 @@ class ParallelConfig:
     "Compute dtype of gathered parameters; 'auto' = bfloat16 on CUDA, float32 on CPU (master weights stay fp32)."
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     "Gradient reduce-scatter / all-reduce dtype."
+    allow_slow_experts: bool = False
+    "Run on a GPU without the fused grouped GEMM for the routed experts (it needs bfloat16 on sm90/sm100): torch then loops over the experts and waits for the host on every call. Off: such a run stops at start-up."
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     "Process-group backend; 'auto' = nccl with CUDA, else gloo."
     timeout_s: float = 600.0

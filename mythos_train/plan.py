@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from mythos_train.config import ConfigError, JobConfig, load_config, mesh_sizes, validate
 from mythos_train.plan_activations import ActivationMemory, micro_batch_activations
-from mythos_train.plan_comm import Collective, step_collectives, time_collectives
+from mythos_train.plan_comm import Collective, exposed_loop_gather_s, step_collectives, time_collectives
 from mythos_train.plan_hw import ACCELERATORS, MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION, Accelerator, get_accelerator
 from mythos_train.plan_memory import (
     StaticMemory,
@@ -95,7 +95,8 @@ def memory_plan(
         cfg.model, tokens, n_grad, n_nograd, p.activation_checkpoint, a, device != "cuda", sizes["ep"], not p.reshard_per_iteration,
         p.shared_expert_chunks,
     )  # fmt: skip
-    working = working_memory(acts.phases, units, cfg.model, a, p.activation_checkpoint)
+    r = 2 if p.reduce_dtype == "bfloat16" else 4
+    working = working_memory(acts.phases, units, cfg.model, a, p.activation_checkpoint, sizes, r)
     static = static_memory(params, buffers, sizes, rank)
     phase = max(working, key=working.get)
     forward_end = acts.saved + units.gathered["root"] * a
@@ -130,9 +131,16 @@ def depth_draws(cfg: JobConfig) -> list[tuple[int, int]]:
     return _DRAWS[key]
 
 
+def dense_block_flops(m, seq_len: int) -> float:
+    """Forward FLOPs per token of one prelude/coda block."""
+    from mythos_train.model.flops import attention_params, attention_score_flops  # noqa: PLC0415
+
+    return 2 * (attention_params(m) + 3 * m.dim * m.ffn_dim) + attention_score_flops(m, seq_len)
+
+
 def depth_stats(cfg: JobConfig, draws: list[tuple[int, int]] | None = None) -> DepthStats:
     """FLOPs and depths over the run's first steps, or over the (n_nograd, n_grad) `draws` given (profile's steps)."""
-    from mythos_train.model.flops import attention_params, attention_score_flops, training_flops_per_token  # noqa: PLC0415
+    from mythos_train.model.flops import training_flops_per_token  # noqa: PLC0415
 
     m, t = cfg.model, cfg.train
     draws = draws or depth_draws(cfg)
@@ -140,7 +148,7 @@ def depth_stats(cfg: JobConfig, draws: list[tuple[int, int]] | None = None) -> D
     for draw in draws:
         counts[draw] = counts.get(draw, 0) + 1
     per_iteration = training_flops_per_token(m, t.seq_len, 1, 0) - training_flops_per_token(m, t.seq_len, 0, 0)
-    dense_block = 2 * (attention_params(m) + 3 * m.dim * m.ffn_dim) + attention_score_flops(m, t.seq_len)
+    dense_block = dense_block_flops(m, t.seq_len)
     mean_k = sum(k for _, k in draws) / len(draws)
     recompute = {"none": 0.0, "loop": mean_k * per_iteration}
     recompute["full"] = recompute["loop"] + (m.prelude_layers + m.coda_layers) * dense_block
@@ -174,6 +182,8 @@ class Plan:
     tokens_per_step: int
     compute_s: float
     exposed_fsdp_s: float
+    exposed_loop_gather_s: float
+    "Under expert parallelism: the looped unit's all-gathers not hidden behind the unit that prefetches them."
     all_to_all_s: float
     loop_parts: dict[str, int]
     "Looped block part -> its gathered bytes in param_dtype on one rank (plan_memory.UnitSizes.loop_parts)."
@@ -184,7 +194,7 @@ class Plan:
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.exposed_fsdp_s + self.all_to_all_s
+        return self.compute_s + self.exposed_fsdp_s + self.exposed_loop_gather_s + self.all_to_all_s
 
     @property
     def tokens_per_s_per_gpu(self) -> float:
@@ -218,12 +228,16 @@ def build_plan(
     t = cfg.train
     tokens_per_rank = t.micro_batch_size * t.seq_len * t.grad_accum_steps
     flops = (depth.model_flops_per_token + depth.recompute_flops_per_token) * tokens_per_rank
-    compute_s = flops / (hw.peak_bf16_tflops * 1e12 * MATMUL_EFFICIENCY)
+    peak_flops = hw.peak_bf16_tflops * 1e12 * MATMUL_EFFICIENCY
+    compute_s = flops / peak_flops
     fsdp_s = sum(c.seconds for c in collectives if c.overlapped)
+    dense_block_s = dense_block_flops(cfg.model, t.seq_len) * t.micro_batch_size * t.seq_len / peak_flops
+    loop_exposed = exposed_loop_gather_s(cfg, sizes, units, a, gpus_per_node, hw, dense_block_s)
     return Plan(
         nodes=nodes, gpus_per_node=gpus_per_node, gpu=hw, sizes=sizes, params=parameter_counts(params, cfg.model),
         memory=memory, capacity=hw.memory_gib * GIB * USABLE_MEMORY_FRACTION, depth=depth, collectives=collectives,
         tokens_per_step=tokens_per_rank * world, compute_s=compute_s, exposed_fsdp_s=max(0.0, fsdp_s - compute_s),
+        exposed_loop_gather_s=loop_exposed,
         all_to_all_s=sum(c.seconds for c in collectives if not c.overlapped),
         loop_parts={part: n * a for part, n in units.loop_parts.items()},
     )  # fmt: skip
@@ -328,11 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", default="h100", help=f"one of {', '.join(ACCELERATORS)}")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--no-alternatives", action="store_true", help="skip the search for configs that fit")
+    parser.add_argument(
+        "--write-gbps", type=float, default=1.0, help="checkpoint write bandwidth per rank, GB/s (default 1)"
+    )
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, overrides)
-        if args.nodes < 1 or args.gpus_per_node < 1:
-            raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+        if args.nodes < 1 or args.gpus_per_node < 1 or args.write_gbps <= 0:
+            raise ConfigError("--nodes and --gpus-per-node must be >= 1, --write-gbps > 0")
         plan = build_plan(cfg, args.nodes, args.gpus_per_node, args.gpu)
         alts = None if args.no_alternatives else alternatives(cfg, args.nodes, args.gpus_per_node, args.gpu)
     except (ConfigError, ValueError) as err:
@@ -340,5 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mythos_train.plan_report import render, to_json  # noqa: PLC0415
 
-    print(json.dumps(to_json(plan, alts), indent=1) if args.json else render(plan, cfg, args.config, alts))
+    print(
+        json.dumps(to_json(plan, cfg, alts), indent=1)
+        if args.json
+        else render(plan, cfg, args.config, alts, args.write_gbps)
+    )
     return 0 if plan.fits else 1

@@ -17,7 +17,7 @@ the output and the fp32 log-sum-exp, never the S x S scores, so everything here 
                        v H * (nope + v) (a view of kv_up's output) or H * P when padded; wo input H * v when
                        the output had to be sliced (v < nope + rope; on CPU also v > nope + rope); lse F * H
                   GQA: q H * hd, k Hkv * hd, v Hkv * hd (view of wv's output), out H * hd, lse F * H
-    loop step     s = h + loop_emb + e D, norm, x D, attention, x + attn D, ffn_norm, its output D,
+    loop step     s = h + loop_emb + e F * D, norm (of an fp32 input), x D, attention, x + attn D, ffn_norm, its output D,
                   MoE: scores F * E, top-k ids I * k, gates F * (2k + 1) (+ a * k if a != fp32), two sort
                        indices I * 3k (order, token of each slot, inverse order), routed rows 2 * k * D
                        (sorted input, combined rows; 3 * k * D and I * 2k more under EP: the all-to-all's
@@ -25,12 +25,13 @@ the output and the fp32 log-sum-exp, never the S x S scores, so everything here 
                        shared SwiGLU 4 * shared_expert_dim (none when tiled, parallel.shared_expert_chunks = C > 1: its
                        backward then holds one chunk's 4 + 2 gradient, 6 * shared_expert_dim / C, at the 'loop' peak, plus
                        two fresh weight gradients dim x shared_expert_dim, per chunk, on their way into the accumulated ones),
-                  block output D (LoRA input), LoRA 2 * lora_rank, and the step's input h D (injection A*h)
+                  block output F * D (LoRA input), LoRA F * 2 * lora_rank, and the step's input h F * D (injection
+                  A*h); the loop dynamics and the carried h are fp32 whatever `a` (mythos_train/model/recurrent.py)
     head          final norm input D and norm, its output D, logits a * V (held by the caller for the loss),
                   log-softmax output F * V
 
 Policies (k = iterations with gradients): 'none' keeps k full loop steps and every dense block; 'loop' keeps
-only each gradient step's input h (plus the loop-invariant B*e); 'full' also keeps only each prelude/coda
+only each gradient step's input h (plus the loop-invariant B*e), both fp32; 'full' also keeps only each prelude/coda
 block's input. Under expert parallelism a checkpointed step also keeps its two all-to-all outputs (2 k D):
 parallel/activation_checkpoint.py saves them so the recompute does not communicate (`keep_all_to_all`; not
 with reshard_per_iteration, which recomputes them). The peak of a micro-batch is the largest of a few
@@ -87,10 +88,10 @@ def moe_bytes(m: ModelConfig, a: int, ep: int, shared_chunks: int = 1) -> int:
 
 def loop_step_bytes(m: ModelConfig, a: int, cpu: bool, ep: int, shared_chunks: int = 1) -> int:
     """Per-token bytes one gradient loop iteration saves without checkpointing, including its input h."""
-    step = m.dim * a + _norm(m.dim, a, cpu) + m.dim * a  # h + loop_emb + e, loop norm, x
+    step = m.dim * FP32 + _norm(m.dim, FP32, cpu) + m.dim * a  # h + loop_emb + e, loop norm (fp32), x
     step += attention_bytes(m, a, cpu) + m.dim * a  # attention, x + attn
     step += _norm(m.dim, a, cpu) + m.dim * a + moe_bytes(m, a, ep, shared_chunks)  # ffn_norm, its output, MoE
-    step += m.dim * a + 2 * m.lora_rank * a + m.dim * a  # block output (LoRA input), LoRA, h
+    step += m.dim * FP32 + 2 * m.lora_rank * FP32 + m.dim * FP32  # block output (LoRA input), LoRA, h: fp32
     if m.use_act:
         step += 4 * FP32  # halting probability, its weight and the running masks (small)
     return step
@@ -136,6 +137,7 @@ def micro_batch_activations(
              of the routed SwiGLU's hidden rows and of the routed rows (2 k * expert_dim + k * D), and with
              tiled shared experts the one chunk being differentiated
       dense  prelude inputs + logits + one prelude block (recomputed under 'full') + its SwiGLU gradients
+      loop_reduce  prelude + logits once the loop's backward is done (its unit's reduce-scatter copy-in)
     """
     D = m.dim
     step, dense, head = (
@@ -151,9 +153,9 @@ def micro_batch_activations(
     if policy == "none":
         loop_saved, pre_saved, coda_saved = n_grad * step, m.prelude_layers * dense, m.coda_layers * dense
     elif policy == "loop":
-        loop_saved, pre_saved, coda_saved = n_grad * D * a + D * a, m.prelude_layers * dense, m.coda_layers * dense
+        loop_saved, pre_saved, coda_saved = (n_grad + 1) * D * FP32, m.prelude_layers * dense, m.coda_layers * dense
     elif policy == "full":
-        loop_saved, pre_saved, coda_saved = n_grad * D * a + D * a, m.prelude_layers * D * a, m.coda_layers * D * a
+        loop_saved, pre_saved, coda_saved = (n_grad + 1) * D * FP32, m.prelude_layers * D * a, m.coda_layers * D * a
     else:
         raise ValueError(f"parallel.activation_checkpoint: unknown policy {policy!r}")
     if ep > 1 and policy != "none" and keep_all_to_all:
@@ -170,6 +172,7 @@ def micro_batch_activations(
         "head_grad": saved - FP32 * m.vocab_size + logits,
         "loop": pre_saved + loop_saved + logits + (step if recompute else 0) + step_grads,
         "dense": pre_saved + logits + (dense if policy == "full" else 0) + dense_grads if m.prelude_layers else 0,
+        "loop_reduce": pre_saved + logits,
     }
     phases = {k_: v * tokens for k_, v in phases.items()}
     if shared_chunks > 1:  # not per token: each chunk's backward makes whole weight gradients (module docstring)

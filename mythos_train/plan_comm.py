@@ -43,6 +43,37 @@ class Collective:
     "FSDP traffic hides behind compute (prefetch); the expert all-to-all sits on the critical path."
 
 
+def exposed_loop_gather_s(
+    cfg: JobConfig,
+    sizes: dict[str, int],
+    units: UnitSizes,
+    param_bytes: int,
+    gpus_per_node: int,
+    hw: Accelerator,
+    dense_block_s: float,
+) -> float:
+    """Seconds per step the looped unit's all-gathers stay exposed under expert parallelism (0 without).
+
+    With `prefetch_chain` (parallel/fsdp.py) the looped unit is gathered while the unit before it computes: in forward the last
+    prelude block's forward (`dense_block_s`), in backward the first coda block's backward (twice that). Its
+    gather (dense part over dp_shard, experts over efsdp) usually takes longer: the rest is exposed. Without a
+    prelude (coda) block only the root's small embedding (head) precedes it, counted as no overlap.
+    """  # fmt: skip
+    if sizes["ep"] == 1:
+        return 0.0
+    loop = [u for u in ("recurrent", "recurrent.block") if u in units.gathered]
+    gathers = [
+        Collective("all-gather", axis, 1, 0, (sizes[axis] - 1) * sum(shard.get(u, 0) for u in loop) * param_bytes)
+        for shard, axis in ((units.dense_sharded, "dp_shard"), (units.expert_sharded, "efsdp"))
+        if sizes[axis] > 1
+    ]
+    time_collectives(gathers, sizes, gpus_per_node, hw)
+    gather_s = sum(g.seconds for g in gathers)
+    forward = max(0.0, gather_s - (dense_block_s if cfg.model.prelude_layers else 0.0))
+    backward = max(0.0, gather_s - (2 * dense_block_s if cfg.model.coda_layers else 0.0))
+    return cfg.train.grad_accum_steps * (forward + backward)
+
+
 def _axis_groups(sizes: dict[str, int]) -> dict[str, int]:
     return {
         "dp_shard": sizes["dp_shard"],

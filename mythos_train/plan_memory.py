@@ -183,7 +183,13 @@ def parameter_counts(params: list[ParamInfo], m: ModelConfig) -> dict[str, int]:
 
 
 def working_memory(
-    phases: dict[str, int], units: UnitSizes, m: ModelConfig, param_bytes: int, policy: str
+    phases: dict[str, int],
+    units: UnitSizes,
+    m: ModelConfig,
+    param_bytes: int,
+    policy: str,
+    sizes: dict[str, int],
+    reduce_bytes: int = FP32,
 ) -> dict[str, int]:
     """Activation phases plus the FSDP buffers live at each: bytes above the static memory, per candidate peak.
 
@@ -195,6 +201,13 @@ def working_memory(
     step is a later one, when every gradient of the unit already exists; without, it is the first, when only
     the gradient of the largest weight (an expert matrix, differentiated first) has been born. The next unit
     in backward order is being prefetched.
+
+    'loop_reduce': after the loop's backward FSDP2 frees the gathered weights and, param group by param group
+    (dense on dp_shard, experts on efsdp), copies the gradients (param_dtype) into a padded reduce-scatter input in
+    reduce_dtype (`reduce_bytes`; torch's foreach_reduce), frees them, and allocates the output shard; a group of
+    one rank with a divide factor (expert parallelism sets one) also makes a divided copy of the whole input.
+    Each input is kept until the next unit's reduce waits for it. So under bf16 / fp32 the loop's gradients cost
+    2 + 4 bytes per element at this moment, and more for a group of one rank (`reduce_buffers`).
     """
     G, U = units.gathered, units.unsharded
     root = G.get("root", 0)
@@ -208,9 +221,35 @@ def working_memory(
         "head_grad": phases["head_grad"] + (root + U.get("root", 0) + last_coda) * param_bytes,
         "loop": phases["loop"] + (root + U.get("root", 0) + loop_weights + loop_grads + last_prelude) * param_bytes,
     }
+    groups = [
+        (sum(units.dense_sharded.get(u, 0) for u in loop_units), sizes["dp_shard"]),
+        (sum(units.expert_sharded.get(u, 0) for u in loop_units), sizes["efsdp"]),
+    ]
+    out["loop_reduce"] = (
+        phases["loop_reduce"]
+        + (root + U.get("root", 0) + last_prelude) * param_bytes
+        + reduce_buffers(groups, param_bytes, reduce_bytes, divide=sizes["ep"] > 1)
+    )
     if m.prelude_layers:
         block = G["prelude.0"]
         out["dense"] = (
             phases["dense"] + (root + U.get("root", 0) + block + units.largest_param["prelude.0"]) * param_bytes
         )
     return out
+
+
+def reduce_buffers(groups: list[tuple[int, int]], param_bytes: int, reduce_bytes: int, divide: bool) -> int:
+    """Peak bytes of one unit's gradient reduction (`working_memory`'s 'loop_reduce'), the worse group order.
+
+    groups: (padded shard elements, shard count) per param group; gradients counted at their padded size."""
+    worst = 0
+    for order in (groups, groups[::-1]):
+        grads = sum(shard * n for shard, n in order) * param_bytes  # every group's unsharded gradients
+        held = 0  # inputs of the groups already reduced
+        for shard, n in order:
+            full = shard * n * reduce_bytes
+            worst = max(worst, grads + held + full)  # copy-in: gradients and the new input
+            grads -= shard * n * param_bytes
+            worst = max(worst, grads + held + full + shard * reduce_bytes + (full if n == 1 and divide else 0))
+            held += full
+    return worst

@@ -8,13 +8,32 @@ from mythos_train.config import JobConfig
 from mythos_train.plan import GIB, Plan
 from mythos_train.plan_comm import axis_span
 from mythos_train.plan_hw import MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION
+from parallel.fsdp import prefetch_chain
 
 
 def _gib(n: float) -> str:
     return f"{n / GIB:8.2f}"
 
 
-def render(plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, Plan]] | None) -> str:
+def checkpoint_save(plan: Plan, cfg: JobConfig, write_gbps: float) -> tuple[int, float, bool]:
+    """(bytes one rank writes, seconds at `write_gbps` GB/s, whether parallel.timeout_s covers it).
+
+    A save writes each rank's fp32 parameter and AdamW shards (unpadded) and its buffers; the other ranks wait in
+    the next collective meanwhile, so a synchronous save must finish within the process-group timeout."""
+    st = plan.memory.static
+    nbytes = 3 * st.param_numel * 4 + st.buffers
+    seconds = nbytes / (write_gbps * 1e9)
+    return nbytes, seconds, seconds < cfg.parallel.timeout_s
+
+
+def _order(pairs: list[tuple[str, str]]) -> list[str]:
+    """[(a, b), (b, c)] -> [a, b, c]."""
+    return [pairs[0][0], *(b for _, b in pairs)]
+
+
+def render(
+    plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, Plan]] | None, write_gbps: float = 1.0
+) -> str:
     m, t, p, mem = cfg.model, cfg.train, cfg.parallel, plan.memory
     s, st, act = plan.sizes, mem.static, mem.activations
     lines = [
@@ -62,9 +81,19 @@ def render(plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, P
         f"compute  {flops / 1e9:.2f} GFLOP/token (mean depth) + {plan.depth.recompute_flops_per_token / 1e9:.2f} recomputed; "
         f"{plan.gpu.peak_bf16_tflops:.0f} TFLOP/s peak at {MATMUL_EFFICIENCY:.0%}",
         f"step     {plan.step_s:.2f} s = compute {plan.compute_s:.2f} + all-to-all {plan.all_to_all_s:.2f} "
-        f"+ exposed FSDP {plan.exposed_fsdp_s:.2f}",
+        f"+ exposed FSDP {plan.exposed_fsdp_s:.2f} + exposed looped-unit gather {plan.exposed_loop_gather_s:.2f}",
         f"speed    {plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {plan.mfu:.1%} (model FLOPs / peak)",
     ]
+    if s["ep"] > 1:
+        chain = prefetch_chain(m.prelude_layers, m.coda_layers)
+        lines.append("prefetch " + "; ".join(f"{phase} {' -> '.join(_order(pairs))}" for phase, pairs in chain.items()))
+    nbytes, seconds, covered = checkpoint_save(plan, cfg, write_gbps)
+    lines.append(
+        f"save     {nbytes / 1e9:.2f} GB per rank at {write_gbps:g} GB/s (--write-gbps) = {seconds:.0f} s: "
+        + (f"within parallel.timeout_s = {cfg.parallel.timeout_s:g} s" if covered else
+           f"OVER parallel.timeout_s = {cfg.parallel.timeout_s:g} s: a synchronous save would time the group out; "
+           f"raise it above {seconds * 1.5:.0f}")
+    )  # fmt: skip
     if alts is not None:
         lines += [
             "",
@@ -79,7 +108,7 @@ def render(plan: Plan, cfg: JobConfig, config_name: str, alts: list[tuple[str, P
     return "\n".join(lines)
 
 
-def to_json(plan: Plan, alts: list[tuple[str, Plan]] | None) -> dict:
+def to_json(plan: Plan, cfg: JobConfig, alts: list[tuple[str, Plan]] | None) -> dict:
     def summary(p: Plan) -> dict:
         return {
             "nodes": p.nodes, "gpus_per_node": p.gpus_per_node, "gpu": dataclasses.asdict(p.gpu), "mesh": p.sizes,
@@ -94,6 +123,8 @@ def to_json(plan: Plan, alts: list[tuple[str, Plan]] | None) -> dict:
             "collectives": [dataclasses.asdict(c) for c in p.collectives],
             "tokens_per_step": p.tokens_per_step, "step_seconds": p.step_s, "compute_seconds": p.compute_s,
             "all_to_all_seconds": p.all_to_all_s, "exposed_fsdp_seconds": p.exposed_fsdp_s,
+            "exposed_loop_gather_seconds": p.exposed_loop_gather_s,
+            "prefetch": prefetch_chain(cfg.model.prelude_layers, cfg.model.coda_layers) if p.sizes["ep"] > 1 else None,
             "tokens_per_s_per_gpu": p.tokens_per_s_per_gpu, "mfu": p.mfu, "loop_block_gathered_bytes": p.loop_parts,
         }  # fmt: skip
 

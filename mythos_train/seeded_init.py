@@ -7,8 +7,11 @@ tensor drawn from the default generator, in the model's own init order, and each
 Every rank thus consumes the generator exactly like one unsharded process, for any mesh. Other ops
 (`zero_()`, `mul_`, buffers) run on the shards as usual. Costs one full parameter of transient memory at a time,
 so it is used only where DTensor has no RNG of its own (CPU meshes, i.e. tests and small runs). On CUDA, DTensor's
-offset-based Philox tracker already draws each shard as its slice of the full tensor, with no full-size copy —
-the only way a 1T model's stacked experts (hundreds of GB each) can be initialised.
+offset-based Philox tracker draws each shard at its own offset of the generator, with no full-size copy — the
+only way a 1T model's stacked experts (hundreds of GB each) can be initialised. Its values are NOT those of one
+process: which Philox output lands on which element depends on the local shard's shape, so on CUDA the initial
+weights depend on the mesh (world size, ep, efsdp). A run resumed on another mesh is unaffected (it loads its
+checkpoint); two fresh CUDA runs on different meshes start from different weights.
 """
 
 from __future__ import annotations
@@ -59,11 +62,11 @@ class _FullTensorInit(TorchFunctionMode):
 
 @torch.no_grad()
 def init_weights_seeded(model: nn.Module, seed: int) -> None:
-    """`torch.manual_seed(seed)` then `model.init_weights()`, with mesh-independent random draws."""
+    """`torch.manual_seed(seed)` then `model.init_weights()`; mesh-independent on CPU, mesh-dependent on CUDA."""
     torch.manual_seed(seed)
     param = next(model.parameters(), None)
     if param is not None and isinstance(param, DTensor) and param.device.type == "cuda":
-        model.init_weights()  # DTensor's own offset-based RNG: shard-local and mesh-independent
+        model.init_weights()  # DTensor's own offset-based RNG: shard-local, values depend on the mesh
         return
     with _FullTensorInit():
         model.init_weights()

@@ -68,6 +68,37 @@ def _expert_placement_fn(model: nn.Module, dims: ParallelDims):
     return lambda p: expert if id(p) in expert_params else None
 
 
+def prefetch_chain(prelude_layers: int, coda_layers: int) -> dict[str, list[tuple[str, str]]]:
+    """(unit, the unit whose all-gather it issues right after its own) in forward and in backward order.
+
+    Under expert parallelism parallel/fsdp.py sets these explicitly (as torchtitan does): the all-to-all's split
+    sizes make the host wait for the device inside the looped unit, so FSDP2's implicit schedule (forward: gather
+    when the CPU reaches a unit; backward: the next unit in reverse forward order) leaves gathers exposed. Each
+    unit prefetches the next one in forward and the previous one in backward; the root (embedding, final norm,
+    tied head) stays gathered from forward to the end of backward, so it starts both chains. Units are named as
+    in mythos_train/plan_memory.fsdp_unit; with reshard_per_iteration the looped block's own unit keeps FSDP's
+    schedule. The planner counts what stays exposed (plan_comm.exposed_loop_gather_s).
+    """
+    units = [*(f"prelude.{i}" for i in range(prelude_layers)), "recurrent", *(f"coda.{i}" for i in range(coda_layers))]
+    forward = [("root", units[0]), *zip(units, units[1:])]
+    backward = [("root", units[-1]), *zip(units[:0:-1], units[-2::-1])]
+    return {"forward": forward, "backward": backward}
+
+
+def set_explicit_prefetch(model: nn.Module) -> dict[str, list[tuple[str, str]]]:
+    """Make FSDP follow `prefetch_chain` on this model; returns the chain."""
+    chain = prefetch_chain(len(model.prelude), len(model.coda))
+
+    def unit(name: str) -> FSDPModule:
+        return model if name == "root" else model.get_submodule(name)
+
+    for name, prefetched in chain["forward"]:
+        unit(name).set_modules_to_forward_prefetch([unit(prefetched)])
+    for name, prefetched in chain["backward"]:
+        unit(name).set_modules_to_backward_prefetch([unit(prefetched)])
+    return chain
+
+
 def apply_fsdp(model: nn.Module, dims: ParallelDims, parallel: ParallelConfig) -> None:
     mp = mixed_precision_policy(parallel, dims.device_type)
     mesh = dims.fsdp_mesh
@@ -92,6 +123,8 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, parallel: ParallelConfig) -
             module.set_gradient_divide_factor(float(dims.dp_size))
         if dims.device_type == "cpu" or dist.get_backend() == "gloo":
             _force_sum_reduction(module)
+    if dims.ep_enabled:
+        set_explicit_prefetch(model)
 
 
 def _force_sum_reduction(module: FSDPModule) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import apply_compile
+from parallel.expert_kernel import check_expert_kernel
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp, mixed_precision_policy
 from parallel.mesh import ParallelDims
@@ -17,6 +18,8 @@ from parallel.mesh import ParallelDims
 def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Callable | None:
     """`cfg` is the JobConfig. Returns the per-iteration wrapper for `model(..., wrap_iteration=...)`, or None."""
     parallel = cfg.parallel
+    compute_dtype = mixed_precision_policy(parallel, dims.device_type).param_dtype
+    check_expert_kernel(dims.device_type, compute_dtype, parallel.allow_slow_experts)
     apply_expert_parallel(model, dims)
     wrap_iteration = apply_activation_checkpointing(
         model,
@@ -25,7 +28,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Callable | None:
         shared_expert_chunks=parallel.shared_expert_chunks,
     )
     if parallel.compile:
-        bf16 = mixed_precision_policy(parallel, dims.device_type).param_dtype == torch.bfloat16
-        apply_compile(model, compile_experts=bf16, expert_parallel=dims.ep_enabled)
+        apply_compile(model, compile_experts=compute_dtype == torch.bfloat16, expert_parallel=dims.ep_enabled)
     apply_fsdp(model, dims, parallel)
     return wrap_iteration

@@ -225,3 +225,17 @@ def test_launcher_passes_a_stop_signal_to_torchrun_and_exits_75(tmp_path):
     assert received == "got TERM"
     assert launcher.returncode == 75, stderr
     assert "stopped by SIGTERM" in stderr
+
+
+@pytest.mark.parametrize(
+    "nccl, gloo, expected",
+    [("ib0", None, "ib0"), ("=eth1,eth2", None, "eth1,eth2"), ("^docker0,lo", None, ""), ("ib0", "eth0", "eth0"),
+     (None, None, "")],
+)  # fmt: skip
+def test_gloo_uses_the_interface_named_for_nccl(nccl, gloo, expected):
+    """The async checkpoint group is gloo: it must use the interface the user named for NCCL (issue 13.7)."""
+    extra = {k: v for k, v in (("NCCL_SOCKET_IFNAME", nccl), ("GLOO_SOCKET_IFNAME", gloo)) if v is not None}
+    env = {k: v for k, v in _env(**extra).items() if k.endswith("SOCKET_IFNAME") is False or k in extra}
+    script = f'source {LAUNCH / "env.sh"}; echo "[$GLOO_SOCKET_IFNAME]"'
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"[{expected}]"

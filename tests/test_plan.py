@@ -76,10 +76,10 @@ def test_cli_100b_on_64_nodes(capsys):
     out = capsys.readouterr().out
     assert "512 GPUs" in out and "peak" in out and "all-to-all" in out
     assert rc == (0 if "FITS\n" in out else 1)
-    # Too big as configured (shared experts 434k wide; the looped block one FSDP unit): the search offers fixes,
-    # tiled shared experts among them.
+    # Too big as configured (shared experts 434k wide; the looped block one FSDP unit): the search offers fixes
+    # (tiled shared experts fit too, but since the loop state is fp32 they are no longer among the 8 fastest).
     alternatives = [line for line in out.splitlines() if "tok/s/GPU" in line]
-    assert rc == 1 and alternatives and any("--parallel.shared_expert_chunks=8" in line for line in alternatives)
+    assert rc == 1 and alternatives
 
 
 def test_looped_block_parts_by_hand():
@@ -202,3 +202,34 @@ def test_plan_matches_sharded_step(world: int, monkeypatch):
         # row leaves once and comes back once, so summed over ranks they match uniform routing exactly.
         assert payload == {"all-gather": 0, "reduce-scatter": 0, "all-reduce": 0, "all-to-all": 0}, (name, payload)
     print("\n".join(report))
+
+
+@pytest.mark.slow
+def test_plan_matches_bf16_step_with_fp32_reduce(monkeypatch):
+    """bf16 parameters, fp32 reduction, a loop-heavy model on 2 ranks with EP 2 (experts: a one-rank efsdp group):
+    the peak is the looped unit's gradient reduction, where bf16 gradients meet fp32 reduce-scatter buffers
+    (issue 13.4: unplanned before, when the plan said 16.7 MiB where the step measured 22.0 MiB)."""
+    cfg = small_debug(*LOOP_HEAVY, "--model.expert_dim=512", "--parallel.param_dtype=bfloat16")
+    for key, value in RSS_ENV.items():
+        monkeypatch.setenv(key, value)
+    measured = run_distributed(measure_cases, 2, [(cfg, 1, 2)], timeout=600)
+    for rank in range(2):
+        plan = memory_plan(cfg, 2, rank, device="cpu", n_grad=2, n_nograd=1)
+        got = measured[rank][0]
+        assert got["peak"] == pytest.approx(plan.peak - plan.static.total, rel=0.1), (got["peak"], plan.working)
+        assert got["rss_growth"] == pytest.approx(plan.peak - plan.static.total, rel=0.25), (got, plan.working)
+
+
+def test_plan_says_whether_the_timeout_covers_a_synchronous_save(capsys):
+    """Checkpoint bytes per rank by hand (fp32 parameters + AdamW's two moments, unpadded, and the buffers) at the
+    stated bandwidth, against parallel.timeout_s (issue 13.7)."""
+    cfg = load_config(DEBUG)
+    params, buffers = model_parameters(cfg.model)
+    static = static_memory(params, buffers, mesh_sizes(cfg.parallel, 2), 0)
+    nbytes = 3 * 4 * static.param_numel + buffers
+    args = ["--config", DEBUG, "--gpus-per-node", "2", "--no-alternatives"]
+    main([*args, "--write-gbps", str(nbytes / 1e9 / 100), "--parallel.timeout_s=150"])  # a 100 s save
+    assert f"save     {nbytes / 1e9:.2f} GB per rank" in (out := capsys.readouterr().out)
+    assert "= 100 s: within parallel.timeout_s = 150 s" in out
+    main([*args, "--write-gbps", str(nbytes / 1e9 / 100), "--parallel.timeout_s=60"])
+    assert "OVER parallel.timeout_s = 60 s" in capsys.readouterr().out

@@ -57,7 +57,8 @@ def grouped_swiglu(
 ) -> torch.Tensor:
     """SwiGLU of expert-sorted rows x [N, dim] with stacked weights w1/w3 [E, dim, hidden], w2 [E, hidden, dim].
 
-    offsets [E] int32 = cumsum of rows per expert; rows past offsets[-1] are left as zeros by grouped_mm.
+    offsets [E] int32 = cumsum of rows per expert. grouped_mm writes no row past offsets[-1] (left uninitialised,
+    not zero); here offsets[-1] = N, every row belongs to an expert.
     """
     hidden = F.silu(F.grouped_mm(x, w1, offs=offsets)) * F.grouped_mm(x, w3, offs=offsets)
     return F.grouped_mm(hidden, w2, offs=offsets)
