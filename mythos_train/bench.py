@@ -135,21 +135,21 @@ def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.devi
     times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size, CLOCKS[args.clock])
     flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
     if args.profile:
-        _profile_step(step, model, cfg, args, device, statistics.median(peaks))
+        _profile_step(step, model, cfg, args, device)
     return _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
 
 
-def _profile_step(
-    step, model: torch.nn.Module, cfg: ModelConfig, args, device: torch.device, peak_flops: float
-) -> None:
+def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: torch.device) -> None:
     """One more step under the profiler: its op table to args.profile, its Chrome trace beside it, and the phase
-    table of `python -m mythos_train profile` printed."""
+    table of `python -m mythos_train profile` printed. The trace is in wall time, so MFU per phase is against the
+    wall-clock matmul peak (median of three, around the step) whatever --clock says."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     from mythos_train.config import JobConfig, TrainConfig  # noqa: PLC0415
     from mythos_train.profile_report import rank_tables  # noqa: PLC0415
     from mythos_train.profile_trace import STEP_RANGE, read_trace  # noqa: PLC0415
 
+    peaks = [matmul_flops_per_s(device, args.peak_size) for _ in range(2)]
     with profile(
         activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])],
         profile_memory=True,
@@ -169,7 +169,7 @@ def _profile_step(
         "measured_step_ms": [measured],
         "depths": [(0, args.loops)],
         "static_bytes": 3 * sum(p.numel() * p.element_size() for p in model.parameters()),  # + AdamW's 2 moments
-        "peak_flops": peak_flops,
+        "peak_flops": statistics.median([*peaks, matmul_flops_per_s(device, args.peak_size)]),
     }
     print(rank_tables(report, job) + f"\n  (op table: {args.profile}, trace: {trace})")
 
