@@ -15,6 +15,7 @@ import importlib.util
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,21 +68,30 @@ def matmul_flops_per_s(device: torch.device, n: int, clock=time.perf_counter) ->
 
 
 def time_steps(
-    step, device: torch.device, warmup: int, steps: int, peak_size: int, clock=time.perf_counter
-) -> tuple[list[float], list[float]]:
-    """(seconds of each timed step(), matmul FLOP/s measured right before each): interleaving the two keeps the
-    peak and the step measured under the same load when other processes share the machine.
+    steps: dict[str, Callable[[], None]],
+    device: torch.device,
+    warmup: int,
+    n: int,
+    peak_size: int,
+    clock=time.perf_counter,
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Round robin: each round times one matmul (the peak), then one step of each entry in turn, so the models and
+    the peak are measured under the same load when other processes share the machine. Returns (seconds of each
+    timed step, by name; each round's matmul FLOP/s).
     """
     for _ in range(warmup):
-        step()
-    times, peaks = [], []
-    for _ in range(steps):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    peaks = []
+    for _ in range(n):
         peaks.append(matmul_flops_per_s(device, peak_size, clock))
-        _sync(device)
-        start = clock()
-        step()
-        _sync(device)
-        times.append(clock() - start)
+        for name, step in steps.items():
+            _sync(device)
+            start = clock()
+            step()
+            _sync(device)
+            times[name].append(clock() - start)
     return times, peaks
 
 
@@ -128,28 +138,32 @@ def _report(name: str, times: list[float], peaks: list[float], step_flops: float
     return {"step_s": step_s, "tokens_per_s": n_tokens / step_s, "peak_flops": peak, "mfu": mfu, "best_mfu": best_mfu}
 
 
-def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.device) -> dict:
+def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.device) -> tuple[Callable, Callable]:
+    """(our training step, report(times, peaks) -> result row)."""
     torch.manual_seed(0)
     model = MythosModel(cfg).to(device)
     step = _train_step(model, lambda x: model(x, n_grad=args.loops), tokens)
-    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size, CLOCKS[args.clock])
     flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
-    if args.profile:
-        _profile_step(step, model, cfg, args, device, statistics.median(peaks))
-    return _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
+
+    def report(times: list[float], peaks: list[float]) -> dict:
+        if args.profile:
+            _profile_step(step, model, cfg, args, device)
+        return _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
+
+    return step, report
 
 
-def _profile_step(
-    step, model: torch.nn.Module, cfg: ModelConfig, args, device: torch.device, peak_flops: float
-) -> None:
+def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: torch.device) -> None:
     """One more step under the profiler: its op table to args.profile, its Chrome trace beside it, and the phase
-    table of `python -m mythos_train profile` printed."""
+    table of `python -m mythos_train profile` printed. The trace is in wall time, so MFU per phase is against the
+    wall-clock matmul peak (median of three, around the step) whatever --clock says."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     from mythos_train.config import JobConfig, TrainConfig  # noqa: PLC0415
     from mythos_train.profile_report import rank_tables  # noqa: PLC0415
     from mythos_train.profile_trace import STEP_RANGE, read_trace  # noqa: PLC0415
 
+    peaks = [matmul_flops_per_s(device, args.peak_size) for _ in range(2)]
     with profile(
         activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])],
         profile_memory=True,
@@ -169,16 +183,16 @@ def _profile_step(
         "measured_step_ms": [measured],
         "depths": [(0, args.loops)],
         "static_bytes": 3 * sum(p.numel() * p.element_size() for p in model.parameters()),  # + AdamW's 2 moments
-        "peak_flops": peak_flops,
+        "peak_flops": statistics.median([*peaks, matmul_flops_per_s(device, args.peak_size)]),
     }
     print(rank_tables(report, job) + f"\n  (op table: {args.profile}, trace: {trace})")
 
 
 def _bench_reference(
     reference, cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.device, full_depth: bool
-) -> dict:
-    """open-mythos' training step. Its ACT leaves the loop once every position halted (after ~3 iterations at init),
-    so FLOPs count the iterations it really ran; full_depth raises its halting threshold out of reach instead.
+) -> tuple[Callable, Callable]:
+    """(open-mythos' training step, report). Its ACT leaves the loop once every position halted (after ~3 iterations
+    at init), so FLOPs count the iterations it really ran; full_depth raises its halting threshold out of reach.
     """
     torch.manual_seed(0)
     kwargs = open_mythos_config_kwargs(cfg) | ({"act_threshold": float("inf")} if full_depth else {})
@@ -186,13 +200,16 @@ def _bench_reference(
     iterations = []
     model.recurrent.block.register_forward_hook(lambda *_: iterations.append(1))
     step = _train_step(model, lambda x: model(x, n_loops=args.loops), tokens)
-    times, peaks = time_steps(step, device, args.warmup, args.steps, args.peak_size, CLOCKS[args.clock])
-    loops_run = len(iterations) / (args.warmup + args.steps)
-    ref_cfg = dataclasses.replace(cfg, use_act=True)
-    one, two = (training_flops_per_token(ref_cfg, args.seq, 0, n) for n in (1, 2))
-    flops = (one + (loops_run - 1) * (two - one)) * tokens[:, 1:].numel()
-    name = f"open-mythos 0.5.0 ({'no early exit' if full_depth else 'ACT exit'}, {loops_run:.1f} loops)"
-    return _report(name, times, peaks, flops, tokens[:, 1:].numel()) | {"loops_run": loops_run}
+
+    def report(times: list[float], peaks: list[float]) -> dict:
+        loops_run = len(iterations) / (args.warmup + args.steps)
+        ref_cfg = dataclasses.replace(cfg, use_act=True)
+        one, two = (training_flops_per_token(ref_cfg, args.seq, 0, n) for n in (1, 2))
+        flops = (one + (loops_run - 1) * (two - one)) * tokens[:, 1:].numel()
+        name = f"open-mythos 0.5.0 ({'no early exit' if full_depth else 'ACT exit'}, {loops_run:.1f} loops)"
+        return _report(name, times, peaks, flops, tokens[:, 1:].numel()) | {"loops_run": loops_run}
+
+    return step, report
 
 
 def main(argv: list[str] | None = None) -> dict | list[dict]:
@@ -232,14 +249,21 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     print(
         f"device {device.type}, {torch.get_num_threads()} threads, batch {args.batch} x seq {args.seq}, "
-        f"{args.loops} loops; medians of {args.steps} steps, each right after one {args.peak_size}^2 fp32 matmul "
-        f"({args.clock} clock)"
+        f"{args.loops} loops; medians of {args.steps} rounds, each one {args.peak_size}^2 fp32 matmul then one step of "
+        f"each model ({args.clock} clock)"
     )
-    results = {"mythos_train": _bench_ours(cfg, args, tokens, device)}
+    candidates = {"mythos_train": _bench_ours(cfg, args, tokens, device)}
     reference = None if args.no_reference else load_open_mythos()
     if reference is not None:
-        results["open_mythos"] = _bench_reference(reference, cfg, args, tokens, device, full_depth=False)
-        results["open_mythos_full_depth"] = _bench_reference(reference, cfg, args, tokens, device, full_depth=True)
+        candidates["open_mythos"] = _bench_reference(reference, cfg, args, tokens, device, full_depth=False)
+        candidates["open_mythos_full_depth"] = _bench_reference(reference, cfg, args, tokens, device, full_depth=True)
+    steps = {name: step for name, (step, _) in candidates.items()}
+    times, peaks = time_steps(steps, device, args.warmup, args.steps, args.peak_size, CLOCKS[args.clock])
+    results = {name: report(times[name], peaks) for name, (_, report) in candidates.items()}
+    if "open_mythos_full_depth" in times:
+        ratios = [r / o for r, o in zip(times["open_mythos_full_depth"], times["mythos_train"])]
+        results["speedup_same_depth"] = statistics.median(ratios)
+        print(f"mythos_train vs open-mythos at the same depth: {statistics.median(ratios):.2f}x (median of the rounds)")
     return results
 
 

@@ -12,12 +12,7 @@ import statistics
 from pathlib import Path
 
 from mythos_train.config import JobConfig
-from mythos_train.model.flops import (
-    attention_params,
-    attention_score_flops,
-    looped_active_params,
-    training_flops_per_token,
-)
+from mythos_train.model.flops import block_forward_flops_per_token, training_flops_per_token
 from mythos_train.profile_trace import COMM_KINDS
 
 PARTS = ("data", "prelude", "loop", "coda", "head", "loss", "other", "clip_grad", "optimizer", "router_bias", "idle")
@@ -34,9 +29,9 @@ def forward_flops(cfg: JobConfig, part: str) -> float:
     """Matmul FLOPs of one run of a forward range on one micro-batch."""
     m, t = cfg.model, cfg.train
     tokens = t.micro_batch_size * t.seq_len
-    block = 2 * (attention_params(m) + 3 * m.dim * m.ffn_dim) + attention_score_flops(m, t.seq_len)
     if part.startswith("loop"):
-        return tokens * (2 * looped_active_params(m) + attention_score_flops(m, t.seq_len))
+        return tokens * block_forward_flops_per_token(m, t.seq_len, looped=True)
+    block = block_forward_flops_per_token(m, t.seq_len, looped=False)
     per_token = {"prelude": m.prelude_layers * block, "coda": m.coda_layers * block, "head": 2 * m.dim * m.vocab_size}
     return tokens * per_token.get(part, 0.0)
 

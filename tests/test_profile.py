@@ -15,6 +15,8 @@ import torch
 
 from mythos_train.__main__ import main
 from mythos_train.depth import DepthSampler
+from mythos_train.model.flops import training_flops_per_token
+from mythos_train.profile_report import part_table
 from mythos_train.profile_trace import read_trace
 from tests.trainer_testing import config_file, prepare_tiny_data, tiny_config
 
@@ -111,6 +113,20 @@ def test_device_reading_of_a_hand_timed_gpu_trace():
         "idle": {"compute": pytest.approx(1.0 - 0.5)},
     }
     assert (reading.in_flight_ms, reading.exposed_ms, reading.overlapped_ms) == pytest.approx((0.15, 0.1, 0.05))
+
+
+def test_phase_flops_add_up_to_the_step_model_flops(tmp_path):
+    """Per-phase FLOPs (profile_report, from each range's run count) sum to model/flops.py's whole-step count."""
+    cfg = tiny_config(tmp_path / "data", tmp_path / "run")
+    ranges = ["prelude", "loop0 nograd", "loop1", "loop2", "coda", "head"]
+    report = {
+        "steps": 1,
+        "occurrences": dict.fromkeys(ranges, 1),
+        "phases": {p: {"compute": 1.0} for p in [*ranges, "loop1 bwd", "loop2 bwd", "coda bwd", "prelude bwd"]},
+    }
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_len
+    total = sum(row["flops"] for row in part_table(report, cfg).values())
+    assert total == pytest.approx(training_flops_per_token(cfg.model, cfg.train.seq_len, 1, 2) * tokens)
 
 
 @pytest.fixture(scope="module")

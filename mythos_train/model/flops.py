@@ -46,6 +46,12 @@ def dense_params(cfg: ModelConfig) -> int:
     return (cfg.prelude_layers + cfg.coda_layers) * block + cfg.dim * cfg.vocab_size + injection
 
 
+def block_forward_flops_per_token(cfg: ModelConfig, seq_len: int, looped: bool) -> float:
+    """Forward FLOPs per token of one block: the looped MoE block (active experts) or one dense prelude/coda block."""
+    params = looped_active_params(cfg) if looped else attention_params(cfg) + 3 * cfg.dim * cfg.ffn_dim
+    return 2 * params + attention_score_flops(cfg, seq_len)
+
+
 def training_flops_per_token(cfg: ModelConfig, seq_len: int, n_nograd: int, n_grad: int) -> float:
     """FLOPs per token of one forward + backward with n_nograd gradient-free and n_grad gradient loop iterations."""
     per_iteration = 2 * looped_active_params(cfg) + attention_score_flops(cfg, seq_len)  # forward
