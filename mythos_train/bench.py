@@ -146,9 +146,10 @@ def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.devi
     flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
 
     def report(times: list[float], peaks: list[float]) -> dict:
+        row = _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
         if args.profile:
             _profile_step(step, model, cfg, args, device)
-        return _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
+        return row
 
     return step, report
 
