@@ -2,7 +2,9 @@
 
 `python -m mythos_train.bench` times forward + backward + AdamW on the bench shape (dim 256, MLA, 64 experts top-4,
 2+2 dense blocks, 8 gradient loops, seq 256, batch 8, fp32) and, when importable, open-mythos 0.5.0's own step on
-the same shape. The peak is the median of timed square fp32 matmuls, measured before and after the models.
+the same shape, round robin (each round: one timed square fp32 matmul, the peak, then one step of each model), and
+prints our same-depth speed-up as the median of the rounds' ratios. `--clock cpu` times CPU work instead of wall
+time; `--profile FILE` adds the phase table of `python -m mythos_train profile` for one of our steps.
 `bench --sweep --config job.toml` instead times the trainer's real step over checkpointing policy x micro-batch x
 loop depth (mythos_train/bench_sweep.py; `bench --sweep --help`).
 """
@@ -146,9 +148,10 @@ def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.devi
     flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
 
     def report(times: list[float], peaks: list[float]) -> dict:
+        row = _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
         if args.profile:
             _profile_step(step, model, cfg, args, device)
-        return _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
+        return row
 
     return step, report
 
