@@ -1,4 +1,4 @@
-"""`python -m mythos_train {train,prepare,eval,export,profile,bench,plan}` (console script: `mythos-train`).
+"""`python -m mythos_train {train,prepare,canary,eval,export,profile,bench,plan}` (console script: `mythos-train`).
 
 Every command that reads a job config takes `--config path.toml` plus `--section.field=value` overrides;
 `--help` lists the config fields with their docs. `bench` and `plan` parse their own arguments.

@@ -19,6 +19,7 @@ import random
 import string
 from dataclasses import asdict, dataclass
 
+from data_pipeline import DataError, prepare
 from mythos_train.config import JobConfig
 
 ANSWER_MARKER = "#>"
@@ -93,6 +94,8 @@ def evaluation_programs(cfg: JobConfig, exclude: set[str]) -> list[Program]:
 
 def read_eval_programs(path: str) -> list[Program]:
     """The evaluation set written by `write_canary` (eval.jsonl)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} does not exist: run `python -m mythos_train canary` with this config first")
     with open(path) as f:
         return [Program(**json.loads(line)) for line in f if line.strip()]
 
@@ -102,8 +105,6 @@ def write_canary(cfg: JobConfig) -> dict[str, str]:
     (canary.dir/eval.jsonl), then run prepare on the text. Returns the paths written."""
     import pyarrow as pa  # noqa: PLC0415
     import pyarrow.parquet as pq  # noqa: PLC0415
-
-    from data_pipeline import prepare  # noqa: PLC0415
 
     folder = cfg.canary.dir
     os.makedirs(folder, exist_ok=True)

@@ -23,7 +23,7 @@ from mythos_train.canary import ANSWER_MARKER, EVAL_FILE, read_eval_programs
 from mythos_train.canary_eval import Encoded, answer_accuracy, encode_programs, rank_share, save_accuracy
 from mythos_train.config import JobConfig
 from mythos_train.distributed import all_reduce_sum
-from mythos_train.loss import cross_entropy_sum, loss_labels, token_count
+from mythos_train.loss import batch_keys, cross_entropy_sum, loss_labels, token_count
 from mythos_train.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Evaluator:
                 dp_world_size=self.dims.dp_size,
             )
             # The val loader restarts at its first window and cycles: every rank gets exactly eval.batches.
-            keys = ("input_ids", "labels", "loss_mask", "doc_starts" if self.cfg.train.document_masking else "")
+            keys = batch_keys(self.cfg.train.document_masking)
             batches = [{k: b[k] for k in keys if k in b} for b in itertools.islice(loader, self.cfg.eval.batches)]
             loader.close()
             self._batches[source] = batches

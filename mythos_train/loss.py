@@ -18,6 +18,11 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
         )
 
 
+def batch_keys(document_masking: bool) -> tuple[str, ...]:
+    """The batch tensors a forward and its loss read (those present): doc_starts only with document masking."""
+    return ("input_ids", "labels", "loss_mask") + (("doc_starts",) if document_masking else ())
+
+
 def loss_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The batch's labels [B, S] with every position its loss_mask [B, S] (if any) excludes set to IGNORE_INDEX:
     masked positions then add nothing to the loss, its normalisation or the token counts."""

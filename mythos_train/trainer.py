@@ -27,7 +27,7 @@ from mythos_train.config import ConfigError, JobConfig, to_dict
 from mythos_train.depth import DepthSampler
 from mythos_train.distributed import DistInfo, all_reduce_sum, fault_point
 from mythos_train.evaluate import Evaluator
-from mythos_train.loss import cross_entropy_sum, loss_labels, token_count
+from mythos_train.loss import batch_keys, cross_entropy_sum, loss_labels, token_count
 from mythos_train.metrics import MetricsLogger, console_line, loop_scalars, memory_gib, peak_flops
 from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
@@ -180,7 +180,7 @@ class Trainer:
         batches = []
         for _ in range(self.cfg.train.grad_accum_steps):
             batch = next(self.data_iter)
-            keys = ("input_ids", "labels", "loss_mask", "doc_starts" if self.cfg.train.document_masking else "")
+            keys = batch_keys(self.cfg.train.document_masking)
             batches.append({k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch})
         return batches
 

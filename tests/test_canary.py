@@ -10,6 +10,7 @@ import random
 import pytest
 from canary_testing import CANARY_TOML, prepare_canary
 
+from data_pipeline import DataError
 from mythos_train.canary import ANSWER_MARKER, evaluation_programs, make_program, read_eval_programs
 from mythos_train.config import ConfigError, load_config, validate
 
@@ -59,6 +60,11 @@ def test_canary_command_writes_disjoint_splits_and_prepares_them(tmp_path):
     assert all(_hops(p.prompt) == p.hops and _run(p.text) == p.answer for p in evaluation)
     assert json.loads((tmp_path / "prepared" / "manifest.json").read_text())["documents"]["train"] > 2500
     assert evaluation_programs(cfg, train) == evaluation  # the evaluation set is reproducible from the config
+
+
+def test_missing_evaluation_set_names_the_file_and_the_command(tmp_path):
+    with pytest.raises(DataError, match=r"eval\.jsonl does not exist: run `python -m mythos_train canary`"):
+        read_eval_programs(str(tmp_path / "eval.jsonl"))
 
 
 def test_too_many_variables_is_a_config_error():
