@@ -8,6 +8,7 @@ overwritten or missing file is found before anything is loaded.
 
 from __future__ import annotations
 
+import enum
 import io
 import json
 import pickle
@@ -28,12 +29,23 @@ MARKER = "COMPLETE"
 # --------------------------------------------------------------------------- safe loading
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+def _layout(name: str) -> torch.layout:
+    """torch.layout from its string ("torch.strided"): a private stand-in for torch.serialization._get_layout,
+    so a pickle never holds (and BUILD never reaches) that function's process-wide cache."""
+    layout = getattr(torch, name.removeprefix("torch."), None) if name.startswith("torch.") else None
+    if not isinstance(layout, torch.layout):
+        raise pickle.UnpicklingError(f"checkpoint metadata names layout {name!r}, which is not a torch layout")
+    return layout
+
+
+class _MetadataUnpickler(pickle._Unpickler):  # noqa: SLF001 - the pure-Python unpickler lets BUILD be guarded
     """Unpickles DCP's .metadata, refusing every global that is not one of DCP's plain-data classes.
 
     Only exact (module, name) pairs pass: pickle protocol 4 resolves dotted names, so allowing a module (or any
     name with a dot) would reach through attributes to the function and code types and let a crafted file build
-    and call a function (issue 14).
+    and call a function (issue 14). BUILD (set an object's state) runs only on a fresh instance of an allowed
+    class: on the class itself, a function or a shared enum member it would patch them for the whole process
+    (e.g. PosixPath.__fspath__, so a later rmtree of a checkpoint path deletes another folder).
     """
 
     allowed = {
@@ -64,7 +76,23 @@ class _MetadataUnpickler(pickle.Unpickler):
         dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
         if not (dtype or (module, name) in self.allowed):
             raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return _layout
         return super().find_class(module, name)
+
+    def _load_build(self) -> None:
+        instance, state = self.stack[-2], self.stack[-1]
+        cls = type(instance)
+        buildable = (cls.__module__, cls.__qualname__) in self.allowed and not issubclass(cls, enum.Enum)
+        if not buildable:
+            raise pickle.UnpicklingError(f"checkpoint metadata sets the state of {cls.__qualname__} {instance!r}")
+        # an allowed class's own __setstate__ checks its state; attributes set directly must not be special ones
+        for part in () if hasattr(cls, "__setstate__") else state if isinstance(state, tuple) else (state,):
+            if part is not None and (not isinstance(part, dict) or any(str(key).startswith("__") for key in part)):
+                raise pickle.UnpicklingError(f"checkpoint metadata sets special attributes of {cls.__qualname__}")
+        pickle._Unpickler.load_build(self)  # noqa: SLF001
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _load_build}  # noqa: SLF001
 
 
 class SafeFileSystemReader(FileSystemReader):
