@@ -6,7 +6,9 @@ Layout of one checkpoint, `<folder>/step-<N>/`:
     rank/rank<r>.pt                each rank's data-loader state and torch CPU (and CUDA) generator states
     COMPLETE                       written last by rank 0, once every rank's data is on disk
 
-A checkpoint counts only with its COMPLETE marker, so a run killed mid-save resumes from the previous one. The
+A checkpoint counts only with its COMPLETE marker, so a run killed mid-save resumes from the previous one.
+Resuming from an older checkpoint than the newest (checkpoint.load_step, or a fallback) renames the newer ones to
+`step-N.abandoned`, and retention (keep_last) counts only steps up to the one just saved. The
 marker lists every other file with its size and CRC-32 (rank 0 reads the checkpoint once to write it); resume
 verifies them and falls back to the newest checkpoint that verifies, so a truncated shard or a lost .metadata
 costs the steps since the previous checkpoint, not the run.
@@ -71,10 +73,15 @@ def checkpoint_dirs(folder: Path, complete_only: bool = True) -> list[tuple[int,
     return sorted(found)
 
 
+class NoVerifiedCheckpointError(FileNotFoundError):
+    """Complete checkpoints exist but none verifies: starting from step 0 there would let retention delete them."""
+
+
 def find_verified(folder: Path, step: int = -1) -> Path:
     """The newest complete checkpoint in `folder` that verifies (logging each one skipped), or exactly `step`'s.
 
-    Raises FileNotFoundError when there is none, or `step`'s is missing or damaged."""
+    Raises FileNotFoundError when there is none, or `step`'s is missing or damaged; NoVerifiedCheckpointError
+    when there are complete ones but none verifies."""
     complete = checkpoint_dirs(folder)
     if step >= 0:
         path = dict(complete).get(step)
@@ -83,14 +90,33 @@ def find_verified(folder: Path, step: int = -1) -> Path:
         if problem := verify(path):
             raise FileNotFoundError(f"{path} does not verify: {problem}")
         return path
+    problems = []
     for _, path in reversed(complete):
         problem = verify(path)
         if problem is None:
             return path
         logger.warning("checkpoint %s does not verify (%s): falling back to an older one", path, problem)
+        problems.append(f"{path.name}: {problem}")
+    if problems:
+        raise NoVerifiedCheckpointError(
+            f"{folder}: no complete checkpoint verifies ({'; '.join(problems)}). Restore the damaged files "
+            f"(checkpoint.load_step resumes only one that verifies), or move the folder away to start a new run"
+        )
     raise FileNotFoundError(
         f"{folder}: no complete checkpoint that verifies (a step-N directory with a {MARKER} marker)"
     )
+
+
+def abandon_newer(folder: Path, step: int) -> None:
+    """Rename every `step-N` directory with N > `step` to `step-N.abandoned`: a run rolled back to `step` starts a
+    new branch, whose saves the old branch's newer steps must neither count against (retention) nor mix with."""
+    for newer_step, path in checkpoint_dirs(folder, complete_only=False):
+        if newer_step > step:
+            target, copy = path.with_name(f"{path.name}.abandoned"), 1
+            while target.exists():
+                target, copy = path.with_name(f"{path.name}.abandoned.{copy}"), copy + 1
+            path.rename(target)
+            logger.warning("resuming from step %d: set the newer checkpoint %s aside as %s", step, path, target)
 
 
 def find_latest(folder: Path) -> Path | None:
@@ -285,7 +311,9 @@ class CheckpointManager:
         marker.write_text(json.dumps({"files": file_checksums(path)}, indent=0))
         marker.rename(path / MARKER)  # atomic: a marker is whole or absent
         logger.info("checkpoint saved: %s", path)
-        for _, old in checkpoint_dirs(self.folder)[: -self.cfg.keep_last]:
+        step = int(path.name.removeprefix("step-"))
+        older = [old for old_step, old in checkpoint_dirs(self.folder) if old_step <= step]
+        for old in older[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _save_rank_state(self, path: Path) -> None:
@@ -302,16 +330,20 @@ class CheckpointManager:
         if not (self.cfg.enabled and self.cfg.resume):
             return None
         # Rank 0 picks (and verifies) the checkpoint: on a shared file system other ranks could list the folder
-        # differently. -1: none to resume from; -2: the checkpoint asked for by load_step is not usable.
+        # differently. -1: none to resume from; -2: the checkpoint asked for by load_step, or every complete one,
+        # is not usable. Newer checkpoints than the one resumed are set aside (a rollback starts a new branch).
         step, problem = -1, ""
         if self.rank == 0:
             try:
                 step = int(find_verified(self.folder, self.cfg.load_step).name.removeprefix("step-"))
+                abandon_newer(self.folder, step)
             except FileNotFoundError as err:
-                step, problem = (-2, str(err)) if self.cfg.load_step >= 0 else (-1, "")
+                refused = self.cfg.load_step >= 0 or isinstance(err, NoVerifiedCheckpointError)
+                step, problem = (-2, str(err)) if refused else (-1, "")
         step = _broadcast_int(step, self.model)
         if step == -2:
-            raise ConfigError(f"checkpoint.load_step = {self.cfg.load_step}: {problem or 'refused by rank 0'}")
+            asked = f"checkpoint.load_step = {self.cfg.load_step}: " if self.cfg.load_step >= 0 else ""
+            raise ConfigError(f"{asked}{problem or 'refused by rank 0'}")
         if step < 0:
             return None
         path = self.folder / f"step-{step}"
