@@ -258,13 +258,15 @@ class CheckpointManager:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         with self._space_errors(path):
-            self._save_rank_state(path)
-            if self.rank == 0:
-                full_state = dict(train_state, lr_scheduler=self.lr_scheduler.state_dict())
-                (path / TRAIN_STATE).write_text(json.dumps(full_state, indent=1))
+            with self._failure_on_any_rank(path):  # else the others would wait in dcp.save until the timeout
+                self._save_rank_state(path)
+                if self.rank == 0:
+                    full_state = dict(train_state, lr_scheduler=self.lr_scheduler.state_dict())
+                    (path / TRAIN_STATE).write_text(json.dumps(full_state, indent=1))
             if self.async_group is None:
                 dcp.save(state, checkpoint_id=path)
-                self._complete(path)
+                with self._failure_on_any_rank(path):  # rank 0's marker
+                    self._complete(path)
         if self.async_group is not None:
             self.pending = (dcp.async_save(state, checkpoint_id=path, process_group=self.async_group), path)
             if last:
@@ -285,6 +287,29 @@ class CheckpointManager:
                 f"no space left on {self.folder}; last complete checkpoint {intact} is intact, {path.name} is not "
                 f"complete. Free space (or lower checkpoint.keep_last) and resume."
             ) from err
+
+    @contextlib.contextmanager
+    def _failure_on_any_rank(self, path: Path) -> Iterator[None]:
+        """Run rank-local writes, then agree (one all-reduce) on whether any rank failed, and raise on every rank
+        if so: ENOSPC on one rank becomes the space error everywhere (through _space_errors), another error is
+        re-raised where it happened and named on the other ranks."""
+        error = None
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks learn of it
+            error = err
+        space = error is not None and _out_of_space(error)
+        failed = [float(space), float(error is not None and not space)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flags = torch.tensor(failed, device=_device(self.model))
+            dist.all_reduce(flags)
+            failed = flags.tolist()
+        if error is not None:
+            raise error
+        if failed[0]:
+            raise OSError(errno.ENOSPC, f"No space left on device (another rank, writing {path})")
+        if failed[1]:
+            raise RuntimeError(f"{path}: {int(failed[1])} other rank(s) failed to write their checkpoint files")
 
     def poll(self) -> None:
         """Finish a background save whose data is all written (cheap; call every step)."""
@@ -411,11 +436,15 @@ def _broadcast_int(value: int, model: nn.Module) -> int:
     """Rank 0's `value` on every rank (on the model's device, which NCCL needs)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value
-    param = next(model.parameters())
-    device = param.to_local().device if isinstance(param, DTensor) else param.device
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    t = torch.tensor([value], dtype=torch.int64, device=_device(model))
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def _device(model: nn.Module) -> torch.device:
+    """The model's device: collectives on the default group need it (NCCL takes no CPU tensors)."""
+    param = next(model.parameters())
+    return param.to_local().device if isinstance(param, DTensor) else param.device
 
 
 def _barrier() -> None:
