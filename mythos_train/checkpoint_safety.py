@@ -12,6 +12,7 @@ import enum
 import io
 import json
 import pickle
+import re
 import zlib
 from pathlib import Path
 from typing import Any
@@ -139,17 +140,34 @@ def _crc32(file: Path) -> int:
     return crc
 
 
-def file_checksums(path: Path) -> dict[str, list[int]]:
-    """Every file under checkpoint `path` but the marker: relative path -> [size in bytes, CRC-32]."""
+def checksum_file(rank: int) -> str:
+    """Where rank `rank` leaves the checksums of the files it wrote, for rank 0's COMPLETE marker."""
+    return f"rank/checksums{rank}.json"
+
+
+def _written_by(name: str) -> int | None:
+    """The rank that wrote checkpoint file `name` (DCP's __<rank>_<n>.distcp, rank/rank<r>.pt); None: rank 0's own
+    files (.metadata, train_state.json) and anything else."""
+    match = re.fullmatch(r"__(\d+)_\d+\.distcp|rank/rank(\d+)\.pt", name)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def file_checksums(path: Path, rank: int = 0) -> dict[str, list[int]]:
+    """The files of checkpoint `path` that `rank` wrote (rank 0: also those of no rank), but the marker and the
+    checksum files: relative path -> [size in bytes, CRC-32]. Each rank reads only its own share of a checkpoint."""
+    names = (str(file.relative_to(path)) for file in sorted(Path(path).rglob("*")) if file.is_file())
     return {
-        str(file.relative_to(path)): [file.stat().st_size, _crc32(file)]
-        for file in sorted(Path(path).rglob("*"))
-        if file.is_file() and file.name != MARKER
+        name: [(Path(path) / name).stat().st_size, _crc32(Path(path) / name)]
+        for name in names
+        if name != MARKER
+        and not re.fullmatch(r"rank/checksums\d+\.json(\.tmp)?", name)
+        and (_written_by(name) == rank or (rank == 0 and _written_by(name) is None))
     }
 
 
-def verify(path: Path) -> str | None:
+def verify(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
     """None when every file the COMPLETE marker lists is there with its size and checksum, else what is wrong.
+    With `world_size` > 1 only this rank's share (every world_size-th listed file) is checked.
 
     A marker from before checksums ("ok") has nothing to verify and passes."""
     text = (Path(path) / MARKER).read_text()
@@ -159,7 +177,7 @@ def verify(path: Path) -> str | None:
         expected = json.loads(text)["files"]
     except (ValueError, KeyError, TypeError):
         return f"unreadable {MARKER} marker"
-    for name, (size, crc) in expected.items():
+    for name, (size, crc) in list(expected.items())[rank::world_size]:
         file = Path(path) / name
         if not file.is_file():
             return f"{name} is missing"
