@@ -124,6 +124,9 @@ def run_train(cfg: JobConfig) -> int:
         if info.is_main:
             print(trainer.summary(), flush=True)
         if trainer.stopped_by and not cfg.checkpoint.enabled:  # nothing to resume: a requeue would start over
+            if status_file := os.environ.get("MYTHOS_STOP_STATUS_FILE"):  # for the launcher: torchrun drops it
+                with open(status_file, "w") as stream:
+                    stream.write(str(STOPPED_UNSAVED_EXIT))
             print(
                 f"stopped by {trainer.stopped_by} after step {trainer.step}, no checkpoint (checkpoint.enabled = "
                 f"false); exit status {STOPPED_UNSAVED_EXIT}: not to be requeued",

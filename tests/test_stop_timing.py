@@ -45,6 +45,8 @@ def test_a_stop_without_checkpoints_is_not_a_requeue_status(data_dir, tmp_path, 
         return train_step(self, micro_batches)
 
     monkeypatch.setattr(Trainer, "train_step", signalled_at_step_2)
+    status_file = tmp_path / "status"  # the launcher's: torchrun does not pass a worker's status on
+    monkeypatch.setenv("MYTHOS_STOP_STATUS_FILE", str(status_file))
     cfg = tiny_config(data_dir, tmp_path / "run", ["--train.steps=6", "--checkpoint.enabled=false"])
     status = run_train(cfg)
-    assert status not in (0, STOPPED_EXIT)
+    assert status not in (0, STOPPED_EXIT) and status_file.read_text() == str(status)
