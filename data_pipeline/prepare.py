@@ -91,6 +91,7 @@ _OUTPUT_FIELDS = (
     "seed",
     "on_bad_record",
     "max_document_chars",
+    "answer_marker",  # a trained tokenizer registers it as one piece
 )
 
 

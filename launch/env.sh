@@ -66,12 +66,15 @@ threads_per_process() {
 # (Ctrl-C) and SIGUSR1 (SLURM's --signal) on to it; torchrun hands them to every worker (--signals_to_handle)
 # and waits SHUTDOWN_TIMEOUT seconds for them; the trainer finishes its step on every rank, saves a checkpoint
 # and exits 75. torchrun itself then fails with the signal, so the launcher returns STOPPED_EXIT=75 whenever it
-# was stopped by one: start the same command again (SLURM: requeue) to resume from that checkpoint.
+# was stopped by one: start the same command again (SLURM: requeue) to resume from that checkpoint. A run with
+# checkpoint.enabled = false has nothing to resume: its workers write 76 to MYTHOS_STOP_STATUS_FILE (torchrun
+# does not pass their status on), and the launcher exits 76, which nothing requeues on.
 STOPPED_EXIT=75
 run_torchrun() {
-    local stopped="" status=0 pid sig workers="" worker
-    "$PYTHON" -m torch.distributed.run --signals_to_handle=SIGTERM,SIGINT,SIGUSR1 \
-        --shutdown_timeout="${SHUTDOWN_TIMEOUT:-600}" "$@" &
+    local stopped="" status=0 pid sig workers="" worker status_file
+    status_file=$(mktemp)
+    MYTHOS_STOP_STATUS_FILE=$status_file "$PYTHON" -m torch.distributed.run \
+        --signals_to_handle=SIGTERM,SIGINT,SIGUSR1 --shutdown_timeout="${SHUTDOWN_TIMEOUT:-600}" "$@" &
     pid=$!
     for sig in TERM INT USR1; do
         # shellcheck disable=SC2064  # $pid and $sig now, at trap time
@@ -86,6 +89,13 @@ run_torchrun() {
     for worker in $workers; do
         while kill -0 "$worker" 2>/dev/null; do sleep 1; done
     done
+    local workers_status
+    workers_status=$(cat "$status_file" 2>/dev/null)
+    rm -f "$status_file"
+    if [[ -n $stopped && $workers_status == 76 ]]; then
+        echo "launcher: stopped by SIG$stopped without a checkpoint (checkpoint.enabled = false); exit status 76" >&2
+        return 76
+    fi
     if [[ -n $stopped ]]; then
         echo "launcher: stopped by SIG$stopped; exit status $STOPPED_EXIT (start the same command again to resume)" >&2
         return "$STOPPED_EXIT"

@@ -109,7 +109,7 @@ def _checkpoint_folder(cfg: JobConfig) -> str:
 def run_train(cfg: JobConfig) -> int:
     from mythos_train.checkpoint import CheckpointSpaceError, NonFiniteWeightsError  # noqa: PLC0415
     from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed  # noqa: PLC0415
-    from mythos_train.stop_signals import STOPPED_EXIT  # noqa: PLC0415
+    from mythos_train.stop_signals import STOPPED_EXIT, STOPPED_UNSAVED_EXIT  # noqa: PLC0415
     from mythos_train.trainer import NonFiniteError, Trainer, check_vocab  # noqa: PLC0415
 
     validate(cfg, env_world_size())  # before any rendezvous: a bad config costs nothing
@@ -123,11 +123,21 @@ def run_train(cfg: JobConfig) -> int:
             trainer.close()
         if info.is_main:
             print(trainer.summary(), flush=True)
-        if trainer.stopped_by:
-            saved = f"checkpoint saved in {trainer.checkpoint.folder}" if cfg.checkpoint.enabled else "no checkpoint"
+        if trainer.stopped_by and not cfg.checkpoint.enabled:  # nothing to resume: a requeue would start over
+            if status_file := os.environ.get("MYTHOS_STOP_STATUS_FILE"):  # for the launcher: torchrun drops it
+                with open(status_file, "w") as stream:
+                    stream.write(str(STOPPED_UNSAVED_EXIT))
             print(
-                f"stopped by {trainer.stopped_by} after step {trainer.step}, {saved}; exit status {STOPPED_EXIT}: "
-                "start the same command again to resume",
+                f"stopped by {trainer.stopped_by} after step {trainer.step}, no checkpoint (checkpoint.enabled = "
+                f"false); exit status {STOPPED_UNSAVED_EXIT}: not to be requeued",
+                file=sys.stderr,
+                flush=True,
+            )
+            return STOPPED_UNSAVED_EXIT
+        if trainer.stopped_by:
+            print(
+                f"stopped by {trainer.stopped_by} after step {trainer.step}, checkpoint saved in "
+                f"{trainer.checkpoint.folder}; exit status {STOPPED_EXIT}: start the same command again to resume",
                 file=sys.stderr,
                 flush=True,
             )

@@ -4,11 +4,15 @@ Layout of one checkpoint, `<folder>/step-<N>/`:
     .metadata, __<rank>_0.distcp   DCP: {"model": model state (router biases are buffers in it), "optim": AdamW}
     train_state.json               rank 0: step, tokens, skip counters, LR scheduler, model config
     rank/rank<r>.pt                each rank's data-loader state and torch CPU (and CUDA) generator states
+    rank/checksums<r>.json         size and CRC-32 of the files rank r wrote (rank 0: also .metadata, train state)
     COMPLETE                       written last by rank 0, once every rank's data is on disk
 
-A checkpoint counts only with its COMPLETE marker, so a run killed mid-save resumes from the previous one. The
-marker lists every other file with its size and CRC-32 (rank 0 reads the checkpoint once to write it); resume
-verifies them and falls back to the newest checkpoint that verifies, so a truncated shard or a lost .metadata
+A checkpoint counts only with its COMPLETE marker, so a run killed mid-save resumes from the previous one.
+Resuming from an older checkpoint than the newest (checkpoint.load_step, or a fallback) renames the newer ones to
+`step-N.abandoned`, and retention (keep_last) counts only steps up to the one just saved. The
+marker lists every other file with its size and CRC-32: each rank checksums the files it wrote into
+rank/checksums<r>.json and rank 0 merges them, so no rank reads more than its own share (a multi-TB checkpoint read
+by rank 0 alone would outlast the process-group timeout); resume verifies them, each rank a share, and falls back to the newest checkpoint that verifies, so a truncated shard or a lost .metadata
 costs the steps since the previous checkpoint, not the run.
 Nothing is ever unpickled freely (checkpoint_safety.py: the .metadata unpickler, `weights_only` loads; the
 per-rank files are read with weights_only too, the rest is JSON). DCP reshards model and optimizer onto any mesh. The pre-tokenized loader's
@@ -26,6 +30,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -45,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from mythos_train.checkpoint_safety import MARKER, dcp_load, file_checksums, verify
+from mythos_train.checkpoint_safety import MARKER, checksum_file, dcp_load, file_checksums, verify
 from mythos_train.config import CheckpointConfig, ConfigError, ModelConfig
 from mythos_train.distributed import fault_point
 
@@ -53,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 TRAIN_STATE = "train_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_CHECKSUMS_TIMEOUT_S = 600.0
 
 
 # --------------------------------------------------------------------------- folder scanning
@@ -74,7 +80,8 @@ def checkpoint_dirs(folder: Path, complete_only: bool = True) -> list[tuple[int,
 def find_verified(folder: Path, step: int = -1) -> Path:
     """The newest complete checkpoint in `folder` that verifies (logging each one skipped), or exactly `step`'s.
 
-    Raises FileNotFoundError when there is none, or `step`'s is missing or damaged."""
+    Raises FileNotFoundError when there is none, `step`'s is missing or damaged, or none verifies (starting
+    from step 0 there would let retention delete them)."""
     complete = checkpoint_dirs(folder)
     if step >= 0:
         path = dict(complete).get(step)
@@ -83,14 +90,37 @@ def find_verified(folder: Path, step: int = -1) -> Path:
         if problem := verify(path):
             raise FileNotFoundError(f"{path} does not verify: {problem}")
         return path
+    problems = []
     for _, path in reversed(complete):
         problem = verify(path)
         if problem is None:
             return path
         logger.warning("checkpoint %s does not verify (%s): falling back to an older one", path, problem)
+        problems.append(f"{path.name}: {problem}")
+    if problems:
+        raise FileNotFoundError(_no_verified_message(folder, problems))
     raise FileNotFoundError(
         f"{folder}: no complete checkpoint that verifies (a step-N directory with a {MARKER} marker)"
     )
+
+
+def _no_verified_message(folder: Path, problems: list[str]) -> str:
+    return (
+        f"{folder}: no complete checkpoint verifies ({'; '.join(problems)}). Restore the damaged files "
+        f"(checkpoint.load_step resumes only one that verifies), or move the folder away to start a new run"
+    )
+
+
+def abandon_newer(folder: Path, step: int) -> None:
+    """Rename every `step-N` directory with N > `step` to `step-N.abandoned`: a run rolled back to `step` starts a
+    new branch, whose saves the old branch's newer steps must neither count against (retention) nor mix with."""
+    for newer_step, path in checkpoint_dirs(folder, complete_only=False):
+        if newer_step > step:
+            target, copy = path.with_name(f"{path.name}.abandoned"), 1
+            while target.exists():
+                target, copy = path.with_name(f"{path.name}.abandoned.{copy}"), copy + 1
+            path.rename(target)
+            logger.warning("resuming from step %d: set the newer checkpoint %s aside as %s", step, path, target)
 
 
 def find_latest(folder: Path) -> Path | None:
@@ -232,13 +262,15 @@ class CheckpointManager:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         with self._space_errors(path):
-            self._save_rank_state(path)
-            if self.rank == 0:
-                full_state = dict(train_state, lr_scheduler=self.lr_scheduler.state_dict())
-                (path / TRAIN_STATE).write_text(json.dumps(full_state, indent=1))
+            with self._failure_on_any_rank(path):  # else the others would wait in dcp.save until the timeout
+                self._save_rank_state(path)
+                if self.rank == 0:
+                    full_state = dict(train_state, lr_scheduler=self.lr_scheduler.state_dict())
+                    (path / TRAIN_STATE).write_text(json.dumps(full_state, indent=1))
             if self.async_group is None:
                 dcp.save(state, checkpoint_id=path)
-                self._complete(path)
+                with self._failure_on_any_rank(path):  # rank 0's marker
+                    self._complete(path)
         if self.async_group is not None:
             self.pending = (dcp.async_save(state, checkpoint_id=path, process_group=self.async_group), path)
             if last:
@@ -260,10 +292,38 @@ class CheckpointManager:
                 f"complete. Free space (or lower checkpoint.keep_last) and resume."
             ) from err
 
+    @contextlib.contextmanager
+    def _failure_on_any_rank(self, path: Path) -> Iterator[None]:
+        """Run rank-local writes, then agree (one all-reduce) on whether any rank failed, and raise on every rank
+        if so: ENOSPC on one rank becomes the space error everywhere (through _space_errors), another error is
+        re-raised where it happened and named on the other ranks."""
+        error = None
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks learn of it
+            error = err
+        space = error is not None and _out_of_space(error)
+        failed = [float(space), float(error is not None and not space)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flags = torch.tensor(failed, device=_device(self.model))
+            dist.all_reduce(flags)
+            failed = flags.tolist()
+        if error is not None:
+            raise error
+        if failed[0]:
+            raise OSError(errno.ENOSPC, f"No space left on device (another rank, writing {path})")
+        if failed[1]:
+            raise RuntimeError(f"{path}: {int(failed[1])} other rank(s) failed to write their checkpoint files")
+
     def poll(self) -> None:
-        """Finish a background save whose data is all written (cheap; call every step)."""
+        """Finish a background save whose data is all written (cheap; call every step): each rank checksums its
+        files when its part is done; rank 0 marks the checkpoint complete once every rank's checksums are there."""
         if self.pending is not None and self.pending[0].done():
-            self.wait()
+            future, path = self.pending
+            with self._space_errors(path):
+                future.result()
+                if self._complete(path, block=False):
+                    self.pending = None
 
     def wait(self) -> None:
         """Block until the background save (if any) is on disk, then mark it complete."""
@@ -273,20 +333,43 @@ class CheckpointManager:
         self.pending = None
         with self._space_errors(path):
             future.result()
-            self._complete(path)
+            self._complete(path, block=True)
 
-    def _complete(self, path: Path) -> None:
+    def _complete(self, path: Path, block: bool = True) -> bool:
+        """Checksum this rank's files into its checksum file; rank 0 then writes the marker from every rank's (or,
+        unless `block`, returns False while one is missing). Each rank reads only what it wrote: rank 0 alone
+        reading a multi-TB checkpoint would outlast the process-group timeout."""
         # DCP's coordinator writes .metadata only after every rank's shards are written, and the save (or
         # its future) ends after that, so rank 0 may mark the checkpoint complete here.
         fault_point("save", int(path.name.removeprefix("step-")))  # test-only: MYTHOS_FAULT_KILL_AT_STEP=r:s:save
+        own = path / checksum_file(self.rank)
+        if not own.is_file():
+            partial = own.with_name(f"{own.name}.tmp")
+            partial.write_text(json.dumps(file_checksums(path, self.rank)))
+            partial.rename(own)
         if self.rank != 0:
-            return
+            return True
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        checksums = [path / checksum_file(rank) for rank in range(world_size)]
+        deadline = time.monotonic() + _CHECKSUMS_TIMEOUT_S
+        while not all(file.is_file() for file in checksums):
+            if not block:
+                return False
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{path}: not every rank wrote its {checksum_file(0)} within {_CHECKSUMS_TIMEOUT_S} s"
+                )
+            time.sleep(0.05)
+        files = dict(sorted(item for file in checksums for item in json.loads(file.read_text()).items()))
         marker = path / f"{MARKER}.tmp"
-        marker.write_text(json.dumps({"files": file_checksums(path)}, indent=0))
+        marker.write_text(json.dumps({"files": files}, indent=0))
         marker.rename(path / MARKER)  # atomic: a marker is whole or absent
         logger.info("checkpoint saved: %s", path)
-        for _, old in checkpoint_dirs(self.folder)[: -self.cfg.keep_last]:
+        step = int(path.name.removeprefix("step-"))
+        older = [old for old_step, old in checkpoint_dirs(self.folder) if old_step <= step]
+        for old in older[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        return True
 
     def _save_rank_state(self, path: Path) -> None:
         state = {"data_loader": self.data_loader.state_dict(), "rng_cpu": torch.get_rng_state()}
@@ -301,17 +384,7 @@ class CheckpointManager:
         """Restore the newest complete checkpoint; returns its train state, or None when there is none (or resume is off)."""
         if not (self.cfg.enabled and self.cfg.resume):
             return None
-        # Rank 0 picks (and verifies) the checkpoint: on a shared file system other ranks could list the folder
-        # differently. -1: none to resume from; -2: the checkpoint asked for by load_step is not usable.
-        step, problem = -1, ""
-        if self.rank == 0:
-            try:
-                step = int(find_verified(self.folder, self.cfg.load_step).name.removeprefix("step-"))
-            except FileNotFoundError as err:
-                step, problem = (-2, str(err)) if self.cfg.load_step >= 0 else (-1, "")
-        step = _broadcast_int(step, self.model)
-        if step == -2:
-            raise ConfigError(f"checkpoint.load_step = {self.cfg.load_step}: {problem or 'refused by rank 0'}")
+        step = self._pick_verified()
         if step < 0:
             return None
         path = self.folder / f"step-{step}"
@@ -328,6 +401,41 @@ class CheckpointManager:
         self._load_rank_state(path)
         logger.info("resumed from %s (step %d)", path, train_state["step"])
         return train_state
+
+    def _pick_verified(self) -> int:
+        """The step to resume (-1: none): rank 0 lists the candidates (on a shared file system other ranks could
+        list the folder differently), newest first or load_step's; every rank verifies its share of each
+        candidate's files and one all-reduce says whether all passed. Newer checkpoints than the one resumed are
+        set aside (a rollback starts a new branch). ConfigError, naming why, when the one asked for by
+        load_step, or every complete one, does not verify."""
+        load_step, world_size = self.cfg.load_step, dist.get_world_size() if dist.is_initialized() else 1
+        candidates = []
+        if self.rank == 0:
+            complete = dict(checkpoint_dirs(self.folder))
+            candidates = sorted(complete, reverse=True) if load_step < 0 else [s for s in complete if s == load_step]
+        asked = f"checkpoint.load_step = {load_step}: " if load_step >= 0 else ""
+        problems = []
+        for i in range(_broadcast_int(len(candidates), self.model)):
+            step = _broadcast_int(candidates[i] if self.rank == 0 else 0, self.model)
+            path = self.folder / f"step-{step}"
+            problem = verify(path, self.rank, world_size)
+            if problem:
+                logger.warning("checkpoint %s does not verify (%s): falling back to an older one", path, problem)
+            bad = torch.tensor([float(problem is not None)], device=_device(self.model))
+            if dist.is_initialized() and world_size > 1:
+                dist.all_reduce(bad)
+            if not bad.item():
+                if self.rank == 0:
+                    abandon_newer(self.folder, step)
+                return step
+            problems.append(f"{path.name}: {problem or 'a file of another rank does not verify (its log says which)'}")
+        if load_step >= 0 and not problems:
+            raise ConfigError(f"{asked}no complete checkpoint of step {load_step} in {self.folder}")
+        if load_step >= 0:
+            raise ConfigError(f"{asked}{self.folder / f'step-{load_step}'} does not verify: {problems[0]}")
+        if problems:
+            raise ConfigError(_no_verified_message(self.folder, problems))
+        return -1
 
     def _load_rank_state(self, path: Path) -> None:
         file = path / "rank" / f"rank{self.rank}.pt"
@@ -379,11 +487,15 @@ def _broadcast_int(value: int, model: nn.Module) -> int:
     """Rank 0's `value` on every rank (on the model's device, which NCCL needs)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value
-    param = next(model.parameters())
-    device = param.to_local().device if isinstance(param, DTensor) else param.device
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    t = torch.tensor([value], dtype=torch.int64, device=_device(model))
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def _device(model: nn.Module) -> torch.device:
+    """The model's device: collectives on the default group need it (NCCL takes no CPU tensors)."""
+    param = next(model.parameters())
+    return param.to_local().device if isinstance(param, DTensor) else param.device
 
 
 def _barrier() -> None:

@@ -8,9 +8,11 @@ overwritten or missing file is found before anything is loaded.
 
 from __future__ import annotations
 
+import enum
 import io
 import json
 import pickle
+import re
 import zlib
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,23 @@ MARKER = "COMPLETE"
 # --------------------------------------------------------------------------- safe loading
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+def _layout(name: str) -> torch.layout:
+    """torch.layout from its string ("torch.strided"): a private stand-in for torch.serialization._get_layout,
+    so a pickle never holds (and BUILD never reaches) that function's process-wide cache."""
+    layout = getattr(torch, name.removeprefix("torch."), None) if name.startswith("torch.") else None
+    if not isinstance(layout, torch.layout):
+        raise pickle.UnpicklingError(f"checkpoint metadata names layout {name!r}, which is not a torch layout")
+    return layout
+
+
+class _MetadataUnpickler(pickle._Unpickler):  # noqa: SLF001 - the pure-Python unpickler lets BUILD be guarded
     """Unpickles DCP's .metadata, refusing every global that is not one of DCP's plain-data classes.
 
     Only exact (module, name) pairs pass: pickle protocol 4 resolves dotted names, so allowing a module (or any
     name with a dot) would reach through attributes to the function and code types and let a crafted file build
-    and call a function (issue 14).
+    and call a function (issue 14). BUILD (set an object's state) runs only on a fresh instance of an allowed
+    class: on the class itself, a function or a shared enum member it would patch them for the whole process
+    (e.g. PosixPath.__fspath__, so a later rmtree of a checkpoint path deletes another folder).
     """
 
     allowed = {
@@ -64,7 +77,23 @@ class _MetadataUnpickler(pickle.Unpickler):
         dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
         if not (dtype or (module, name) in self.allowed):
             raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return _layout
         return super().find_class(module, name)
+
+    def _load_build(self) -> None:
+        instance, state = self.stack[-2], self.stack[-1]
+        cls = type(instance)
+        buildable = (cls.__module__, cls.__qualname__) in self.allowed and not issubclass(cls, enum.Enum)
+        if not buildable:
+            raise pickle.UnpicklingError(f"checkpoint metadata sets the state of {cls.__qualname__} {instance!r}")
+        # an allowed class's own __setstate__ checks its state; attributes set directly must not be special ones
+        for part in () if hasattr(cls, "__setstate__") else state if isinstance(state, tuple) else (state,):
+            if part is not None and (not isinstance(part, dict) or any(str(key).startswith("__") for key in part)):
+                raise pickle.UnpicklingError(f"checkpoint metadata sets special attributes of {cls.__qualname__}")
+        pickle._Unpickler.load_build(self)  # noqa: SLF001
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _load_build}  # noqa: SLF001
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -111,17 +140,34 @@ def _crc32(file: Path) -> int:
     return crc
 
 
-def file_checksums(path: Path) -> dict[str, list[int]]:
-    """Every file under checkpoint `path` but the marker: relative path -> [size in bytes, CRC-32]."""
+def checksum_file(rank: int) -> str:
+    """Where rank `rank` leaves the checksums of the files it wrote, for rank 0's COMPLETE marker."""
+    return f"rank/checksums{rank}.json"
+
+
+def _written_by(name: str) -> int | None:
+    """The rank that wrote checkpoint file `name` (DCP's __<rank>_<n>.distcp, rank/rank<r>.pt); None: rank 0's own
+    files (.metadata, train_state.json) and anything else."""
+    match = re.fullmatch(r"__(\d+)_\d+\.distcp|rank/rank(\d+)\.pt", name)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def file_checksums(path: Path, rank: int = 0) -> dict[str, list[int]]:
+    """The files of checkpoint `path` that `rank` wrote (rank 0: also those of no rank), but the marker and the
+    checksum files: relative path -> [size in bytes, CRC-32]. Each rank reads only its own share of a checkpoint."""
+    names = (str(file.relative_to(path)) for file in sorted(Path(path).rglob("*")) if file.is_file())
     return {
-        str(file.relative_to(path)): [file.stat().st_size, _crc32(file)]
-        for file in sorted(Path(path).rglob("*"))
-        if file.is_file() and file.name != MARKER
+        name: [(Path(path) / name).stat().st_size, _crc32(Path(path) / name)]
+        for name in names
+        if name != MARKER
+        and not re.fullmatch(r"rank/checksums\d+\.json(\.tmp)?", name)
+        and (_written_by(name) == rank or (rank == 0 and _written_by(name) is None))
     }
 
 
-def verify(path: Path) -> str | None:
+def verify(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
     """None when every file the COMPLETE marker lists is there with its size and checksum, else what is wrong.
+    With `world_size` > 1 only this rank's share (every world_size-th listed file) is checked.
 
     A marker from before checksums ("ok") has nothing to verify and passes."""
     text = (Path(path) / MARKER).read_text()
@@ -131,7 +177,7 @@ def verify(path: Path) -> str | None:
         expected = json.loads(text)["files"]
     except (ValueError, KeyError, TypeError):
         return f"unreadable {MARKER} marker"
-    for name, (size, crc) in expected.items():
+    for name, (size, crc) in list(expected.items())[rank::world_size]:
         file = Path(path) / name
         if not file.is_file():
             return f"{name} is missing"

@@ -199,7 +199,7 @@ class CheckpointConfig:
     every_steps: int = 50
     "Save every N steps (and at the end)."
     keep_last: int = 3
-    "Complete checkpoints kept; older ones are deleted."
+    "Complete checkpoints kept (of steps up to the one just saved); older ones are deleted."
     async_save: bool = False
     "Save in the background on a dedicated gloo group, overlapping the next steps."
     resume: bool = True

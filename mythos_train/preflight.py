@@ -41,10 +41,9 @@ def preflight(cfg: JobConfig, world_size: int) -> str:
         return f"config ok for {world_size} ranks: a new run in {cfg.train.run_dir}"
     try:
         path = find_verified(folder, cfg.checkpoint.load_step)
-    except FileNotFoundError as err:
-        if cfg.checkpoint.load_step >= 0:
-            raise ConfigError(f"checkpoint.load_step = {cfg.checkpoint.load_step}: {err}") from None
-        return f"config ok for {world_size} ranks: no checkpoint in {folder} verifies, a new run"
+    except FileNotFoundError as err:  # complete checkpoints exist, so none verifying is an error too
+        asked = f"checkpoint.load_step = {cfg.checkpoint.load_step}: " if cfg.checkpoint.load_step >= 0 else ""
+        raise ConfigError(f"{asked}{err}") from None
     check_model_config(path, cfg.model)
     return f"config ok for {world_size} ranks: resumes from {path}"
 

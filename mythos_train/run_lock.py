@@ -1,9 +1,15 @@
 """One run per run_dir: two runs writing the same checkpoints destroy each other's work, and both exit 0.
 
-Global rank 0 creates `<run_dir>/run.lock` (O_EXCL) holding its host, pid and job id, and removes it when the
-run ends. A lock left by a run that died is stale and taken over (logged): one of the same job (SLURM_JOB_ID, or
-torchrun's TORCHELASTIC_RUN_ID: an earlier attempt of this very run), or one whose process is gone on this host.
-A lock of a live process, or of another host and job, refuses the run with a message naming its owner.
+Global rank 0 creates `<run_dir>/run.lock` (O_EXCL) holding its host, pid, the pid's start time and job id, and
+removes it when the run ends. A lock left by a run that died is stale and taken over (logged):
+  - on this host, one whose process is gone, whose pid is now another process (another start time), or whose
+    pid is our own (a restarted container reuses pids); a live process of this host holds its lock whatever the
+    job ids say (plain torchrun sets TORCHELASTIC_RUN_ID=none for every run; srun steps share SLURM_JOB_ID);
+  - on another host, one of the same job (SLURM_JOB_ID, or torchrun's TORCHELASTIC_RUN_ID): an earlier attempt.
+A lock of a live process, or of another host and job, refuses the run with a message naming its owner. An empty
+or unreadable lock younger than WRITING_S is another run writing it: we wait for its content.
+A stale lock is taken over atomically: renamed to a unique name (only one of several racing runs gets it), checked
+to be the one judged stale, removed; then the new lock is created with O_EXCL.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 
 from mythos_train.config import ConfigError
@@ -20,6 +27,9 @@ from mythos_train.config import ConfigError
 logger = logging.getLogger(__name__)
 
 LOCK = "run.lock"
+WRITING_S = 5.0
+"Age under which an empty or unreadable lock is taken as being written by another run, not as left by a crash."
+_WRITING = {"writing": True}
 
 
 class RunDirInUse(ConfigError):
@@ -27,8 +37,10 @@ class RunDirInUse(ConfigError):
 
 
 def job_id() -> str:
-    """The scheduler's job id (SLURM_JOB_ID), else torchrun's run id, else '' (a plain process)."""
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or ""
+    """The scheduler's job id (SLURM_JOB_ID), else torchrun's run id, else '' (a plain process). Plain torchrun's
+    run id "none" is the same for every run, so it is no id."""
+    torchrun = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return os.environ.get("SLURM_JOB_ID") or ("" if torchrun == "none" else torchrun)
 
 
 def _alive(pid: int) -> bool:
@@ -41,18 +53,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), or None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
 def stale_reason(owner: dict) -> str | None:
     """Why a lock with this content belongs to no live run (None: it may well be live)."""
+    if owner is _WRITING:
+        return None
     if not owner:
         return "the lock file is empty or unreadable"
+    pid = int(owner.get("pid", 0))
+    if owner.get("host") == socket.gethostname():
+        if pid == os.getpid():
+            return f"its pid {pid} is this process's own (a restarted container reuses pids)"
+        if not _alive(pid):
+            return f"process {pid} on this host is gone"
+        if owner.get("pid_start") is not None and owner["pid_start"] != process_start(pid):
+            return f"pid {pid} on this host is now another process (it started at another time)"
+        return None
     if owner.get("job") and owner["job"] == job_id():
         return f"it is an earlier attempt of this job ({owner['job']})"
-    if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0))):
-        return f"process {owner.get('pid')} on this host is gone"
     return None
 
 
 def describe(owner: dict) -> str:
+    if owner is _WRITING:
+        return "being written"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
     return f"host {owner.get('host')}, pid {owner.get('pid')}, job {owner.get('job') or 'none'}, since {started}"
 
@@ -64,14 +96,19 @@ class RunDirLock:
         self.path = Path(run_dir) / LOCK
         self.held = False
 
-    def owner(self) -> dict | None:
-        """The content of an existing lock (an unreadable one counts as held by nobody known), or None."""
+    def owner(self, path: Path | None = None) -> dict | None:
+        """The content of an existing lock ({}: unreadable and old, _WRITING: unreadable and young), or None."""
+        path = path or self.path
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):  # being written this instant, or left half-written by a crash
-            return {} if time.time() - self.path.stat().st_mtime > 10 else None
+            try:
+                young = time.time() - path.stat().st_mtime < WRITING_S
+            except FileNotFoundError:
+                return None
+            return _WRITING if young else {}
 
     def check(self) -> None:
         """Raise RunDirInUse if a live run holds the lock (without taking it: for --validate-only)."""
@@ -84,24 +121,43 @@ class RunDirLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        deadline = time.monotonic() + 2 * WRITING_S
+        while time.monotonic() < deadline:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
+                if self.owner() is _WRITING:
+                    time.sleep(0.1)
+                    continue
                 self.check()
-                owner = self.owner() or {}
-                logger.warning(
-                    "taking over the stale lock %s (%s): %s", self.path, describe(owner), stale_reason(owner)
-                )
-                self.path.unlink(missing_ok=True)
+                self._take_over_stale()
                 continue
             with os.fdopen(fd, "w") as stream:
-                json.dump(
-                    {"host": socket.gethostname(), "pid": os.getpid(), "job": job_id(), "started": time.time()}, stream
-                )
+                owner = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid())}
+                json.dump({**owner, "job": job_id(), "started": time.time()}, stream)
             self.held = True
             return
         raise RunDirInUse(f"{self.path}: could not take the lock (another run keeps taking it)")
+
+    def _take_over_stale(self) -> None:
+        """Move the stale lock aside under a unique name (of racing runs, one moves it); put it back when what was
+        moved is not stale after all (another run's fresh lock, created since it was judged)."""
+        moved = self.path.with_name(f"{LOCK}.stale-{uuid.uuid4().hex}")
+        try:
+            self.path.rename(moved)
+        except FileNotFoundError:
+            return  # another run moved it first
+        owner = self.owner(moved) or {}
+        reason = stale_reason(owner)
+        if reason is None:
+            try:
+                os.link(moved, self.path)  # back, unless a third run has created one meanwhile
+            except FileExistsError:
+                pass
+            moved.unlink(missing_ok=True)
+            return
+        logger.warning("taking over the stale lock %s (%s): %s", self.path, describe(owner), reason)
+        moved.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:

@@ -5,7 +5,10 @@ sends SIGUSR1 ahead of the time limit (`train.stop_signals`). A handler only rec
 optimizer step the ranks all-reduce that flag (one tiny collective), so a signal that reached some ranks only,
 or reached them during different steps, still stops every rank after the same step. The trainer then saves a
 checkpoint of that step and the process exits with STOPPED_EXIT, which the launchers pass on and the SLURM
-script requeues on; the next start resumes from that checkpoint with no step lost.
+script requeues on; the next start resumes from that checkpoint with no step lost. The flag is checked after each
+step and again after an eval (a signal during a long eval must not wait for another step). With checkpoints
+disabled the process exits STOPPED_UNSAVED_EXIT instead: a requeued run would start from step 0 again, forever.
+`agreed` reads the all-reduced flag on the host: a second host sync per step besides the loss/grad-norm read.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 STOPPED_EXIT = 75
 "Exit status of a run stopped by a signal after saving its checkpoint (EX_TEMPFAIL: start it again to resume)."
+STOPPED_UNSAVED_EXIT = 76
+"Exit status of a run stopped by a signal with checkpoint.enabled = false: nothing to resume, so not requeued."
 
 
 class StopSignals:

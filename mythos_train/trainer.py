@@ -295,10 +295,13 @@ class Trainer:
                 stopping = stop_signals.agreed(self.device) and not last  # the same answer on every rank
                 if self.step % cfg.train.log_every == 0 or self.step == 1 or last:
                     self.log(result)
-                self.checkpoint.save(self.step, self.train_state(), last=last or stopping)  # before eval can fail
+                saved = self.checkpoint.save(self.step, self.train_state(), last=last or stopping)  # before eval
                 self.checkpoint.poll()
                 if not stopping and (last or (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0)):
                     self.last_eval = self.evaluator.run(self.step)
+                    stopping = stop_signals.agreed(self.device) and not last  # a signal during the eval
+                    if stopping and not saved:
+                        self.checkpoint.save(self.step, self.train_state(), last=True)
                 if stopping:
                     received = stop_signals.received
                     self.stopped_by = received.name if received else "a stop signal on another rank"

@@ -107,3 +107,61 @@ def test_checkpoint_metadata_never_runs_a_hostile_pickle(tmp_path, name):
     with pytest.raises(pickle.UnpicklingError):
         SafeFileSystemReader(folder).read_metadata()
     assert not marker.exists(), f"{name}: code ran while reading checkpoint metadata"
+
+
+# --------------------------------------------------------------------------- BUILD on a shared object
+
+
+def _posix_path_fspath_to_get_layout() -> bytes:
+    """BUILD with a slot state on the class PosixPath: its __fspath__ becomes the (allowed) _get_layout."""
+    get_layout = _global("torch.serialization", "_get_layout")
+    return _pickle(_global("pathlib", "PosixPath") + b"N}" + _str("__fspath__") + get_layout + b"s\x86b0N")
+
+
+def _get_layout_cache_poisoned(victim: str) -> bytes:
+    """BUILD with a dict state on the function _get_layout: its cache maps a checkpoint path to `victim`."""
+    victim_path = _global("pathlib", "PosixPath") + _value(victim) + b"\x85R"
+    cache = b"}" + _str("runs/demo/checkpoints/step-200") + victim_path + b"s"
+    return _pickle(_global("torch.serialization", "_get_layout") + b"}" + _str("cache") + cache + b"sb0N")
+
+
+def _enum_member_attribute() -> bytes:
+    """BUILD on a process-wide enum member fetched through an allowed class."""
+    member = _global(METADATA_MODULE, "_MEM_FORMAT_ENCODING") + _value(1) + b"\x85R"
+    return _pickle(member + b"}" + _str("planted") + _value(1) + b"sb0N")
+
+
+def _undo_patches(checkpoint: str) -> list[str]:
+    """What the BUILD payloads changed in shared objects, put back at once so nothing leaks into pytest itself."""
+    import pathlib  # noqa: PLC0415
+
+    import torch.distributed.checkpoint.metadata as metadata  # noqa: PLC0415
+    import torch.serialization  # noqa: PLC0415
+
+    changed = []
+    if "__fspath__" in vars(pathlib.PosixPath):
+        del pathlib.PosixPath.__fspath__
+        changed.append("PosixPath.__fspath__ was replaced")
+    if torch.serialization._get_layout.cache.pop(checkpoint, None) is not None:
+        changed.append("_get_layout's cache was poisoned")
+    for member in metadata._MEM_FORMAT_ENCODING:
+        if vars(member).pop("planted", None) is not None:
+            changed.append(f"enum member {member} was changed")
+    return changed
+
+
+def test_metadata_cannot_patch_an_allowed_class_function_or_enum_member(tmp_path):
+    """BUILD may only fill an instance the pickle made itself: never a class, a function or a shared member."""
+    checkpoint = "runs/demo/checkpoints/step-200"
+    payloads = {
+        "class slot state": _posix_path_fspath_to_get_layout(),
+        "function dict state": _get_layout_cache_poisoned(str(tmp_path / "victim")),
+        "enum member dict state": _enum_member_attribute(),
+    }
+    for name, data in payloads.items():
+        folder = _checkpoint_with(tmp_path, name, data)
+        try:
+            SafeFileSystemReader(folder).read_metadata()
+        except pickle.UnpicklingError:
+            pass
+        assert _undo_patches(checkpoint) == [], name

@@ -14,6 +14,7 @@ from elastic_testing import checkpoint_state
 from trainer_testing import prepare_tiny_data, tiny_config, train_in_process
 
 from mythos_train.config import ConfigError
+from mythos_train.preflight import preflight
 
 OVERRIDES = ["--train.steps=3", "--checkpoint.every_steps=1", "--checkpoint.keep_last=3"]
 
@@ -81,3 +82,35 @@ def test_load_step_picks_a_checkpoint_and_refuses_one_that_is_not_there(uninterr
         cfg = tiny_config(uninterrupted["data"], run, [*OVERRIDES, f"--checkpoint.load_step={step}"])
         with pytest.raises(ConfigError, match=rf"checkpoint.load_step = {step}: .*{reason}"):
             train_in_process(cfg)
+
+
+def test_rolling_back_keeps_the_new_branch_and_sets_the_abandoned_one_aside(uninterrupted, tmp_path, caplog):
+    """Resuming from step 1 while step-2 and step-3 exist, keep_last=1: the step-2 written on the new branch is
+    the one kept (equal to the uninterrupted run's step-2), and the abandoned branch is renamed, not deleted."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted["folder"], run / "checkpoints")
+    cfg = tiny_config(uninterrupted["data"], run, [*OVERRIDES, "--checkpoint.load_step=1", "--checkpoint.keep_last=1"])
+    with caplog.at_level(logging.INFO):
+        train_in_process(cfg, stop_after=2)
+    folder = run / "checkpoints"
+    assert sorted(path.name for path in folder.iterdir()) == ["step-2", "step-2.abandoned", "step-3.abandoned"]
+    assert "step-3.abandoned" in caplog.text
+    reference = checkpoint_state(uninterrupted["folder"] / "step-2", tmp_path / "reference")
+    state = checkpoint_state(folder / "step-2", tmp_path / "flat")
+    for name, value in reference.items():
+        assert torch.equal(state[name], value) if isinstance(value, torch.Tensor) else state[name] == value, name
+
+
+def test_a_folder_where_no_checkpoint_verifies_is_refused_not_restarted(uninterrupted, tmp_path):
+    """Complete checkpoints that all fail to verify must stop the run with the folder named, not start it from
+    step 0 (whose saves retention would then delete): nothing in the folder may change."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted["folder"], run / "checkpoints")
+    for step in (1, 2, 3):
+        DAMAGE["truncated shard"](run / "checkpoints" / f"step-{step}")
+    before = {path: path.stat().st_size for path in (run / "checkpoints").rglob("*")}
+    cfg = tiny_config(uninterrupted["data"], run, OVERRIDES)
+    for start in (lambda: preflight(cfg, 1), lambda: train_in_process(cfg)):  # train --validate-only, then train
+        with pytest.raises(ConfigError, match=rf"{run / 'checkpoints'}.*no.*verifies.*checkpoint.load_step"):
+            start()
+    assert {path: path.stat().st_size for path in (run / "checkpoints").rglob("*")} == before

@@ -409,3 +409,13 @@ def test_rerun_after_an_interruption_keeps_the_trained_tokenizer(tmp_path, corpu
     monkeypatch.setattr(module, "tokenize_unit", tokenize)
     prepare(cfg, progress=False)
     assert len(trained) == 1  # the parts of a re-run need the same tokenizer, so it is not trained again
+
+
+def test_a_new_answer_marker_prepares_again(tmp_path, corpus):
+    """The trained tokenizer registers data.answer_marker as one piece: a re-run with another marker must not skip
+    as already prepared, or the loader finds no piece for it. Checked with SentencePiece's own encode."""
+    src, _ = corpus
+    for marker in ("<ans>", "<answer>"):
+        prepare(_cfg(src, tmp_path / "out", "", answer_marker=marker), progress=False)
+        sp = load_tokenizer(str(tmp_path / "out" / "tokenizer.model"))
+        assert sp.encode(marker) == [sp.piece_to_id(marker)] and not sp.is_unknown(sp.piece_to_id(marker)), marker

@@ -188,22 +188,25 @@ def test_slurm_script_starts_one_torchrun_per_node_and_requeues_on_usr1(tmp_path
 
 FAKE_TORCHRUN = """#!/usr/bin/env bash
 [[ $2 == mythos_train ]] && exit 0  # the launcher's train --validate-only: the config is fine
-trap 'echo "got TERM" >> "$CALLS"; kill $!; exit 1' TERM
+trap 'echo "got TERM" >> "$CALLS"; [[ -z $WORKERS_STATUS ]] || echo "$WORKERS_STATUS" > "$MYTHOS_STOP_STATUS_FILE"
+      kill $!; exit 1' TERM
 echo "$*" >> "$CALLS"
 sleep 60 &
 wait
 """
 
 
-def test_launcher_passes_a_stop_signal_to_torchrun_and_exits_75(tmp_path):
+@pytest.mark.parametrize(("workers_status", "expected"), [("", 75), ("76", 76)], ids=["saved", "checkpoints off"])
+def test_launcher_passes_a_stop_signal_to_torchrun_and_exits_75(tmp_path, workers_status, expected):
     """SIGTERM to the launcher reaches torchrun (which hands it to the workers); torchrun then fails, the launcher
-    exits 75, the status the SLURM script requeues on."""
+    exits 75, the status the SLURM script requeues on, or 76 (not requeued) when the workers had no checkpoint to
+    save and said so in MYTHOS_STOP_STATUS_FILE."""
     python, calls = tmp_path / "python", tmp_path / "calls"
     python.write_text(FAKE_TORCHRUN)
     python.chmod(0o755)
     launcher = subprocess.Popen(
         ["bash", str(LAUNCH / "single_node.sh"), "--config", "x.toml"],
-        env={**_env(CALLS=str(calls)), "PYTHON": str(python)},
+        env={**_env(CALLS=str(calls), WORKERS_STATUS=workers_status), "PYTHON": str(python)},
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -223,7 +226,7 @@ def test_launcher_passes_a_stop_signal_to_torchrun_and_exits_75(tmp_path):
     args, received = calls.read_text().splitlines()
     assert args.startswith("-m torch.distributed.run --signals_to_handle=SIGTERM,SIGINT,SIGUSR1 ")
     assert received == "got TERM"
-    assert launcher.returncode == 75, stderr
+    assert launcher.returncode == expected, stderr
     assert "stopped by SIGTERM" in stderr
 
 

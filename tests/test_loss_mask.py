@@ -18,13 +18,17 @@ EOS, MARK = 2, 9
 
 
 def _reference_mask(row: list[int]) -> list[bool]:
+    return _reference_mask_for(row, EOS, MARK)
+
+
+def _reference_mask_for(row: list[int], eos: int, mark: int) -> list[bool]:
     """Label j counts iff tokens[j+1] is an answer token or the eos closing it, in a document that started inside
     the window (an eos was seen before its marker). A plain state machine over the window."""
     mask, seen_eos, in_answer = [], False, False
     for token in row[:-1]:
-        if token == EOS:
+        if token == eos:
             seen_eos, in_answer = True, False
-        elif token == MARK and seen_eos:
+        elif token == mark and seen_eos:
             in_answer = True
         mask.append(in_answer)
     return mask
@@ -88,3 +92,25 @@ def test_trainer_and_evaluator_losses_are_the_masked_cross_entropy(canary, tmp_p
         trainer.close()
     finally:
         destroy_distributed()
+
+
+def test_mixture_batches_carry_the_answer_mask(canary):
+    """data.mixture + loss_mask = 'answers' masks like the plain loader: each window's mask equals the state
+    machine's over its tokens (a mixture of the canary data with itself, so every window has answers)."""
+    from dataclasses import replace
+
+    from data_pipeline.loader import _answer_id
+    from data_pipeline.tokenizer import load_tokenizer, tokenizer_path
+
+    prepared = canary.data.prepared_dir
+    mixture = replace(canary.data, mixture=[f"a=1:{prepared}", f"b=1:{prepared}"], mixture_block=8)
+    eos, marker = load_tokenizer(tokenizer_path(canary.data)).eos_id(), _answer_id(canary.data, tokenizer_path(mixture))
+    loader = build_loader(
+        mixture, split="train", seq_len=64, micro_batch_size=4, grad_accum_steps=1, dp_rank=0, dp_world_size=1
+    )
+    for batch in (next(iter(loader)) for _ in range(3)):
+        assert "loss_mask" in batch, "a mixture batch trains on every token"
+        windows = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1)  # [B, seq_len + 1]
+        expected = torch.tensor([_reference_mask_for(row, eos, marker) for row in windows.tolist()])
+        assert expected.any() and torch.equal(batch["loss_mask"], expected)
+    loader.close()

@@ -2,11 +2,13 @@
 left by a dead run is taken over (issue 14, point 5)."""
 
 import json
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -14,7 +16,7 @@ from trainer_testing import config_file, prepare_tiny_data, tiny_config, train_i
 
 from mythos_train.checkpoint import checkpoint_dirs
 from mythos_train.config import ConfigError
-from mythos_train.run_lock import LOCK
+from mythos_train.run_lock import LOCK, RunDirInUse, RunDirLock
 from mythos_train.stop_signals import STOPPED_EXIT
 
 
@@ -79,3 +81,95 @@ def test_two_runs_started_together_one_trains_the_other_is_refused(data_dir, tmp
     assert first.returncode == STOPPED_EXIT, out[-3000:]
     stopped_at = int(out.split("stopped by SIGTERM after step ")[1].split(",")[0])
     assert checkpoint_dirs(tmp_path / "run" / "checkpoints")[-1][0] == stopped_at  # the first's work is all there
+
+
+# --------------------------------------------------------------------------- the lock alone (no training)
+
+
+@pytest.fixture
+def other_process():
+    """A live process of this host standing for another run's rank 0."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield other.pid
+    other.kill()
+    other.wait()
+
+
+def _no_job(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("TORCHELASTIC_RUN_ID", "none"), ("SLURM_JOB_ID", "77")], ids=["plain torchrun", "slurm"]
+)
+def test_a_shared_job_id_does_not_take_over_a_live_process(tmp_path, monkeypatch, other_process, variable, value):
+    """Plain torchrun sets TORCHELASTIC_RUN_ID=none for every run, and two srun steps share SLURM_JOB_ID: a job id
+    alone does not make the live lock of another process on this host stale."""
+    _no_job(monkeypatch)
+    monkeypatch.setenv(variable, value)
+    _write_lock(tmp_path, pid=other_process, job=value)
+    before = (tmp_path / LOCK).read_text()
+    with pytest.raises(RunDirInUse, match=f"pid {other_process}"):
+        RunDirLock(tmp_path).acquire()
+    assert (tmp_path / LOCK).read_text() == before
+
+
+def test_a_lock_being_written_is_held_not_stale(tmp_path, monkeypatch, other_process):
+    """An empty lock a few milliseconds old is another run writing it: wait for its content, then refuse."""
+    _no_job(monkeypatch)
+    (tmp_path / LOCK).write_text("")
+    writer = threading.Timer(0.5, lambda: _write_lock(tmp_path, pid=other_process))
+    writer.start()
+    try:
+        with pytest.raises(RunDirInUse, match=f"pid {other_process}"):
+            RunDirLock(tmp_path).acquire()
+    finally:
+        writer.join()
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == other_process
+
+
+@pytest.mark.parametrize("owner", ["our own pid (a restarted container)", "a reused pid (another start time)"])
+def test_a_lock_of_a_pid_that_is_not_its_writer_is_stale(tmp_path, monkeypatch, other_process, owner):
+    _no_job(monkeypatch)
+    if owner.startswith("our own"):
+        _write_lock(tmp_path, pid=os.getpid())
+    else:
+        _write_lock(tmp_path, pid=other_process, pid_start=1)  # the live process started at another time
+    lock = RunDirLock(tmp_path)
+    lock.acquire()
+    assert lock.held and json.loads((tmp_path / LOCK).read_text())["started"] > time.time() - 60
+    lock.release()
+
+
+def _take_over(run, start, won):
+    start.wait()
+    lock = RunDirLock(run)
+    try:
+        lock.acquire()
+    except RunDirInUse:
+        return
+    won.put(os.getpid())
+    time.sleep(3)  # hold it while the others try
+    lock.release()
+
+
+def test_a_stale_lock_is_taken_over_by_exactly_one_of_many(tmp_path, monkeypatch):
+    """Eight processes find the same dead run's lock at once: one takes it, the others are refused (a takeover
+    that deletes and re-creates the lock lets a slow one delete the winner's fresh lock)."""
+    _no_job(monkeypatch)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write_lock(tmp_path, pid=dead.pid)
+    context = multiprocessing.get_context("fork")
+    start, won = context.Event(), context.Queue()
+    racers = [context.Process(target=_take_over, args=(tmp_path, start, won)) for _ in range(8)]
+    for racer in racers:
+        racer.start()
+    start.set()
+    for racer in racers:
+        racer.join(timeout=60)
+    winners = []
+    while not won.empty():
+        winners.append(won.get())
+    assert len(winners) == 1, winners
