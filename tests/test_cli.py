@@ -28,7 +28,9 @@ def test_help_lists_fields_with_docs(capsys):
         main(["prepare", "--help"])
     out = capsys.readouterr().out
     assert "--data.vocab_size" in out and "--model.dim" not in out
-    assert main([]) == 2 and "usage: mythos-train {train,prepare,eval,export,bench,plan}" in capsys.readouterr().out
+    assert (
+        main([]) == 2 and "usage: mythos-train {train,prepare,canary,eval,export,bench,plan}" in capsys.readouterr().out
+    )
 
 
 def test_config_errors_name_the_field(tmp_path, capsys):
