@@ -404,11 +404,10 @@ def build_loader(
     if count < 1:
         hint = f" (data.val_fraction={cfg.val_fraction})" if split == "val" else ""
         raise DataError(f"{where}: {len(stream)} tokens hold no window of seq_len+1={seq_len + 1} tokens{hint}")
-    if (cfg.return_doc_boundaries or cfg.loss_mask == "answers") and eos < 0:
-        raise DataError(
-            "data.return_doc_boundaries and data.loss_mask = 'answers' need the eos id: "
-            "set data.tokenizer_path for source_kind=tokens"
-        )
+    if cfg.return_doc_boundaries and eos < 0:
+        raise DataError("data.return_doc_boundaries needs the eos id: set data.tokenizer_path for source_kind=tokens")
+    if cfg.loss_mask == "answers" and eos < 0:
+        raise DataError("data.loss_mask = 'answers' needs the eos id: set data.tokenizer_path for source_kind=tokens")
     answer_id = _answer_id(cfg, tokenizer_path(cfg)) if cfg.loss_mask == "answers" else None
     return WindowLoader(
         cfg, stream, split=split, first_window=first, num_windows=count, eos_id=eos, answer_id=answer_id, **shape
