@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from mythos_train.bench_sweep import build_train_step  # noqa: E402
+from mythos_train.bench.sweep import build_train_step  # noqa: E402
 from mythos_train.config import load_config  # noqa: E402
 from parallel.testing import run_distributed  # noqa: E402
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from mythos_train.bench_sweep import build_train_step  # noqa: E402
+from mythos_train.bench.sweep import build_train_step  # noqa: E402
 from mythos_train.config import load_config, validate  # noqa: E402
 
 PARTS = {"fsdp": ["--parallel.ep=1"], "ep2": ["--parallel.ep=2"]}

@@ -191,14 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
     if command == "bench":
-        from mythos_train import bench  # noqa: PLC0415
+        from mythos_train.bench import throughput  # noqa: PLC0415
 
-        bench.main(rest)  # prints its table; returns the rows for programmatic use
+        throughput.main(rest)  # prints its table; returns the rows for programmatic use
         return 0
     if command == "plan":
-        from mythos_train import plan  # noqa: PLC0415
+        from mythos_train.planner import cli  # noqa: PLC0415
 
-        return plan.main(rest) or 0
+        return cli.main(rest) or 0
 
     args, overrides = _parser(command).parse_known_args(rest)
     _setup_logging()

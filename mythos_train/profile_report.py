@@ -119,7 +119,7 @@ def rank_tables(report: dict, cfg: JobConfig) -> str:
 
 def prediction_lines(reports: list[dict]) -> str:
     """Planner vs measured, one line per rank: step time, exposed communication, peak memory."""
-    lines = ["planner (mythos_train/plan.py) vs measured, per step:"]
+    lines = ["planner (mythos_train/planner) vs measured, per step:"]
     for r in reports:
         p, steps = r["prediction"], r["steps"]
         if "error" in p:

@@ -3,7 +3,7 @@
 Runs the trainer's own step (same model, sharding, data and depth sampler as `train`, under any launcher and
 world size), then profiles `--steps` more, each inside a `mythos:step` range. Every rank writes its Chrome trace
 (`<run_dir>/profile/rank<N>.json`, open in Perfetto or chrome://tracing) and reads it back
-(mythos_train/profile_trace.py); rank 0 gathers the readings, asks the planner (mythos_train/plan.py) about the same
+(mythos_train/profile_trace.py); rank 0 gathers the readings, asks the planner (mythos_train/planner) about the same
 config and prints the per-rank tables, the straggler view and the planner's prediction next to the measurement,
 and writes `phases.png` beside the traces. Nothing is checkpointed, evaluated or logged to TensorBoard.
 """
@@ -90,9 +90,9 @@ def planner_prediction(cfg: JobConfig, trainer, depths: list[tuple[int, int]], g
     On CPU it prices the job with this machine's measured numbers: the trainer's matmul peak and the all-reduce
     bandwidth between the ranks (divided by the planner's collective efficiency, which it applies again).
     """
-    from mythos_train.plan import build_plan, depth_stats, memory_plan, resolve_param_dtype  # noqa: PLC0415
-    from mythos_train.plan_comm import COLLECTIVE_EFFICIENCY  # noqa: PLC0415
-    from mythos_train.plan_hw import ACCELERATORS, Accelerator, get_accelerator  # noqa: PLC0415
+    from mythos_train.planner.comm import COLLECTIVE_EFFICIENCY  # noqa: PLC0415
+    from mythos_train.planner.hardware import ACCELERATORS, Accelerator, get_accelerator  # noqa: PLC0415
+    from mythos_train.planner.plan import build_plan, depth_stats, memory_plan, resolve_param_dtype  # noqa: PLC0415
 
     device, world = trainer.device, trainer.dist.world_size
     link = link_bytes_per_s(device)  # a collective: every rank calls this function

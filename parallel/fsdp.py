@@ -76,8 +76,8 @@ def prefetch_chain(prelude_layers: int, coda_layers: int) -> dict[str, list[tupl
     when the CPU reaches a unit; backward: the next unit in reverse forward order) leaves gathers exposed. Each
     unit prefetches the next one in forward and the previous one in backward; the root (embedding, final norm,
     tied head) stays gathered from forward to the end of backward, so it starts both chains. Units are named as
-    in mythos_train/plan_memory.fsdp_unit; with reshard_per_iteration the looped block's own unit keeps FSDP's
-    schedule. The planner counts what stays exposed (plan_comm.exposed_loop_gather_s).
+    in mythos_train/planner/memory.fsdp_unit; with reshard_per_iteration the looped block's own unit keeps FSDP's
+    schedule. The planner counts what stays exposed (planner/comm.exposed_loop_gather_s).
     """
     units = [*(f"prelude.{i}" for i in range(prelude_layers)), "recurrent", *(f"coda.{i}" for i in range(coda_layers))]
     forward = [("root", units[0]), *zip(units, units[1:])]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mythos_train.bench import load_open_mythos
+from mythos_train.bench.throughput import load_open_mythos
 from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel, moe
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from mythos_train.bench_sweep import allocation_curve, tensor_bytes
+from mythos_train.bench.sweep import allocation_curve, tensor_bytes
 from mythos_train.config import JobConfig
 from mythos_train.optim import build_optimizer
 from mythos_train.trainer import build_model

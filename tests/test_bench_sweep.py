@@ -5,8 +5,8 @@ measured peak memory responding to gradient depth and checkpointing the way the 
 import pytest
 import torch
 
-from mythos_train import bench
-from mythos_train.bench_sweep import build_train_step
+from mythos_train.bench import throughput as bench
+from mythos_train.bench.sweep import build_train_step
 from mythos_train.config import load_config
 from mythos_train.distributed import destroy_distributed, init_distributed
 

@@ -1,6 +1,7 @@
 """`python -m mythos_train ...`: help texts, config errors, delegation, and prepare -> train -> eval -> export end to end
 (one process, and two under torchrun)."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -45,11 +46,12 @@ def test_config_errors_name_the_field(tmp_path, capsys):
 
 def test_bench_and_plan_get_their_own_arguments(monkeypatch):
     calls = []
-    for name in ("bench", "plan"):
-        fake = types.ModuleType(f"mythos_train.{name}")
+    for name, package, module in (("bench", "bench", "throughput"), ("plan", "planner", "cli")):
+        fake = types.ModuleType(f"mythos_train.{package}.{module}")
         fake.main = lambda argv, name=name: calls.append((name, argv))
-        monkeypatch.setitem(sys.modules, f"mythos_train.{name}", fake)
-        monkeypatch.delattr(sys.modules["mythos_train"], name, raising=False)
+        monkeypatch.setitem(sys.modules, f"mythos_train.{package}.{module}", fake)
+        importlib.import_module(f"mythos_train.{package}")
+        monkeypatch.setattr(sys.modules[f"mythos_train.{package}"], module, fake, raising=False)
     assert main(["bench", "--steps", "3"]) == 0 and main(["plan", "--gpu", "h100"]) == 0
     assert calls == [("bench", ["--steps", "3"]), ("plan", ["--gpu", "h100"])]
 

@@ -4,7 +4,7 @@ formula it uses) / the peak it measured (the numbers themselves depend on the ma
 import pytest
 from model_testing import counted_training_flops_per_token, open_mythos_reference
 
-from mythos_train import bench
+from mythos_train.bench import throughput as bench
 from mythos_train.config import ModelConfig
 
 

@@ -14,7 +14,7 @@ from test_parallel_fsdp_ep import global_batch, lm_loss, tiny_config
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
 from mythos_train.model import MythosModel
-from mythos_train.plan_report import to_json
+from mythos_train.planner.report import to_json
 from parallel import build_mesh, parallelize
 from parallel.testing import run_distributed
 
@@ -58,7 +58,7 @@ def observed_prefetches(rank: int, world: int) -> dict[str, list[tuple[str, str]
 @pytest.mark.slow
 def test_fsdp_prefetches_in_the_order_the_plan_names():
     from mythos_train.config import load_config
-    from mythos_train.plan import build_plan
+    from mythos_train.planner.plan import build_plan
 
     cfg = load_config("configs/debug.toml", ["--model.prelude_layers=2", "--model.coda_layers=2"])
     named = to_json(build_plan(cfg, 1, 2, "h100"), cfg, None)["prefetch"]

@@ -17,9 +17,10 @@ from plan_testing import RSS_ENV, measure_cases
 
 from mythos_train.config import JobConfig, load_config, mesh_sizes
 from mythos_train.model import MythosModel
-from mythos_train.plan import build_plan, main, memory_plan
-from mythos_train.plan_comm import step_collectives
-from mythos_train.plan_memory import ParamInfo, chunk_rows, model_parameters, static_memory, unit_sizes
+from mythos_train.planner.cli import main
+from mythos_train.planner.comm import step_collectives
+from mythos_train.planner.memory import ParamInfo, chunk_rows, model_parameters, static_memory, unit_sizes
+from mythos_train.planner.plan import build_plan, memory_plan
 from parallel.testing import run_distributed
 
 DEBUG = "configs/debug.toml"
@@ -114,7 +115,7 @@ def test_cli_overrides_and_errors(capsys):
 
 def test_alternatives_fix_a_config_that_does_not_fit():
     """The 1B preset at micro-batch 64 overflows an A100; the suggestions must fit and say what changed."""
-    from mythos_train.plan import alternatives
+    from mythos_train.planner.plan import alternatives
 
     cfg = load_config("configs/mythos_1b.toml", ["--train.micro_batch_size=64"])
     assert not build_plan(cfg, 1, 8, "a100").fits

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from mythos_train.config import load_config
 from mythos_train.loss import cross_entropy_sum
 from mythos_train.model import MythosModel
-from mythos_train.plan_activations import dense_block_bytes, loop_step_bytes, micro_batch_activations
+from mythos_train.planner.activations import dense_block_bytes, loop_step_bytes, micro_batch_activations
 from parallel.activation_checkpoint import apply_activation_checkpointing, tile_module
 
 B, S = 2, 32

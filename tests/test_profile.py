@@ -155,7 +155,7 @@ def test_profile_command_one_process(data_dir, tmp_path, capsys):
     for t in range(max(iterations)):
         runs = sum(v for p, v in report["occurrences"].items() if re.fullmatch(rf"loop{t}( nograd)?", p))
         assert runs == sum(n > t for n in iterations)
-    assert "planner (mythos_train/plan.py) vs measured" in out and "stragglers: slowest rank 0" in out
+    assert "planner (mythos_train/planner) vs measured" in out and "stragglers: slowest rank 0" in out
     png = (tmp_path / "run" / "profile" / "phases.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 2000
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from mythos_train.config import JobConfig
-from mythos_train.plan import GIB, Plan
-from mythos_train.plan_comm import axis_span
-from mythos_train.plan_hw import MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION
+from mythos_train.planner.comm import axis_span
+from mythos_train.planner.hardware import MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION
+from mythos_train.planner.plan import GIB, Plan
 from parallel.fsdp import prefetch_chain
 
 

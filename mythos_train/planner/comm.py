@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mythos_train.config import JobConfig
-from mythos_train.plan_hw import COLLECTIVE_EFFICIENCY, Accelerator
-from mythos_train.plan_memory import UnitSizes
+from mythos_train.planner.hardware import COLLECTIVE_EFFICIENCY, Accelerator
+from mythos_train.planner.memory import UnitSizes
 
 LATENCY_S = {"intra": 20e-6, "inter": 50e-6}
 "Fixed cost per collective call (NCCL small-message latency, about 10-30 us in a node and 30-80 us across)."

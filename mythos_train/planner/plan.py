@@ -1,27 +1,29 @@
-"""`python -m mythos_train plan`: will this config fit, how fast will it run, and what to change if it does not.
+"""The plan itself: will this config fit, how fast will it run, and what to change if it does not.
 
 Sizes a multi-node job before it spends GPU hours. Everything comes from the code that will run: parameter
 shapes from `MythosModel(cfg.model)` on the meta device, sharding from `config.mesh_sizes` and parallel/'s
-rules (plan_memory), activations from a per-op count of what autograd saves (plan_activations), collectives
-from what FSDP2 and the expert all-to-all issue (plan_comm), FLOPs from model/flops.py at the depths
+rules (memory.py), activations from a per-op count of what autograd saves (activations.py), collectives
+from what FSDP2 and the expert all-to-all issue (comm.py), FLOPs from model/flops.py at the depths
 `DepthSampler` draws for the first steps of the run. Step time = compute at a stated share of peak + the
-all-to-alls + the FSDP traffic that does not hide behind compute (plan_hw has the assumptions and sources).
+all-to-alls + the FSDP traffic that does not hide behind compute (hardware.py has the assumptions and sources).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
-import json
-import sys
 from dataclasses import dataclass
 
-from mythos_train.config import ConfigError, JobConfig, load_config, mesh_sizes, validate
-from mythos_train.plan_activations import ActivationMemory, micro_batch_activations
-from mythos_train.plan_comm import Collective, exposed_loop_gather_s, step_collectives, time_collectives
-from mythos_train.plan_hw import ACCELERATORS, MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION, Accelerator, get_accelerator
-from mythos_train.plan_memory import (
+from mythos_train.config import ConfigError, JobConfig, mesh_sizes, validate
+from mythos_train.planner.activations import ActivationMemory, micro_batch_activations
+from mythos_train.planner.comm import Collective, exposed_loop_gather_s, step_collectives, time_collectives
+from mythos_train.planner.hardware import (
+    MATMUL_EFFICIENCY,
+    USABLE_MEMORY_FRACTION,
+    Accelerator,
+    get_accelerator,
+)
+from mythos_train.planner.memory import (
     StaticMemory,
     model_parameters,
     parameter_counts,
@@ -186,7 +188,7 @@ class Plan:
     "Under expert parallelism: the looped unit's all-gathers not hidden behind the unit that prefetches them."
     all_to_all_s: float
     loop_parts: dict[str, int]
-    "Looped block part -> its gathered bytes in param_dtype on one rank (plan_memory.UnitSizes.loop_parts)."
+    "Looped block part -> its gathered bytes in param_dtype on one rank (memory.UnitSizes.loop_parts)."
 
     @property
     def fits(self) -> bool:
@@ -326,40 +328,3 @@ def alternatives(cfg: JobConfig, nodes: int, gpus_per_node: int, gpu: str, limit
     for node_count in sorted({plan.nodes for _, plan in found}):
         best_per_nodes += [item for item in found if item[1].nodes == node_count][: limit if node_count == nodes else 2]
     return best_per_nodes[:limit]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mythos-train plan",
-        description="Per-GPU memory, communication and speed of a config on a cluster, and what to change if it does not fit.",
-        epilog="Any --section.field=value overrides the config, e.g. --parallel.ep=16 --train.micro_batch_size=2. "
-        "Exit status: 0 fits, 1 does not fit, 2 bad input.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--config", required=True, help="TOML job config")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu", default="h100", help=f"one of {', '.join(ACCELERATORS)}")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--no-alternatives", action="store_true", help="skip the search for configs that fit")
-    parser.add_argument(
-        "--write-gbps", type=float, default=1.0, help="checkpoint write bandwidth per rank, GB/s (default 1)"
-    )
-    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(args.config, overrides)
-        if args.nodes < 1 or args.gpus_per_node < 1 or args.write_gbps <= 0:
-            raise ConfigError("--nodes and --gpus-per-node must be >= 1, --write-gbps > 0")
-        plan = build_plan(cfg, args.nodes, args.gpus_per_node, args.gpu)
-        alts = None if args.no_alternatives else alternatives(cfg, args.nodes, args.gpus_per_node, args.gpu)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from mythos_train.plan_report import render, to_json  # noqa: PLC0415
-
-    print(
-        json.dumps(to_json(plan, cfg, alts), indent=1)
-        if args.json
-        else render(plan, cfg, args.config, alts, args.write_gbps)
-    )
-    return 0 if plan.fits else 1

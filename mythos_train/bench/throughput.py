@@ -1,12 +1,12 @@
 """Single-process training-step benchmark: tokens/s and MFU against this machine's measured fp32 matmul peak.
 
-`python -m mythos_train.bench` times forward + backward + AdamW on the bench shape (dim 256, MLA, 64 experts top-4,
+`python -m mythos_train bench` times forward + backward + AdamW on the bench shape (dim 256, MLA, 64 experts top-4,
 2+2 dense blocks, 8 gradient loops, seq 256, batch 8, fp32) and, when importable, open-mythos 0.5.0's own step on
 the same shape, round robin (each round: one timed square fp32 matmul, the peak, then one step of each model), and
 prints our same-depth speed-up as the median of the rounds' ratios. `--clock cpu` times CPU work instead of wall
 time; `--profile FILE` adds the phase table of `python -m mythos_train profile` for one of our steps.
 `bench --sweep --config job.toml` instead times the trainer's real step over checkpointing policy x micro-batch x
-loop depth (mythos_train/bench_sweep.py; `bench --sweep --help`).
+loop depth (mythos_train/bench/sweep.py; `bench --sweep --help`).
 """
 
 from __future__ import annotations
@@ -218,9 +218,9 @@ def _bench_reference(
 def main(argv: list[str] | None = None) -> dict | list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--sweep" in argv:
-        from mythos_train import bench_sweep  # noqa: PLC0415
+        from mythos_train.bench import sweep  # noqa: PLC0415
 
-        return bench_sweep.main([a for a in argv if a != "--sweep"])
+        return sweep.main([a for a in argv if a != "--sweep"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
