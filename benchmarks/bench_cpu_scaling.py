@@ -15,17 +15,18 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the repository, and its multi-process test harness
 
 import torch  # noqa: E402
+from distributed_testing import run_distributed  # noqa: E402
 
-from mythos_train.bench.sweep import build_train_step  # noqa: E402
+from mythos_train.bench.sweep import TimedStep  # noqa: E402
 from mythos_train.config import load_config  # noqa: E402
-from parallel.testing import run_distributed  # noqa: E402
 
 
 def timed_steps(rank: int, world: int, cfg, warmup: int, steps: int) -> list[float]:
-    step = build_train_step(cfg, world, torch.device("cpu"))
+    step = TimedStep(cfg, world, torch.device("cpu"))
     for i in range(warmup):
         step(i)
     return [step(warmup + i)[0] for i in range(steps)]

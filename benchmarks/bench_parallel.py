@@ -4,6 +4,7 @@
 2. expert parallelism 2 vs 1 (same model, same global batch);
 3. collectives per step, by op.
 
+Each configuration times the trainer's optimizer step (mythos_train/train_step.py) on random tokens.
 Memory: bytes autograd holds for backward at the end of forward (what activation checkpointing trades away),
 and peak RSS over the steps minus the RSS before the first one (each configuration runs in fresh processes).
 
@@ -13,21 +14,23 @@ and peak RSS over the steps minus the RSS before the first one (each configurati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the repository, and its multi-process test harness
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from distributed_testing import CollectiveCounter, run_distributed  # noqa: E402
 
 from mythos_train.config import JobConfig  # noqa: E402
-from mythos_train.model import MythosModel  # noqa: E402
-from parallel import build_mesh, parallelize  # noqa: E402
-from parallel.testing import CollectiveCounter, run_distributed  # noqa: E402
+from mythos_train.train_step import build_train_step  # noqa: E402
+from mythos_train.trainer import build_model  # noqa: E402
+from parallel import build_mesh  # noqa: E402
 
 WORLD = 2
 
@@ -68,27 +71,23 @@ def _current_rss_kib() -> int:
 
 def step_job(rank: int, world: int, args, parallel: dict, n_nograd: int, n_grad: int) -> dict:
     cfg = bench_config(args, **parallel)
-    torch.manual_seed(0)
-    model = MythosModel(cfg.model)
-    dims = build_mesh(cfg.parallel, world, "cpu")
-    wrap = parallelize(model, dims, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    device = torch.device("cpu")
+    dims = build_mesh(cfg.parallel, world, device.type)
+    train_step = build_train_step(cfg, dims, device, *build_model(cfg, dims, device))
     g = torch.Generator().manual_seed(rank)
     tokens = torch.randint(0, cfg.model.vocab_size, (args.micro, args.seq + 1), generator=g)
+    batches = [{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}]  # [B, S] each
+    saved = SavedBytes()
 
-    def step(saved: SavedBytes | None = None) -> None:
-        if saved is None:
-            logits = model(tokens[:, :-1], n_nograd=n_nograd, n_grad=n_grad, wrap_iteration=wrap)
-        else:
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-                logits = model(tokens[:, :-1], n_nograd=n_nograd, n_grad=n_grad, wrap_iteration=wrap)
-        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        opt.step()
-        opt.zero_grad()
+    def saving_forward(*forward_args) -> torch.Tensor:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            return train_step.forward(*forward_args)
+
+    def step(measured=train_step) -> None:
+        measured(batches, n_nograd, n_grad)
 
     rss_before = _current_rss_kib()
-    saved = SavedBytes()
-    step(saved)  # warm-up (FSDP lazy init), and the saved-activation measurement
+    step(dataclasses.replace(train_step, forward=saving_forward))  # warm-up (FSDP lazy init), saved activations
     with CollectiveCounter() as counter:
         step()
     times = []

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from mythos_train.bench.sweep import build_train_step  # noqa: E402
+from mythos_train.bench.sweep import TimedStep  # noqa: E402
 from mythos_train.config import JobConfig, load_config, validate  # noqa: E402
 from mythos_train.distributed import destroy_distributed  # noqa: E402
 from mythos_train.metrics import gpu_peak_flops, measure_cpu_peak_flops  # noqa: E402
@@ -68,7 +68,7 @@ def measure(cfg, device: torch.device, warmup: int, steps: int) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    step = build_train_step(cfg, 1, device)
+    step = TimedStep(cfg, 1, device)
     for i in range(warmup):
         step(i)
     if device.type == "cuda":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from mythos_train.bench.sweep import build_train_step  # noqa: E402
+from mythos_train.bench.sweep import TimedStep  # noqa: E402
 from mythos_train.config import load_config, validate  # noqa: E402
 
 PARTS = {"fsdp": ["--parallel.ep=1"], "ep2": ["--parallel.ep=2"]}
@@ -38,7 +38,7 @@ def run_part(name: str, overrides: list[str], base: tuple[str, list[str]], devic
     world = dist.get_world_size()
     cfg = load_config(base[0], base[1] + FIXED_DEPTH + overrides)
     validate(cfg, world)
-    step = build_train_step(cfg, world, device)
+    step = TimedStep(cfg, world, device)
     step(0)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

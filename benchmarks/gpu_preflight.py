@@ -24,8 +24,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from mythos_train.config import load_config, validate  # noqa: E402
 from mythos_train.distributed import destroy_distributed, init_distributed  # noqa: E402
-from mythos_train.loss import cross_entropy_sum  # noqa: E402
 from mythos_train.model.moe import grouped_swiglu  # noqa: E402
+from mythos_train.train_step import TrainStep, build_train_step  # noqa: E402
 from mythos_train.trainer import build_model  # noqa: E402
 from parallel import build_mesh  # noqa: E402
 
@@ -75,22 +75,28 @@ def _model_config(compile: bool, device: torch.device):
     return cfg
 
 
-def _loss(model, wrap, tokens, depth) -> torch.Tensor:
-    logits = model(tokens[:, :-1], n_nograd=depth[0], n_grad=depth[1], wrap_iteration=wrap)
-    return cross_entropy_sum(logits, tokens[:, 1:]) / tokens[:, 1:].numel()
+def _train_step(compile: bool, device: torch.device) -> TrainStep:
+    cfg = _model_config(compile, device)
+    dims = build_mesh(cfg.parallel, 1, device.type)
+    return build_train_step(cfg, dims, device, *build_model(cfg, dims, device))
+
+
+def _loss(step: TrainStep, tokens: torch.Tensor, depth: tuple[int, int]) -> torch.Tensor:
+    """The trainer's forward + backward (no optimizer) on tokens [B, S + 1]; returns the mean token loss []."""
+    loss_sum, token_count = step.forward_backward([{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}], *depth)
+    return loss_sum / token_count
 
 
 def check_no_host_sync(device: torch.device) -> str:
     """Forward + backward under torch.cuda.set_sync_debug_mode('error') at several depths."""
-    cfg = _model_config(False, device)
-    model, wrap = build_model(cfg, build_mesh(cfg.parallel, 1, device.type), device)
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, 65), device=device)
-    _loss(model, wrap, tokens, DEPTHS[0]).backward()  # lazy FSDP init outside the check
+    step = _train_step(False, device)
+    tokens = torch.randint(0, step.model.cfg.vocab_size, (2, 65), device=device)
+    _loss(step, tokens, DEPTHS[0])  # lazy FSDP init outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for depth in DEPTHS:
-            _loss(model, wrap, tokens, depth).backward()
+            _loss(step, tokens, depth)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return f"forward + backward at depths {DEPTHS} ran with sync debug mode 'error'"
@@ -100,17 +106,13 @@ def check_compile(device: torch.device) -> str:
     """Compiled vs eager (same weights), then new depths: no new graphs, no graph breaks."""
     from torch._dynamo.utils import counters
 
-    models = {}
-    for compile in (False, True):
-        cfg = _model_config(compile, device)
-        models[compile] = build_model(cfg, build_mesh(cfg.parallel, 1, device.type), device)
-    models[True][0].load_state_dict(models[False][0].state_dict())
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, 65), device=device)
-    losses = {c: _loss(m, w, tokens, DEPTHS[0]).item() for c, (m, w) in models.items()}
-    _loss(*models[True], tokens, DEPTHS[0]).backward()
+    steps = {compile: _train_step(compile, device) for compile in (False, True)}
+    steps[True].model.load_state_dict(steps[False].model.state_dict())
+    tokens = torch.randint(0, steps[True].model.cfg.vocab_size, (2, 65), device=device)
+    losses = {c: _loss(step, tokens, DEPTHS[0]).item() for c, step in steps.items()}  # the compiled backward too
     graphs = counters["stats"]["unique_graphs"]
     for depth in DEPTHS[1:]:
-        _loss(*models[True], tokens, depth).backward()
+        _loss(steps[True], tokens, depth)
     new_graphs, breaks = counters["stats"]["unique_graphs"] - graphs, sum(counters["graph_break"].values())
     rel = abs(losses[True] - losses[False]) / losses[False]
     assert rel < 1e-2 and new_graphs == 0 and breaks == 0, (

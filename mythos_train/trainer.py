@@ -1,9 +1,8 @@
 """The training loop: config -> process group -> mesh -> sharded model -> AdamW -> data -> resume -> steps.
 
-One optimizer step = one sampled loop depth (n gradient-free + k gradient iterations, the same on every rank)
-and `grad_accum_steps` micro-batches. The loss is the summed cross-entropy divided by the step's *global*
-token count, so every token weighs the same whatever the rank, micro-batch or padding. A step whose loss or
-gradient norm is not finite is skipped whole (no optimizer, scheduler or router-bias update).
+One optimizer step (mythos_train/train_step.py) = one sampled loop depth (n gradient-free + k gradient
+iterations, the same on every rank) and `grad_accum_steps` micro-batches. A step whose loss or gradient norm is
+not finite is skipped whole (no optimizer, scheduler or router-bias update), and counted here.
 """
 
 from __future__ import annotations
@@ -13,11 +12,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.autograd.profiler import record_function
 from torch.distributed.tensor import DTensor
 
 import parallel
@@ -27,16 +24,16 @@ from mythos_train.config import ConfigError, JobConfig, to_dict
 from mythos_train.depth import DepthSampler
 from mythos_train.distributed import DistInfo, all_reduce_sum, fault_point
 from mythos_train.evaluate import Evaluator
-from mythos_train.loss import batch_keys, cross_entropy_sum, loss_labels, token_count
+from mythos_train.loss import batch_keys
 from mythos_train.metrics import MetricsLogger, console_line, loop_scalars, memory_gib, peak_flops
 from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
-from mythos_train.optim import build_lr_scheduler, build_optimizer
 from mythos_train.preflight import check_paths, checkpoint_folder
 from mythos_train.profiling import profiling
 from mythos_train.run_lock import RunDirInUse, RunDirLock
 from mythos_train.seeded_init import init_weights_seeded
 from mythos_train.stop_signals import StopSignals
+from mythos_train.train_step import StepResult, build_train_step
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +77,6 @@ def spectral_radius(model: MythosModel) -> float:
     return float(radius)
 
 
-@dataclass
-class StepResult:
-    """Host values of one optimizer step (read with a single device sync)."""
-
-    loss: float
-    grad_norm: float
-    lr: float
-    "Learning rate this step used."
-    skipped: bool
-    n_nograd: int
-    n_grad: int
-    loss_tokens: float
-    "Labels that counted in the loss over all ranks (fewer than the tokens processed under a loss mask)."
-
-
 class Trainer:
     """Owns model, optimizer, schedule, data, checkpoints and metrics of one run; the process group must exist."""
 
@@ -105,11 +87,9 @@ class Trainer:
         self.device = dist_info.device
         self.run_dir = Path(cfg.train.run_dir)
         self.dims = parallel.build_mesh(cfg.parallel, dist_info.world_size, self.device.type)
-        self.model, self.wrap_iteration = build_model(cfg, self.dims, self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.balancer = parallel.RouterBiasBalancer(self.model, self.dims, cfg.train.router_bias_rate)
-        self.balancer.attach(self.optimizer)
+        self.model, wrap_iteration = build_model(cfg, self.dims, self.device)
+        self.step_fn = build_train_step(cfg, self.dims, self.device, self.model, wrap_iteration)
+        self.optimizer, self.lr_scheduler = self.step_fn.optimizer, self.step_fn.lr_scheduler
         self.depth = DepthSampler(cfg.train)
         t = cfg.train
         self.data_loader = build_loader(
@@ -145,7 +125,6 @@ class Trainer:
         self.run_lock = RunDirLock(self.run_dir)
         self._interval = {"steps": 0, "time": 0.0, "flops": 0.0, "loss_tokens": 0.0}
         self._data_wait_ms = 0.0
-        self._marks: tuple = ()
         n_params = sum(p.numel() for p in self.model.parameters())  # DTensor numel is the global one
         peak = f"{self.peak_flops / 1e12:.1f} TFLOP/s peak" if self.peak_flops else "peak unknown (no MFU)"
         self.metrics.console(
@@ -185,61 +164,17 @@ class Trainer:
         return batches
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
-        """Forward/backward over the micro-batches at this step's sampled depth, clip, and update (or skip)."""
-        n_nograd, n_grad = self.depth.sample(self.step)
-        lr = self.optimizer.param_groups[0]["lr"]
-        # Global token count first (one all-reduce, no host sync): each micro-batch's loss is its share of the
-        # step's mean. FSDP averages gradients over the data-parallel ranks, hence the factor dp_size.
-        local_tokens = sum(token_count(loss_labels(mb)) for mb in micro_batches).float()
-        global_tokens = all_reduce_sum(local_tokens.reshape(1))[0]
-        scale = self.dims.dp_size / global_tokens.clamp(min=1)  # a step whose every label is masked: loss 0
-        loss_sum = torch.zeros((), device=self.device)
-        t0 = self._clock()
-        for mb in micro_batches:
-            # No name holds the logits [B, S, vocab]: the loss keeps what its backward needs, nothing more.
-            ce = cross_entropy_sum(
-                self.model(
-                    mb["input_ids"],
-                    n_nograd=n_nograd,
-                    n_grad=n_grad,
-                    wrap_iteration=self.wrap_iteration,
-                    doc_starts=mb.get("doc_starts"),
-                ),
-                loss_labels(mb),
-            )
-            with record_function("mythos:backward"):  # named ranges: what `python -m mythos_train profile` reads
-                (ce * scale).backward()
-            loss_sum += ce.detach()
-            self.balancer.accumulate(self.model.recurrent.last_stats)
-        t1 = self._clock()
-        with record_function("mythos:clip_grad"):
-            grad_norm = parallel.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm, self.dims)
-        loss = all_reduce_sum(loss_sum.reshape(1))[0] / global_tokens.clamp(min=1)
-        # the step's one host sync
-        loss_value, norm_value, loss_tokens = torch.stack([loss, grad_norm.to(loss), global_tokens.to(loss)]).tolist()
-        skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
-        with record_function("mythos:optimizer"):
-            if not skipped:
-                self.skipped_in_a_row = 0
-                self.optimizer.step()  # the router-bias update runs in its pre-step hook
-                self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self._marks = (t0, t1, self._clock())
-        if skipped:
-            self._skip(loss_value, norm_value)  # raises after max_skipped_steps in a row
-        return StepResult(loss_value, norm_value, lr, skipped, n_nograd, n_grad, loss_tokens)
-
-    def _clock(self) -> float | torch.cuda.Event:
-        """A time mark: a recorded CUDA event (read at log time, so no sync per step) or perf_counter on CPU."""
-        if self.device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        """One optimizer step at this step's sampled depth; a skipped one is counted (and raises after too many)."""
+        result = self.step_fn(micro_batches, *self.depth.sample(self.step))
+        if result.skipped:
+            self._skip(result.loss, result.grad_norm)  # raises after max_skipped_steps in a row
+        else:
+            self.skipped_in_a_row = 0
+        return result
 
     def _phase_times(self) -> dict[str, float]:
         """Milliseconds of the last step's forward+backward and optimizer phases, plus its data wait."""
-        t0, t1, t2 = self._marks
+        t0, t1, t2 = self.step_fn.marks
         if self.device.type == "cuda":
             t2.synchronize()
             fb, opt = t0.elapsed_time(t1), t1.elapsed_time(t2)
@@ -248,7 +183,6 @@ class Trainer:
         return {"time/data_wait_ms": self._data_wait_ms, "time/forward_backward_ms": fb, "time/optimizer_ms": opt}
 
     def _skip(self, loss: float, grad_norm: float) -> None:
-        self.balancer.reset()
         self.skipped_in_a_row += 1
         self.skipped_total += 1
         limit = self.cfg.train.max_skipped_steps
@@ -268,8 +202,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
 
-    def train(self, stop_after: int | None = None) -> None:
-        """Train to train.steps (or stop after step `stop_after`, as a run killed there would: tests of resume)."""
+    def train(self) -> None:
+        """Train to train.steps, or until a stop signal (after a checkpoint)."""
         cfg = self.cfg
         self.lock_run_dir()
         if self.dist.is_main:
@@ -305,8 +239,6 @@ class Trainer:
                 if stopping:
                     received = stop_signals.received
                     self.stopped_by = received.name if received else "a stop signal on another rank"
-                    break
-                if self.step == stop_after:
                     break
 
     def lock_run_dir(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mythos_train.bench import throughput as bench
-from mythos_train.bench.sweep import build_train_step
+from mythos_train.bench.sweep import TimedStep
 from mythos_train.config import load_config
 from mythos_train.distributed import destroy_distributed, init_distributed
 
@@ -33,7 +33,7 @@ def test_pinned_depth_runs_that_many_iterations():
     cfg = load_config("configs/debug.toml", [*TINY, "--parallel.ep=1", "--parallel.activation_checkpoint=none"])
     info = init_distributed(cfg)
     try:
-        step = build_train_step(cfg, info.world_size, info.device)
+        step = TimedStep(cfg, info.world_size, info.device)
         grad_enabled = []
         step.model.recurrent.block.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
         assert step(0, (3, 2))[1:] == (3, 2)

@@ -10,12 +10,11 @@ import shutil
 
 import pytest
 import torch
-from trainer_testing import prepare_tiny_data, tiny_config, train_in_process
+from trainer_testing import StoppingTrainer, prepare_tiny_data, tiny_config, train_in_process
 
 from mythos_train.checkpoint import MARKER, checkpoint_dirs, consolidated_model_state, find_latest
 from mythos_train.checkpoint_safety import SafeFileSystemReader
 from mythos_train.distributed import init_distributed
-from mythos_train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_metadata_loading_refuses_arbitrary_globals(data_dir, tmp_path):
 
 
 def _train_worker(rank, world_size, cfg, stop_after):
-    trainer = Trainer(cfg, init_distributed(cfg))
+    trainer = StoppingTrainer(cfg, init_distributed(cfg), stop_after)
     losses = {}
     step = trainer.train_step
 
@@ -82,7 +81,7 @@ def _train_worker(rank, world_size, cfg, stop_after):
 
     trainer.train_step = recording
     try:
-        trainer.train(stop_after=stop_after)
+        trainer.train()
     finally:
         trainer.close()
     state = consolidated_model_state(trainer.model)  # collective: every rank
@@ -91,7 +90,7 @@ def _train_worker(rank, world_size, cfg, stop_after):
 
 @pytest.mark.slow
 def test_resume_equals_uninterrupted_run_and_reshards_to_one_rank(data_dir, tmp_path):
-    from parallel.testing import run_distributed
+    from distributed_testing import run_distributed
 
     def cfg(name, *extra):
         return tiny_config(data_dir, tmp_path / name, ["--train.steps=4", "--parallel.ep=2", *extra])

@@ -7,12 +7,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-from trainer_testing import prepare_tiny_data, tiny_config
+from trainer_testing import StoppingTrainer, prepare_tiny_data, tiny_config
 
 import mythos_train.checkpoint_safety as checkpoint_safety
 from mythos_train.checkpoint import MARKER
 from mythos_train.distributed import init_distributed
-from mythos_train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def _train_recording_reads(rank, world_size, cfg, stop_after):
         return crc32(file)
 
     checkpoint_safety._crc32 = recording
-    trainer = Trainer(cfg, init_distributed(cfg))
+    trainer = StoppingTrainer(cfg, init_distributed(cfg), stop_after)
     resume = trainer.resume
 
     def recording_resume():
@@ -40,7 +39,7 @@ def _train_recording_reads(rank, world_size, cfg, stop_after):
 
     trainer.resume = recording_resume
     try:
-        trainer.train(stop_after=stop_after)
+        trainer.train()
     finally:
         trainer.close()
     return read
@@ -52,7 +51,7 @@ def _relative(names, folder):
 
 @pytest.mark.slow
 def test_each_rank_checksums_its_own_files_and_verifies_a_share(data_dir, tmp_path):
-    from parallel.testing import run_distributed
+    from distributed_testing import run_distributed
 
     cfg = tiny_config(data_dir, tmp_path / "run", ["--train.steps=2", "--checkpoint.every_steps=1"])
     saved = run_distributed(_train_recording_reads, 2, cfg, 1, timeout=240)

@@ -40,7 +40,7 @@ def _rank_1_runs_out_of_space_at_step_2(rank, world_size, cfg):
 
 @pytest.mark.slow
 def test_out_of_space_on_one_rank_stops_every_rank_with_the_space_error(data_dir, tmp_path):
-    from parallel.testing import run_distributed
+    from distributed_testing import run_distributed
 
     overrides = ["--train.steps=3", "--checkpoint.every_steps=1", "--parallel.timeout_s=60"]
     cfg = tiny_config(data_dir, tmp_path / "run", overrides)

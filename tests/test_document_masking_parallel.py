@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from distributed_testing import run_distributed
 from test_parallel_fsdp_ep import full, tiny_config
 
 from mythos_train.model import MythosModel
 from parallel import build_mesh, parallelize
-from parallel.testing import run_distributed
 
 ROWS = {0: [(5, 7), (3, 9)], 1: [(12,), (4, 4, 4)]}  # document lengths of each rank's two rows of 12 tokens
 

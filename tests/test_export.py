@@ -30,7 +30,7 @@ def _train_worker(rank, world_size, cfg):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(config, final full state, run dir) of a 2-rank ep=2 run with ACT and LTI (open-mythos-compatible)."""
-    from parallel.testing import run_distributed
+    from distributed_testing import run_distributed
 
     root = tmp_path_factory.mktemp("export")
     cfg = tiny_config(

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from distributed_testing import CollectiveCounter, run_distributed
 from torch.distributed.tensor import DTensor
 
 from mythos_train.config import JobConfig, TrainConfig, validate
 from mythos_train.depth import DepthSampler
 from mythos_train.model import MythosModel
 from parallel import RouterBiasBalancer, all_ranks_agree, build_mesh, clip_grad_norm_, parallelize
-from parallel.testing import CollectiveCounter, run_distributed
 
 SEQ, MICRO = 8, 2  # tokens per window, windows per rank
 STEPS = 3

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distributed_testing import run_distributed
 from test_parallel_fsdp_ep import global_batch, lm_loss, tiny_config
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
 from mythos_train.model import MythosModel
 from mythos_train.planner.report import to_json
 from parallel import build_mesh, parallelize
-from parallel.testing import run_distributed
 
 
 def observed_prefetches(rank: int, world: int) -> dict[str, list[tuple[str, str]]]:

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from distributed_testing import CollectiveCounter
 from test_parallel_fsdp_ep import global_batch, lm_loss, tiny_config
 from torch.distributed.tensor import DTensor
 
@@ -15,7 +16,6 @@ from mythos_train.config import ConfigError, ParallelConfig
 from mythos_train.model import MythosModel
 from parallel import all_ranks_agree, build_mesh, clip_grad_norm_, parallelize
 from parallel.activation_checkpoint import apply_activation_checkpointing
-from parallel.testing import CollectiveCounter
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_training_step_never_waits_for_the_device():
     """Forward + backward of the parallelized model (FSDP, per-loop checkpointing, several depths) issues no op that
     makes the host wait for the device (.item(), bool(t), masks, data-dependent shapes), so a GPU never idles
     inside the loop. Without expert parallelism there is nothing to wait for; with it only the split sizes (whose
-    `.tolist()` a CPU run cannot see: parallel/testing.py)."""
+    `.tolist()` a CPU run cannot see: tests/distributed_testing.py)."""
     cfg = tiny_config(activation_checkpoint="loop")
     torch.manual_seed(0)
     model = MythosModel(cfg.model)

@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from distributed_testing import run_distributed
 from plan_testing import RSS_ENV, measure_cases
 
 from mythos_train.config import JobConfig, load_config, mesh_sizes
@@ -21,7 +22,6 @@ from mythos_train.planner.cli import main
 from mythos_train.planner.comm import step_collectives
 from mythos_train.planner.memory import ParamInfo, chunk_rows, model_parameters, static_memory, unit_sizes
 from mythos_train.planner.plan import build_plan, memory_plan
-from parallel.testing import run_distributed
 
 DEBUG = "configs/debug.toml"
 

@@ -175,7 +175,7 @@ def _profile_two_ranks(rank, world_size, data_dir, run_dir):
 
 @pytest.mark.slow
 def test_two_gloo_ranks_ep2_report_every_collective_kind(data_dir, tmp_path):
-    from parallel.testing import run_distributed
+    from distributed_testing import run_distributed
 
     reports = run_distributed(_profile_two_ranks, 2, data_dir, tmp_path / "run", threads=1)[0]
     assert [r["rank"] for r in reports] == [0, 1]

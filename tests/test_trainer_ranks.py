@@ -19,6 +19,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_testing import run_distributed
 from torch.distributed.tensor import DTensor
 from trainer_testing import VOCAB, config_file, prepare_tiny_data, step_host_syncs
 
@@ -26,7 +27,6 @@ import parallel
 from data_pipeline import build_loader
 from mythos_train.config import load_config
 from mythos_train.model import MythosModel
-from parallel.testing import run_distributed
 
 MESHES = {1: [], 2: ["--parallel.ep=2"], 4: ["--parallel.dp_replicate=2", "--parallel.ep=2"]}
 GLOBAL_BATCH, SEQ = 4, 32  # windows per step over all ranks (divisible by every world size), tokens per window

@@ -98,7 +98,7 @@ def test_non_finite_step_is_skipped_counted_and_stops_the_run(data_dir, tmp_path
     assert [s["step"] for s in trainer.optimizer.state.values()] == adam_steps
     assert trainer.lr_scheduler.last_epoch == last_epoch
     assert all(p.grad is None for p in trainer.model.parameters())
-    assert not trainer.balancer.counts.any()
+    assert not trainer.step_fn.balancer.counts.any()
 
     trainer.step += 1
     with pytest.raises(NonFiniteError, match="2 consecutive steps.*max_skipped_steps = 2"):

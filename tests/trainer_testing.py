@@ -11,6 +11,7 @@ from pathlib import Path
 
 from data_pipeline import DataConfig, prepare
 from mythos_train.config import JobConfig, load_config
+from mythos_train.trainer import Trainer
 
 VOCAB = 512
 MODULES = (
@@ -147,7 +148,7 @@ def step_host_syncs(trainer, micro_batches: list[dict]) -> dict[str, int]:
     """
     from collections import Counter
 
-    from parallel.testing import CollectiveCounter, HostReadCounter
+    from distributed_testing import CollectiveCounter, HostReadCounter
 
     with CollectiveCounter() as dispatched, HostReadCounter() as python:
         trainer.train_step(micro_batches)
@@ -157,16 +158,39 @@ def step_host_syncs(trainer, micro_batches: list[dict]) -> dict[str, int]:
     return dict(+syncs)
 
 
-def train_in_process(cfg: JobConfig, stop_after: int | None = None):
+class _Stopped(Exception):
+    pass
+
+
+class StoppingTrainer(Trainer):
+    """A Trainer whose `train` ends after step `stop_after` (None: never), as a run killed there would (tests of
+    resume): after that step's log, checkpoint and eval, before the next step reads a batch."""
+
+    def __init__(self, cfg: JobConfig, dist_info, stop_after: int | None = None) -> None:
+        super().__init__(cfg, dist_info)
+        self.stop_after = stop_after
+
+    def next_micro_batches(self):
+        if self.step == self.stop_after:
+            raise _Stopped
+        return super().next_micro_batches()
+
+    def train(self) -> None:
+        try:
+            super().train()
+        except _Stopped:
+            pass
+
+
+def train_in_process(cfg: JobConfig, stop_after: int | None = None) -> Trainer:
     """Train `cfg` in this process (a world-size-1 group), as a run stopped after step `stop_after` would;
     the trainer is closed and the group destroyed whatever happens. Returns the Trainer."""
     from mythos_train.distributed import destroy_distributed, init_distributed
-    from mythos_train.trainer import Trainer
 
     trainer = None
     try:
-        trainer = Trainer(cfg, init_distributed(cfg))
-        trainer.train(stop_after=stop_after)
+        trainer = StoppingTrainer(cfg, init_distributed(cfg), stop_after)
+        trainer.train()
     finally:
         if trainer is not None:
             trainer.close()

@@ -1,8 +1,8 @@
 """`bench --sweep`: the trainer's real optimizer step over activation-checkpoint policy x micro-batch x loop depth.
 
-Each (policy, micro-batch) builds the model once, exactly like `Trainer` does (meta -> parallelize -> materialise
--> init, AdamW, router-bias balancer, global clipping), on random token ids; each total depth n + k of it then
-gets one warm-up step and `--steps` timed ones (median). MFU counts the loop-aware FLOPs of the depth that ran.
+Each (policy, micro-batch) builds the model and its step once, exactly like `Trainer` does (meta -> parallelize ->
+materialise -> init, then mythos_train/train_step.py: AdamW, schedule, router-bias balancer, global clipping), on
+random token ids; each total depth n + k of it then gets one warm-up step and `--steps` timed ones (median). MFU counts the loop-aware FLOPs of the depth that ran.
 
 Peak memory: on CUDA the allocator's own peak. On CPU there is none, so it is the bytes held between steps
 (parameters, buffers, optimizer state, batches) plus the peak of one extra, profiled step's allocation events.
@@ -24,10 +24,9 @@ import parallel
 from mythos_train.config import ConfigError, JobConfig, load_config, validate
 from mythos_train.depth import DepthSampler
 from mythos_train.distributed import env_world_size, init_distributed
-from mythos_train.loss import cross_entropy_sum
 from mythos_train.metrics import peak_flops
 from mythos_train.model.flops import training_flops_per_token
-from mythos_train.optim import build_optimizer
+from mythos_train.train_step import build_train_step
 from mythos_train.trainer import build_model
 
 GIB = 2**30
@@ -67,50 +66,36 @@ def tensor_bytes(tensors) -> tuple[int, int]:
     return logical, sum(storages.values())
 
 
-class TrainStep:
-    """`step(i, depth=None) -> (seconds, n_nograd, n_grad)`: one full optimizer step, at the sampler's depth
-    for step i or at a pinned depth = (n_nograd, n_grad).
-    """
+class TimedStep:
+    """`step(i, depth=None) -> (seconds, n_nograd, n_grad)`: the trainer's optimizer step (train_step.py) on fixed
+    random tokens, at the sampler's depth for step i or at a pinned depth = (n_nograd, n_grad)."""
 
     def __init__(self, cfg: JobConfig, world_size: int, device: torch.device, seed: int = 0):
-        self.dims = parallel.build_mesh(cfg.parallel, world_size, device.type)
-        self.model, self.wrap = build_model(cfg, self.dims, device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
-        self.balancer = parallel.RouterBiasBalancer(self.model, self.dims, cfg.train.router_bias_rate)
-        self.balancer.attach(self.optimizer)
-        self.sampler, self.device, self.train = DepthSampler(cfg.train), device, cfg.train
+        dims = parallel.build_mesh(cfg.parallel, world_size, device.type)
+        self.step = build_train_step(cfg, dims, device, *build_model(cfg, dims, device))
+        self.model, self.sampler, self.device = self.step.model, DepthSampler(cfg.train), device
         t = cfg.train
-        g = torch.Generator().manual_seed(seed * 1000 + self.dims.dp_rank)
-        self.batches = [torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=g).to(device) for _ in range(t.grad_accum_steps)]  # fmt: skip
-        self.scale = 1.0 / (t.micro_batch_size * t.seq_len * t.grad_accum_steps)  # every rank's tokens count alike
+        g = torch.Generator().manual_seed(seed * 1000 + dims.dp_rank)
+        tokens = [torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=g).to(device) for _ in range(t.grad_accum_steps)]  # fmt: skip
+        self.batches = [{"input_ids": x[:, :-1], "labels": x[:, 1:]} for x in tokens]  # [B, S] views of [B, S + 1]
 
     def __call__(self, i: int, depth: tuple[int, int] | None = None) -> tuple[float, int, int]:
         n_nograd, n_grad = depth or self.sampler.sample(i)
         synchronize(self.device)
         start = time.perf_counter()
-        for tokens in self.batches:  # [B, S + 1]
-            logits = self.model(tokens[:, :-1], n_nograd=n_nograd, n_grad=n_grad, wrap_iteration=self.wrap)
-            (cross_entropy_sum(logits, tokens[:, 1:]) * self.scale).backward()
-            self.balancer.accumulate(self.model.recurrent.last_stats)
-        parallel.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm, self.dims)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step(self.batches, n_nograd, n_grad)
         synchronize(self.device)
         return time.perf_counter() - start, n_nograd, n_grad
 
     def held_bytes(self) -> int:
         """Bytes this step keeps between steps (gradients are freed by zero_grad(set_to_none=True))."""
-        states = (t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
-        tensors = [*self.model.parameters(), *self.model.buffers(), *states, *self.batches]
+        optimizer = self.step.optimizer
+        states = (t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+        tensors = [*self.model.parameters(), *self.model.buffers(), *states, *(b["input_ids"] for b in self.batches)]
         return tensor_bytes(tensors)[1]
 
 
-def build_train_step(cfg: JobConfig, world_size: int, device: torch.device, seed: int = 0) -> TrainStep:
-    """The trainer's step on synthetic tokens (benchmarks that must not depend on prepared data)."""
-    return TrainStep(cfg, world_size, device, seed)
-
-
-def peak_memory(step: TrainStep, depth: tuple[int, int]) -> int:
+def peak_memory(step: TimedStep, depth: tuple[int, int]) -> int:
     """Peak bytes allocated during one more step at `depth` (see the module docstring for CPU)."""
     if step.device.type == "cuda":
         return torch.cuda.max_memory_allocated(step.device)  # reset before the timed steps
@@ -147,7 +132,7 @@ def run_sweep(
         for policy in policies:
             for micro_batch in batches:
                 cfg = sweep_config(base, policy, micro_batch)
-                step = build_train_step(cfg, info.world_size, info.device)
+                step = TimedStep(cfg, info.world_size, info.device)
                 tokens = micro_batch * seq * cfg.train.grad_accum_steps  # per rank, per step
                 for total in depths:
                     depth = (total - min(backprop, total), min(backprop, total))

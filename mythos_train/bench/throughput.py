@@ -1,8 +1,8 @@
 """Single-process training-step benchmark: tokens/s and MFU against this machine's measured fp32 matmul peak.
 
-`python -m mythos_train bench` times forward + backward + AdamW on the bench shape (dim 256, MLA, 64 experts top-4,
-2+2 dense blocks, 8 gradient loops, seq 256, batch 8, fp32) and, when importable, open-mythos 0.5.0's own step on
-the same shape, round robin (each round: one timed square fp32 matmul, the peak, then one step of each model), and
+`python -m mythos_train bench` times the trainer's step (forward + backward + clipping + AdamW, train_step.py) on the
+bench shape (dim 256, MLA, 64 experts top-4, 2+2 dense blocks, 8 gradient loops, seq 256, batch 8, fp32) and, when
+importable, the same step around open-mythos 0.5.0's forward on the same shape, round robin (each round: one timed square fp32 matmul, the peak, then one step of each model), and
 prints our same-depth speed-up as the median of the rounds' ratios. `--clock cpu` times CPU work instead of wall
 time; `--profile FILE` adds the phase table of `python -m mythos_train profile` for one of our steps.
 `bench --sweep --config job.toml` instead times the trainer's real step over checkpointing policy x micro-batch x
@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.profiler import record_function
 
-from mythos_train.config import ModelConfig
+from mythos_train.config import ModelConfig, TrainConfig
 from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
 from mythos_train.model.open_mythos_compat import open_mythos_config_kwargs
+from mythos_train.train_step import Forward, TrainStep, model_forward
 
 BENCH_SHAPE = dict(
     vocab_size=8192,
@@ -97,21 +97,12 @@ def time_steps(
     return times, peaks
 
 
-def _train_step(model: torch.nn.Module, forward, tokens: torch.Tensor):
-    """forward + cross-entropy + backward + AdamW step of `model` on tokens [B, S + 1]."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        logits = forward(tokens[:, :-1])
-        with record_function("mythos:loss"):  # the ranges `profile` reads (mythos_train/profile_trace.py)
-            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        with record_function("mythos:backward"):
-            loss.backward()
-        with record_function("mythos:optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    return step
+def _train_step(model: torch.nn.Module, forward: Forward, tokens: torch.Tensor, loops: int) -> Callable[[], None]:
+    """The trainer's optimizer step (mythos_train/train_step.py) of `model` with plain AdamW, on tokens [B, S + 1],
+    all `loops` iterations with gradients."""
+    step = TrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-4), forward, TrainConfig().max_grad_norm)
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}  # [B, S] each
+    return lambda: step([batch], 0, loops)
 
 
 def load_open_mythos():
@@ -144,7 +135,7 @@ def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.devi
     """(our training step, report(times, peaks) -> result row)."""
     torch.manual_seed(0)
     model = MythosModel(cfg).to(device)
-    step = _train_step(model, lambda x: model(x, n_grad=args.loops), tokens)
+    step = _train_step(model, model_forward(model), tokens, args.loops)
     flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
 
     def report(times: list[float], peaks: list[float]) -> dict:
@@ -162,7 +153,7 @@ def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: 
     wall-clock matmul peak (median of three, around the step) whatever --clock says."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
-    from mythos_train.config import JobConfig, TrainConfig  # noqa: PLC0415
+    from mythos_train.config import JobConfig  # noqa: PLC0415
     from mythos_train.profile_report import rank_tables  # noqa: PLC0415
     from mythos_train.profile_trace import STEP_RANGE, read_trace  # noqa: PLC0415
 
@@ -202,7 +193,7 @@ def _bench_reference(
     model = reference.OpenMythos(reference.MythosConfig(**kwargs)).to(device)
     iterations = []
     model.recurrent.block.register_forward_hook(lambda *_: iterations.append(1))
-    step = _train_step(model, lambda x: model(x, n_loops=args.loops), tokens)
+    step = _train_step(model, lambda batch, n_nograd, n_grad: model(batch["input_ids"], n_loops=n_nograd + n_grad), tokens, args.loops)  # fmt: skip
 
     def report(times: list[float], peaks: list[float]) -> dict:
         loops_run = len(iterations) / (args.warmup + args.steps)

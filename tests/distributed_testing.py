@@ -1,4 +1,5 @@
-"""Run a function on N local gloo processes (tests and benchmarks): `run_distributed(fn, 2, *args)`.
+"""Run a function on N local gloo processes (tests, and benchmarks/ that put tests/ on sys.path):
+`run_distributed(fn, 2, *args)`; count the collectives and host syncs of a region (CollectiveCounter, HostReadCounter).
 
 `fn(rank, world_size, *args)` runs in a spawned process with the default process group initialised; what it
 returns comes back as a list indexed by rank. A failure on any rank raises here with that rank's traceback; the
