@@ -102,6 +102,8 @@ class ParallelConfig:
     "FSDP shard group size; -1 = world_size // dp_replicate."
     ep: int = 1
     "Expert-parallel degree: experts split over this many ranks of each dp_shard group (must divide dp_shard)."
+    tp: int = 1
+    "Tensor-parallel degree (inside a node): attention heads, FFN hidden and vocabulary split across tp ranks."
     activation_checkpoint: Literal["none", "loop", "full"] = "loop"
     "'loop' recomputes each gradient loop iteration in backward; 'full' also each prelude/coda block."
     reshard_per_iteration: bool = False

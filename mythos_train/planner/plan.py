@@ -14,7 +14,7 @@ import copy
 import itertools
 from dataclasses import dataclass
 
-from mythos_train.config import ConfigError, JobConfig, mesh_sizes, validate
+from mythos_train.config import ConfigError, JobConfig, validate
 from mythos_train.planner.activations import ActivationMemory, micro_batch_activations
 from mythos_train.planner.comm import Collective, exposed_loop_gather_s, step_collectives, time_collectives
 from mythos_train.planner.hardware import (
@@ -31,6 +31,7 @@ from mythos_train.planner.memory import (
     unit_sizes,
     working_memory,
 )
+from mythos_train.planner.tensor_parallel import check_tp, tp_mesh_sizes
 
 GIB = 2**30
 DEPTH_SAMPLES = 2048
@@ -85,7 +86,7 @@ def memory_plan(
     Depth defaults to the worst the sampler draws: k = backprop_depth, with a gradient-free prefix whenever
     max_depth > backprop_depth. `device` picks 'auto' dtypes and the RMSNorm kernel (fused on CUDA)."""
     t, p = cfg.train, cfg.parallel
-    sizes = mesh_sizes(p, world_size)
+    sizes = tp_mesh_sizes(p, world_size)
     params, buffers = _model_parameters(cfg)
     units = unit_sizes(params, sizes)
     dtype = resolve_param_dtype(cfg, device)
@@ -95,7 +96,7 @@ def memory_plan(
     tokens = t.micro_batch_size * t.seq_len
     acts = micro_batch_activations(
         cfg.model, tokens, n_grad, n_nograd, p.activation_checkpoint, a, device != "cuda", sizes["ep"], not p.reshard_per_iteration,
-        p.shared_expert_chunks,
+        p.shared_expert_chunks, p.tp,
     )  # fmt: skip
     r = 2 if p.reduce_dtype == "bfloat16" else 4
     working = working_memory(acts.phases, units, cfg.model, a, p.activation_checkpoint, sizes, r)
@@ -189,6 +190,8 @@ class Plan:
     all_to_all_s: float
     loop_parts: dict[str, int]
     "Looped block part -> its gathered bytes in param_dtype on one rank (memory.UnitSizes.loop_parts)."
+    tp_s: float = 0.0
+    "Tensor parallelism's sequence-parallel gathers / reduce-scatters and loss all-reduces (critical path)."
 
     @property
     def fits(self) -> bool:
@@ -196,7 +199,7 @@ class Plan:
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.exposed_fsdp_s + self.exposed_loop_gather_s + self.all_to_all_s
+        return self.compute_s + self.exposed_fsdp_s + self.exposed_loop_gather_s + self.all_to_all_s + self.tp_s
 
     @property
     def tokens_per_s_per_gpu(self) -> float:
@@ -218,7 +221,8 @@ def build_plan(
     hw = gpu if isinstance(gpu, Accelerator) else get_accelerator(gpu)
     world = nodes * gpus_per_node
     validate(cfg, world)
-    sizes = mesh_sizes(cfg.parallel, world)
+    check_tp(cfg, gpus_per_node)
+    sizes = tp_mesh_sizes(cfg.parallel, world)
     depth = depth or depth_stats(cfg)
     memory = memory_plan(cfg, world, device="cuda")
     params, _ = _model_parameters(cfg)
@@ -227,21 +231,22 @@ def build_plan(
     r = 2 if cfg.parallel.reduce_dtype == "bfloat16" else 4
     collectives = step_collectives(cfg, sizes, units, depth.mean_nograd, depth.mean_grad, a, r)
     time_collectives(collectives, sizes, gpus_per_node, hw)
-    t = cfg.train
-    tokens_per_rank = t.micro_batch_size * t.seq_len * t.grad_accum_steps
+    t, tp = cfg.train, cfg.parallel.tp
+    tokens_per_rank = t.micro_batch_size * t.seq_len * t.grad_accum_steps // tp  # a tp group shares its tokens' work
     flops = (depth.model_flops_per_token + depth.recompute_flops_per_token) * tokens_per_rank
     peak_flops = hw.peak_bf16_tflops * 1e12 * MATMUL_EFFICIENCY
     compute_s = flops / peak_flops
     fsdp_s = sum(c.seconds for c in collectives if c.overlapped)
-    dense_block_s = dense_block_flops(cfg.model, t.seq_len) * t.micro_batch_size * t.seq_len / peak_flops
+    dense_block_s = dense_block_flops(cfg.model, t.seq_len) * t.micro_batch_size * t.seq_len / tp / peak_flops
     loop_exposed = exposed_loop_gather_s(cfg, sizes, units, a, gpus_per_node, hw, dense_block_s)
     return Plan(
         nodes=nodes, gpus_per_node=gpus_per_node, gpu=hw, sizes=sizes, params=parameter_counts(params, cfg.model),
         memory=memory, capacity=hw.memory_gib * GIB * USABLE_MEMORY_FRACTION, depth=depth, collectives=collectives,
         tokens_per_step=tokens_per_rank * world, compute_s=compute_s, exposed_fsdp_s=max(0.0, fsdp_s - compute_s),
         exposed_loop_gather_s=loop_exposed,
-        all_to_all_s=sum(c.seconds for c in collectives if not c.overlapped),
+        all_to_all_s=sum(c.seconds for c in collectives if not c.overlapped and c.axis != "tp"),
         loop_parts={part: n * a for part, n in units.loop_parts.items()},
+        tp_s=sum(c.seconds for c in collectives if c.axis == "tp"),
     )  # fmt: skip
 
 
@@ -255,7 +260,8 @@ def _divisors(n: int) -> list[int]:
 def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tuple[dict[str, object], int]]:
     """(parallel/train field changes, node count) pairs: AC policy, micro-batch and, as a last resort, sequence
     length (both keep the tokens per step through more accumulation), EP degree, reshard-per-iteration, tiled
-    shared experts, HSDP across nodes, and 2x / 4x / 8x the nodes."""
+    shared experts, HSDP across nodes, tensor parallelism inside a node (powers of two up to gpus_per_node), and
+    2x / 4x / 8x the nodes."""
     t, m = cfg.train, cfg.model
     # 8 chunks: the shared SwiGLU's backward share drops 8x, for one more shared forward per gradient iteration
     chunk_options = (
@@ -265,12 +271,13 @@ def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tu
     micro_options = [t.micro_batch_size // 2**i for i in range(6) if t.micro_batch_size % 2**i == 0]
     seq_options = [t.seq_len // 2**i for i in range(1, 3) if t.seq_len % 2**i == 0 and t.seq_len // 2**i >= 128]
     batch_options = [(micro, t.seq_len) for micro in micro_options] + [(1, seq) for seq in seq_options]
+    tps = [2**i for i in range(4) if gpus_per_node % 2**i == 0]
     for node_count in (nodes, 2 * nodes, 4 * nodes, 8 * nodes):
         world = node_count * gpus_per_node
         replicate_options = {1, node_count} if node_count > 1 else {1}
-        for replicate in sorted(replicate_options):
-            shard = world // replicate
-            eps = [e for e in _divisors(shard) if m.n_experts % e == 0]
+        for replicate, tp in itertools.product(sorted(replicate_options), tps):
+            shard = world // replicate // tp
+            eps = [e for e in _divisors(shard) if m.n_experts % (e * tp) == 0]
             for ep in eps:
                 for policy in ("none", "loop", "full"):
                     for micro, seq in batch_options:
@@ -278,6 +285,7 @@ def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tu
                             change = {
                                 "parallel.activation_checkpoint": policy, "parallel.ep": ep, "parallel.reshard_per_iteration": reshard,
                                 "parallel.shared_expert_chunks": chunks, "parallel.dp_replicate": replicate, "parallel.dp_shard": -1,
+                                "parallel.tp": tp,
                                 "train.micro_batch_size": micro, "train.seq_len": seq,
                                 "train.grad_accum_steps": t.grad_accum_steps * t.micro_batch_size * t.seq_len // (micro * seq),
                             }  # fmt: skip
