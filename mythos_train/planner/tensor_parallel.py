@@ -124,16 +124,20 @@ class RoutedExpertOption:
 
 
 def routed_expert_options(cfg: JobConfig, sizes: dict[str, int], param_bytes: int) -> list[RoutedExpertOption]:
-    """The routed experts folded into EP (what the planner models) against TP inside each expert.
+    """The routed experts folded into EP (what the planner models) against TP inside each expert, and replicated.
 
     Folded: each rank routes its seq_len / tp tokens and keeps E / (ep x tp) whole experts. Inside: every tp rank
     routes the whole gathered sequence over its ep group and keeps E / ep experts, each split tp ways. The weights
     per rank come out equal; TP inside each expert sends tp times the all-to-all bytes, saves tp times the routed
-    rows and runs GEMMs tp times narrower."""
+    rows and runs GEMMs tp times narrower. Replicated: E / ep whole experts on every tp rank, each routing its own
+    seq_len / tp tokens: folded's traffic and activations for tp times the weights (and their gradients)."""
     m, t, tp = cfg.model, cfg.train, sizes.get("tp", 1)
     tokens, k, ep_data = t.micro_batch_size * t.seq_len, m.n_experts_per_tok, sizes["ep"] // tp
     weights = m.n_experts * 3 * m.dim * m.expert_dim * param_bytes // (ep_data * tp)
-    rows_per_token = (3 if sizes["ep"] > 1 else 2) * k * m.dim * param_bytes
+
+    def rows_per_token(group: int) -> int:  # routed rows (+ the all-to-all's output)
+        return (3 if group > 1 else 2) * k * m.dim * param_bytes
+
     hidden_per_token = 4 * k * m.expert_dim * param_bytes
 
     def sent(group: int, routed_tokens: int) -> int:
@@ -142,10 +146,14 @@ def routed_expert_options(cfg: JobConfig, sizes: dict[str, int], param_bytes: in
     return [
         RoutedExpertOption(
             "folded into EP", weights, sent(sizes["ep"], tokens // tp),
-            (rows_per_token + hidden_per_token) * tokens // tp, m.expert_dim,
+            (rows_per_token(sizes["ep"]) + hidden_per_token) * tokens // tp, m.expert_dim,
         ),
         RoutedExpertOption(
             "TP inside each expert", weights, sent(ep_data, tokens),
-            rows_per_token * tokens + hidden_per_token * tokens // tp, m.expert_dim // tp,
+            rows_per_token(ep_data) * tokens + hidden_per_token * tokens // tp, m.expert_dim // tp,
+        ),
+        RoutedExpertOption(
+            "replicated over tp", weights * tp, sent(ep_data, tokens // tp),
+            (rows_per_token(ep_data) + hidden_per_token) * tokens // tp, m.expert_dim,
         ),
     ]  # fmt: skip
