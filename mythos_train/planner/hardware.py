@@ -60,6 +60,10 @@ USABLE_MEMORY_FRACTION = 0.92
 MATMUL_EFFICIENCY = 0.6
 
 # Share of the link bandwidth NCCL/RCCL collectives reach at large message sizes (bus bandwidth / line rate).
+# Tensor parallelism's sequence-parallel all-gathers / reduce-scatters (planner/tensor_parallel.py) run on
+# intra_node_gbps: NVLink 4 on H100/H200 SXM is 18 links x 25 GB/s = 450 GB/s per direction (datasheets above);
+# nccl-tests on 8x H100 SXM5 report 460-480 GB/s all-reduce bus bandwidth with NVLink SHARP (NVSwitch in-network
+# reduction; docs.alayanew.com, "NCCL-tests in practice", reference table), so 450 x 0.8 = 360 GB/s is conservative.
 COLLECTIVE_EFFICIENCY = 0.8
 
 
