@@ -17,6 +17,7 @@ counts data ranks (it divides dp_shard as without TP) and the experts' group is 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from mythos_train.config import ConfigError, JobConfig, ParallelConfig, mesh_sizes
@@ -50,7 +51,7 @@ def tp_mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
         return mesh_sizes(parallel, world_size)
     if tp < 1 or world_size % tp:
         raise ConfigError(f"parallel.tp ({tp}) must be >= 1 and divide the world size ({world_size})")
-    sizes = mesh_sizes(parallel, world_size // tp)
+    sizes = mesh_sizes(dataclasses.replace(parallel, tp=1), world_size // tp)  # the data ranks' mesh
     return {**sizes, "ep": sizes["ep"] * tp, "tp": tp}
 
 
