@@ -140,6 +140,7 @@ def to_json(plan: Plan, cfg: JobConfig, alts: list[tuple[str, Plan]] | None) -> 
             "exposed_loop_gather_seconds": p.exposed_loop_gather_s,
             "prefetch": prefetch_chain(cfg.model.prelude_layers, cfg.model.coda_layers) if p.sizes["ep"] > 1 else None,
             "tokens_per_s_per_gpu": p.tokens_per_s_per_gpu, "mfu": p.mfu, "loop_block_gathered_bytes": p.loop_parts,
+            **({"tp_seconds": p.tp_s} if p.sizes.get("tp", 1) > 1 else {}),  # tp 1 reads as before TP
         }  # fmt: skip
 
     out = summary(plan)
