@@ -96,7 +96,8 @@ def render(
             lines.append(
                 f"  {option.name:<24} weights {option.expert_bytes / GIB:6.2f} GiB  all-to-all "
                 f"{option.all_to_all_bytes / 1e9:6.3f} GB  routed activations {option.routed_activation_bytes / GIB:6.2f} GiB  "
-                f"GEMM width {option.expert_hidden}" + ("  (modelled)" if option.name == "folded into EP" else "")
+                f"GEMM width {option.expert_hidden}  FLOPs x{option.flops_share * tp:g}/tp"
+                + ("  (modelled)" if option.name == "folded into EP" else "")
             )
     if s["ep"] > 1:
         chain = prefetch_chain(m.prelude_layers, m.coda_layers)

@@ -122,6 +122,8 @@ class RoutedExpertOption:
     "Routed rows and SwiGLU hidden rows one gradient iteration saves on this rank."
     expert_hidden: int
     "Width of each expert's GEMM (the grouped matmul's N)."
+    flops_share: float
+    "Share of its tp group's routed-expert FLOPs this rank runs (1 = every tp rank repeats them)."
 
 
 def routed_expert_options(cfg: JobConfig, sizes: dict[str, int], param_bytes: int) -> list[RoutedExpertOption]:
@@ -130,8 +132,9 @@ def routed_expert_options(cfg: JobConfig, sizes: dict[str, int], param_bytes: in
     Folded: each rank routes its seq_len / tp tokens and keeps E / (ep x tp) whole experts. Inside: every tp rank
     routes the whole gathered sequence over its ep group and keeps E / ep experts, each split tp ways. The weights
     per rank come out equal; TP inside each expert sends tp times the all-to-all bytes, saves tp times the routed
-    rows and runs GEMMs tp times narrower. Replicated: E / ep whole experts on every tp rank, each routing its own
-    seq_len / tp tokens: folded's traffic and activations for tp times the weights (and their gradients)."""
+    rows and runs GEMMs tp times narrower. Replicated (what a TP without sequence parallelism gets when EP stays on
+    the data ranks): E / ep whole experts on every tp rank, each routing the whole sequence: tp times the weights
+    (and their gradients), the routed activations and the routed FLOPs."""
     m, t, tp = cfg.model, cfg.train, sizes.get("tp", 1)
     tokens, k, ep_data = t.micro_batch_size * t.seq_len, m.n_experts_per_tok, sizes["ep"] // tp
     weights = m.n_experts * 3 * m.dim * m.expert_dim * param_bytes // (ep_data * tp)
@@ -147,14 +150,14 @@ def routed_expert_options(cfg: JobConfig, sizes: dict[str, int], param_bytes: in
     return [
         RoutedExpertOption(
             "folded into EP", weights, sent(sizes["ep"], tokens // tp),
-            (rows_per_token(sizes["ep"]) + hidden_per_token) * tokens // tp, m.expert_dim,
+            (rows_per_token(sizes["ep"]) + hidden_per_token) * tokens // tp, m.expert_dim, 1 / tp,
         ),
         RoutedExpertOption(
             "TP inside each expert", weights, sent(ep_data, tokens),
-            rows_per_token(ep_data) * tokens + hidden_per_token * tokens // tp, m.expert_dim // tp,
+            rows_per_token(ep_data) * tokens + hidden_per_token * tokens // tp, m.expert_dim // tp, 1 / tp,
         ),
         RoutedExpertOption(
-            "replicated over tp", weights * tp, sent(ep_data, tokens // tp),
-            (rows_per_token(ep_data) + hidden_per_token) * tokens // tp, m.expert_dim,
+            "replicated over tp", weights * tp, sent(ep_data, tokens),
+            (rows_per_token(ep_data) + hidden_per_token) * tokens, m.expert_dim, 1.0,
         ),
     ]  # fmt: skip
