@@ -15,6 +15,7 @@ import typing
 
 from data_pipeline.config import DataError
 from mythos_train.config import ConfigError, JobConfig, field_docs, load_config, validate
+from mythos_train.dtypes import DTYPE_BYTES
 
 COMMANDS = {
     "train": "train a model (torchrun for several processes)",
@@ -85,7 +86,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument(
             "--dtype",
             default="float32",
-            choices=["float32", "bfloat16", "float16"],
+            choices=list(DTYPE_BYTES),
             help="dtype of the exported weights",
         )
     if command == "profile":

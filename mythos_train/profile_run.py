@@ -24,6 +24,7 @@ from torch.autograd.profiler import record_function
 
 from mythos_train.config import ConfigError, JobConfig, validate
 from mythos_train.distributed import DistInfo, destroy_distributed, env_world_size, init_distributed
+from mythos_train.dtypes import resolve_param_dtype
 from mythos_train.profile_report import render, write_png
 from mythos_train.profile_trace import STEP_RANGE, read_trace
 
@@ -92,12 +93,12 @@ def planner_prediction(cfg: JobConfig, trainer, depths: list[tuple[int, int]], g
     """
     from mythos_train.planner.comm import COLLECTIVE_EFFICIENCY  # noqa: PLC0415
     from mythos_train.planner.hardware import ACCELERATORS, Accelerator, get_accelerator  # noqa: PLC0415
-    from mythos_train.planner.plan import build_plan, depth_stats, memory_plan, resolve_param_dtype  # noqa: PLC0415
+    from mythos_train.planner.plan import build_plan, depth_stats, memory_plan  # noqa: PLC0415
 
     device, world = trainer.device, trainer.dist.world_size
     link = link_bytes_per_s(device)  # a collective: every rank calls this function
     cfg = copy.deepcopy(cfg)
-    cfg.parallel.param_dtype = resolve_param_dtype(cfg, device.type)
+    cfg.parallel.param_dtype = resolve_param_dtype(cfg.parallel.param_dtype, device.type)
     if gpu:
         hw = get_accelerator(gpu)
     elif device.type == "cuda":
