@@ -23,7 +23,7 @@ from data_pipeline.config import DataConfig, DataError
 from data_pipeline.shards import COLUMN, TokenStream, read_manifest
 from data_pipeline.sources import in_val_split, list_units, resolve_sources
 from data_pipeline.text_stream import TextWindows
-from data_pipeline.tokenizer import file_sha256, load_tokenizer, tokenizer_path
+from data_pipeline.tokenizer import check_vocab_size, file_sha256, load_tokenizer, tokenizer_path
 from data_pipeline.windows import WindowBatches
 
 STATE_VERSION = 1
@@ -286,8 +286,7 @@ class TextLoader:
 
 def _check_tokenizer(cfg: DataConfig, path: str) -> int:
     sp = load_tokenizer(path)
-    if sp.vocab_size() != cfg.vocab_size:
-        raise DataError(f"tokenizer {path} has vocab size {sp.vocab_size()} but data.vocab_size = {cfg.vocab_size}")
+    check_vocab_size(sp, cfg, path)
     return sp.eos_id()
 
 
