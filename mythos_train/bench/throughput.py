@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from torch.autograd.profiler import record_function
 from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
-from mythos_train.model.open_mythos_compat import open_mythos_config_kwargs
+from mythos_train.model.open_mythos_compat import load_open_mythos, open_mythos_config_kwargs
 
 BENCH_SHAPE = dict(
     vocab_size=8192,
@@ -112,20 +111,6 @@ def _train_step(model: torch.nn.Module, forward, tokens: torch.Tensor):
             optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def load_open_mythos():
-    """open-mythos 0.5.0's main module (installed package, else the unpacked copy under /tmp/om/x), or None."""
-    spec = importlib.util.find_spec("open_mythos")
-    paths = [Path(p) / "main.py" for p in (spec.submodule_search_locations or [])] if spec else []
-    path = next((p for p in [*paths, Path("/tmp/om/x/open_mythos/main.py")] if p.is_file()), None)
-    if path is None:
-        return None
-    ref_spec = importlib.util.spec_from_file_location("open_mythos_bench_main", path)
-    module = importlib.util.module_from_spec(ref_spec)
-    sys.modules[ref_spec.name] = module
-    ref_spec.loader.exec_module(module)
-    return module
 
 
 def _report(name: str, times: list[float], peaks: list[float], step_flops: float, n_tokens: int) -> dict:
