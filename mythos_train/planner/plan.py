@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from mythos_train.config import ConfigError, JobConfig, mesh_sizes, validate
 from mythos_train.dtypes import DTYPE_BYTES, resolve_param_dtype
+from mythos_train.model.flops import block_forward_flops_per_token, training_flops_per_token
 from mythos_train.planner.activations import ActivationMemory, micro_batch_activations
 from mythos_train.planner.comm import Collective, exposed_loop_gather_s, step_collectives, time_collectives
 from mythos_train.planner.hardware import (
@@ -128,24 +129,15 @@ def depth_draws(cfg: JobConfig) -> list[tuple[int, int]]:
     return _DRAWS[key]
 
 
-def dense_block_flops(m, seq_len: int) -> float:
-    """Forward FLOPs per token of one prelude/coda block."""
-    from mythos_train.model.flops import attention_params, attention_score_flops  # noqa: PLC0415
-
-    return 2 * (attention_params(m) + 3 * m.dim * m.ffn_dim) + attention_score_flops(m, seq_len)
-
-
 def depth_stats(cfg: JobConfig, draws: list[tuple[int, int]] | None = None) -> DepthStats:
     """FLOPs and depths over the run's first steps, or over the (n_nograd, n_grad) `draws` given (profile's steps)."""
-    from mythos_train.model.flops import training_flops_per_token  # noqa: PLC0415
-
     m, t = cfg.model, cfg.train
     draws = draws or depth_draws(cfg)
     counts: dict[tuple[int, int], int] = {}
     for draw in draws:
         counts[draw] = counts.get(draw, 0) + 1
-    per_iteration = training_flops_per_token(m, t.seq_len, 1, 0) - training_flops_per_token(m, t.seq_len, 0, 0)
-    dense_block = dense_block_flops(m, t.seq_len)
+    per_iteration = block_forward_flops_per_token(m, t.seq_len, looped=True)
+    dense_block = block_forward_flops_per_token(m, t.seq_len, looped=False)
     mean_k = sum(k for _, k in draws) / len(draws)
     recompute = {"none": 0.0, "loop": mean_k * per_iteration}
     recompute["full"] = recompute["loop"] + (m.prelude_layers + m.coda_layers) * dense_block
@@ -227,7 +219,9 @@ def build_plan(
     peak_flops = hw.peak_bf16_tflops * 1e12 * MATMUL_EFFICIENCY
     compute_s = flops / peak_flops
     fsdp_s = sum(c.seconds for c in collectives if c.overlapped)
-    dense_block_s = dense_block_flops(cfg.model, t.seq_len) * t.micro_batch_size * t.seq_len / peak_flops
+    dense_block_s = (
+        block_forward_flops_per_token(cfg.model, t.seq_len, looped=False) * t.micro_batch_size * t.seq_len / peak_flops
+    )
     loop_exposed = exposed_loop_gather_s(cfg, sizes, units, param_bytes, gpus_per_node, hw, dense_block_s)
     return Plan(
         nodes=nodes, gpus_per_node=gpus_per_node, gpu=hw, sizes=sizes, params=parameter_counts(params, cfg.model),
