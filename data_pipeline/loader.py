@@ -81,8 +81,6 @@ class WindowLoader:
         self.micro_batch_size, self.dp_rank, self.dp_world_size = micro_batch_size, dp_rank, dp_world_size
         self.global_batch_windows = micro_batch_size * grad_accum_steps * dp_world_size
         "Windows one optimizer step consumes over all ranks."
-        self.batches_per_epoch = num_windows // (micro_batch_size * dp_world_size)
-        "Micro-batches per rank in one pass over the split (a full val pass)."
         self.position = 0
         "Windows consumed so far over all ranks (the stream position; identical on every rank)."
         self._it = None
@@ -192,7 +190,6 @@ class TextLoader:
         self.cfg, self.dataset, self.split, self.seq_len = cfg, dataset, split, seq_len
         self.micro_batch_size, self.dp_rank, self.dp_world_size = micro_batch_size, dp_rank, dp_world_size
         self.global_batch_windows = micro_batch_size * grad_accum_steps * dp_world_size
-        self.batches_per_epoch = None  # unknown until every unit is tokenized
         self._listing = {k: listing_counts.get(k, 0) for k in ("skipped_records", "skipped_files")}
         self._reset()
 

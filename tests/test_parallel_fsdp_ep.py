@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from mythos_train.config import JobConfig, TrainConfig, validate
 from mythos_train.depth import DepthSampler
 from mythos_train.model import MythosModel
-from parallel import RouterBiasBalancer, all_ranks_agree, build_mesh, clip_grad_norm_, parallelize
+from parallel import RouterBiasBalancer, build_mesh, clip_grad_norm_, parallelize
 from parallel.testing import CollectiveCounter, run_distributed
 
 SEQ, MICRO = 8, 2  # tokens per window, windows per rank
@@ -171,8 +171,6 @@ def two_rank_job(rank: int, world: int, ckpt_dir: str) -> dict:
         "router_bias": router_bias(rank, world),
         "depths": [DepthSampler(TrainConfig(seed=7)).sample(step) for step in range(50)],
     }
-    dims = build_mesh(tiny_config().parallel, world, "cpu")
-    out["agree"] = (all_ranks_agree(True, dims), all_ranks_agree(rank == 0, dims))
 
     # Checkpoint at EP 2: the global expert tensors must reach DCP whatever the sharding.
     cfg = tiny_config(ep=2)
@@ -292,7 +290,6 @@ def test_two_ranks_fsdp_ep_counts_router_bias_dcp(tmp_path):
     assert imbalance[0] == 4.0 and sum(imbalance[-3:]) / 3 < 3.0, imbalance  # 4.0: every token's top-2 has expert 0
 
     assert results[0]["depths"] == results[1]["depths"]
-    assert all(r["agree"] == (True, False) for r in results)
 
     # Load the EP-2 checkpoint into a plain single-process model (no process group) and compare.
     import torch.distributed.checkpoint as dcp
