@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from model_testing import DIM32, tiny_model_config
 from torch.distributed.tensor import DTensor
 
 from mythos_train.config import JobConfig, TrainConfig, validate
@@ -27,11 +28,9 @@ STEPS = 3
 
 def tiny_config(**parallel) -> JobConfig:
     cfg = JobConfig()
-    model = dict(vocab_size=64, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=16, max_loop_iters=8, prelude_layers=1,
-                 coda_layers=1, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-                 n_experts=8, n_shared_experts=1, n_experts_per_tok=2, expert_dim=8, lora_rank=2)  # fmt: skip
-    for key, value in model.items():
-        setattr(cfg.model, key, value)
+    model = dict(n_heads=2, n_kv_heads=1, max_loop_iters=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                 expert_dim=8, lora_rank=2)  # fmt: skip
+    cfg.model = tiny_model_config(**(DIM32 | model))
     train = dict(seq_len=SEQ, micro_batch_size=MICRO, depth_distribution="uniform", mean_depth=3, min_depth=2,
                  max_depth=4, backprop_depth=2)  # fmt: skip
     for key, value in train.items():
