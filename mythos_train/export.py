@@ -102,7 +102,7 @@ def export_checkpoint(
 
 def load_exported(path: str | Path) -> MythosModel:
     """A CPU MythosModel from an exported model.safetensors (the config travels in the file's metadata)."""
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         model_cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))

@@ -127,7 +127,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.writer = None
         if enabled and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (imports tensorboard)
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard
 
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
 

@@ -145,11 +145,11 @@ def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: 
     """One more step under the profiler: its op table to args.profile, its Chrome trace beside it, and the phase
     table of `python -m mythos_train profile` printed. The trace is in wall time, so MFU per phase is against the
     wall-clock matmul peak (median of three, around the step) whatever --clock says."""
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile
 
-    from mythos_train.config import JobConfig, TrainConfig  # noqa: PLC0415
-    from mythos_train.profile_report import rank_tables  # noqa: PLC0415
-    from mythos_train.profile_trace import STEP_RANGE, read_trace  # noqa: PLC0415
+    from mythos_train.config import JobConfig, TrainConfig
+    from mythos_train.profile_report import rank_tables
+    from mythos_train.profile_trace import STEP_RANGE, read_trace
 
     peaks = [matmul_flops_per_s(device, args.peak_size) for _ in range(2)]
     with profile(
@@ -203,7 +203,7 @@ def _bench_reference(
 def main(argv: list[str] | None = None) -> dict | list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--sweep" in argv:
-        from mythos_train.bench import sweep  # noqa: PLC0415
+        from mythos_train.bench import sweep
 
         return sweep.main([a for a in argv if a != "--sweep"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -54,7 +54,7 @@ def fsdp_unit(name: str, reshard_per_iteration: bool) -> str:
 
 def model_parameters(m: ModelConfig, reshard_per_iteration: bool = False) -> tuple[list[ParamInfo], int]:
     """Every parameter of `MythosModel(m)` built on the meta device (no memory), and the bytes of its buffers."""
-    from mythos_train.model import MythosModel  # noqa: PLC0415  (keeps `plan --help` fast)
+    from mythos_train.model import MythosModel  # keeps `plan --help` fast
 
     with torch.device("meta"):
         model = MythosModel(m)

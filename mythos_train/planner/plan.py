@@ -119,7 +119,7 @@ _DRAWS: dict[tuple, list[tuple[int, int]]] = {}
 
 def depth_draws(cfg: JobConfig) -> list[tuple[int, int]]:
     """(n_nograd, n_grad) of the run's first DEPTH_SAMPLES steps, cached per depth schedule."""
-    from mythos_train.depth import DepthSampler  # noqa: PLC0415
+    from mythos_train.depth import DepthSampler
 
     t = cfg.train
     key = (t.seed, t.depth_distribution, t.mean_depth, t.min_depth, t.max_depth, t.backprop_depth, t.steps)
