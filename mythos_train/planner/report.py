@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from mythos_train.config import JobConfig
+from mythos_train.dtypes import DTYPE_BYTES
 from mythos_train.planner.comm import axis_span
 from mythos_train.planner.hardware import MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION
 from mythos_train.planner.plan import GIB, Plan
@@ -92,7 +93,7 @@ def render(
     ]
     if tp > 1:
         lines.append(f"routed experts under tp {tp} (per rank; per dispatch all-to-all; per gradient iteration):")
-        for option in routed_expert_options(cfg, s, 2 if mem.param_dtype == "bfloat16" else 4):
+        for option in routed_expert_options(cfg, s, DTYPE_BYTES[mem.param_dtype]):
             lines.append(
                 f"  {option.name:<24} weights {option.expert_bytes / GIB:6.2f} GiB  all-to-all "
                 f"{option.all_to_all_bytes / 1e9:6.3f} GB  routed activations {option.routed_activation_bytes / GIB:6.2f} GiB  "
