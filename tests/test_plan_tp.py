@@ -14,7 +14,7 @@ from mythos_train.model.attention import GQAttention, MLAttention
 from mythos_train.model.moe import FeedForward, GroupedExperts
 from mythos_train.planner.comm import step_collectives
 from mythos_train.planner.memory import model_parameters, static_memory, unit_sizes
-from mythos_train.planner.plan import alternatives, build_plan
+from mythos_train.planner.plan import alternatives, build_plan, memory_plan
 from mythos_train.planner.tensor_parallel import tp_mesh_sizes
 
 DEBUG = "configs/debug.toml"
@@ -125,3 +125,18 @@ def test_100b_at_seq_8192_fits_with_tp():
         if plan.sizes.get("tp", 1) > 1 and "seq_len" not in change and "nodes" not in change
     ]
     assert fitting and all(plan.fits and plan.memory.peak <= plan.capacity for plan in fitting)
+
+
+def test_sequence_parallel_loop_inputs():
+    """Under AC 'loop' a gradient iteration keeps its fp32 input h and EP's two all-to-all outputs: sequence
+    parallelism leaves each tp rank seq_len / tp tokens of both."""
+    cfg = load_config(DEBUG, ["--parallel.tp=2"])
+    per_step = {}
+    for tp in (1, 2):
+        cfg.parallel.tp = tp
+        a, b = (memory_plan(cfg, 4, device="cpu", n_grad=k, n_nograd=1).activations.saved for k in (2, 4))
+        per_step[tp] = (b - a) / 2
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_len
+    D, k = cfg.model.dim, cfg.model.n_experts_per_tok
+    assert per_step[1] == tokens * (D + 2 * k * D) * 4
+    assert per_step[2] == per_step[1] / 2
