@@ -45,10 +45,10 @@ def tp_split_dim(name: str) -> int | None:
 def tp_mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
     """config.mesh_sizes of the world_size / tp data ranks, plus 'tp'; 'ep' is then the experts' group, ep x tp.
 
-    tp 1 returns mesh_sizes unchanged (no 'tp' entry), so plans without TP read as they did."""
+    tp 1 returns mesh_sizes without a 'tp' entry, so plans without TP read (and serialize) as they did."""
     tp = parallel.tp
     if tp == 1:
-        return mesh_sizes(parallel, world_size)
+        return {axis: n for axis, n in mesh_sizes(parallel, world_size).items() if axis != "tp"}
     if tp < 1 or world_size % tp:
         raise ConfigError(f"parallel.tp ({tp}) must be >= 1 and divide the world size ({world_size})")
     sizes = mesh_sizes(dataclasses.replace(parallel, tp=1), world_size // tp)  # the data ranks' mesh
