@@ -15,14 +15,16 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the repository, and its multi-process test harness
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "tests")
+)  # distributed_testing: the tests' process harness
 
-import torch  # noqa: E402
-from distributed_testing import run_distributed  # noqa: E402
+import torch
+from distributed_testing import run_distributed
 
-from mythos_train.bench.sweep import TimedStep  # noqa: E402
-from mythos_train.config import load_config  # noqa: E402
+from mythos_train.bench.sweep import TimedStep
+from mythos_train.config import load_config
 
 
 def timed_steps(rank: int, world: int, cfg, warmup: int, steps: int) -> list[float]:

@@ -21,16 +21,18 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the repository, and its multi-process test harness
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "tests")
+)  # distributed_testing: the tests' process harness
 
-import torch  # noqa: E402
-from distributed_testing import CollectiveCounter, run_distributed  # noqa: E402
+import torch
+from distributed_testing import CollectiveCounter, run_distributed
 
-from mythos_train.config import JobConfig  # noqa: E402
-from mythos_train.train_step import build_train_step  # noqa: E402
-from mythos_train.trainer import build_model  # noqa: E402
-from parallel import build_mesh  # noqa: E402
+from mythos_train.config import JobConfig
+from mythos_train.train_step import build_train_step
+from mythos_train.trainer import build_model
+from parallel import build_mesh
 
 WORLD = 2
 

@@ -2,9 +2,10 @@
 
 `python -m mythos_train bench` times the trainer's step (forward + backward + clipping + AdamW, train_step.py) on the
 bench shape (dim 256, MLA, 64 experts top-4, 2+2 dense blocks, 8 gradient loops, seq 256, batch 8, fp32) and, when
-importable, the same step around open-mythos 0.5.0's forward on the same shape, round robin (each round: one timed square fp32 matmul, the peak, then one step of each model), and
-prints our same-depth speed-up as the median of the rounds' ratios. `--clock cpu` times CPU work instead of wall
-time; `--profile FILE` adds the phase table of `python -m mythos_train profile` for one of our steps.
+importable, the same step around open-mythos 0.5.0's forward on the same shape, round robin (each round: one timed
+square fp32 matmul, the peak, then one step of each model), and prints our same-depth speed-up as the median of the
+rounds' ratios. `--clock cpu` times CPU work instead of wall time; `--profile FILE` adds the phase table of
+`python -m mythos_train profile` for one of our steps.
 `bench --sweep --config job.toml` instead times the trainer's real step over checkpointing policy x micro-batch x
 loop depth (mythos_train/bench/sweep.py; `bench --sweep --help`).
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import statistics
 import sys
 import time
@@ -26,7 +26,7 @@ from torch.autograd.profiler import record_function
 from mythos_train.config import ModelConfig, TrainConfig
 from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
-from mythos_train.model.open_mythos_compat import open_mythos_config_kwargs
+from mythos_train.model.open_mythos_compat import load_open_mythos, open_mythos_config_kwargs
 from mythos_train.train_step import Forward, TrainStep, model_forward
 
 BENCH_SHAPE = dict(
@@ -105,20 +105,6 @@ def _train_step(model: torch.nn.Module, forward: Forward, tokens: torch.Tensor, 
     return lambda: step([batch], 0, loops)
 
 
-def load_open_mythos():
-    """open-mythos 0.5.0's main module (installed package, else the unpacked copy under /tmp/om/x), or None."""
-    spec = importlib.util.find_spec("open_mythos")
-    paths = [Path(p) / "main.py" for p in (spec.submodule_search_locations or [])] if spec else []
-    path = next((p for p in [*paths, Path("/tmp/om/x/open_mythos/main.py")] if p.is_file()), None)
-    if path is None:
-        return None
-    ref_spec = importlib.util.spec_from_file_location("open_mythos_bench_main", path)
-    module = importlib.util.module_from_spec(ref_spec)
-    sys.modules[ref_spec.name] = module
-    ref_spec.loader.exec_module(module)
-    return module
-
-
 def _report(name: str, times: list[float], peaks: list[float], step_flops: float, n_tokens: int) -> dict:
     """Median-based numbers, plus best-case ones (fastest step / highest peak) that show what an idle machine gives."""
     step_s, peak = statistics.median(times), statistics.median(peaks)
@@ -151,11 +137,11 @@ def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: 
     """One more step under the profiler: its op table to args.profile, its Chrome trace beside it, and the phase
     table of `python -m mythos_train profile` printed. The trace is in wall time, so MFU per phase is against the
     wall-clock matmul peak (median of three, around the step) whatever --clock says."""
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile
 
-    from mythos_train.config import JobConfig  # noqa: PLC0415
-    from mythos_train.profile_report import rank_tables  # noqa: PLC0415
-    from mythos_train.profile_trace import STEP_RANGE, read_trace  # noqa: PLC0415
+    from mythos_train.config import JobConfig
+    from mythos_train.profile_report import rank_tables
+    from mythos_train.profile_trace import STEP_RANGE, read_trace
 
     peaks = [matmul_flops_per_s(device, args.peak_size) for _ in range(2)]
     with profile(
@@ -209,7 +195,7 @@ def _bench_reference(
 def main(argv: list[str] | None = None) -> dict | list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--sweep" in argv:
-        from mythos_train.bench import sweep  # noqa: PLC0415
+        from mythos_train.bench import sweep
 
         return sweep.main([a for a in argv if a != "--sweep"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -7,6 +7,8 @@ Sharding follows parallel/fsdp.py and parallel/expert_parallel.py exactly:
     ranks get fewer or none); replicated over dp_replicate (HSDP).
   * expert weights [E, ...] are first split over ep (E / ep rows each), then chunked over efsdp on dim 0, or on
     dim 1 when there are fewer local experts than efsdp ranks (`parallel.fsdp.expert_shard_dim`).
+  * under tensor parallelism (sizes['tp'] > 1) a split parameter is first cut tp ways on its `tp_dim`
+    (planner/tensor_parallel.py), and FSDP chunks that local piece; the experts' ep is then parallel.ep x tp.
   * FSDP2 stores each shard padded to ceil(rows / shards) rows (`_sharded_param_data`), and gradients are views
     into the padded reduce-scatter output; AdamW's exp_avg / exp_avg_sq are `zeros_like` of the *unpadded*
     local shard, plus a 4-byte fp32 `step` per parameter.
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mythos_train.config import ModelConfig
+from mythos_train.planner.tensor_parallel import tp_split_dim
 from parallel.fsdp import expert_shard_dim
 
 FP32 = 4
@@ -36,10 +39,19 @@ class ParamInfo:
     shape: tuple[int, ...]
     unit: str
     expert: bool
+    tp_dim: int | None = None
+    "The dimension tensor parallelism splits (None: replicated over tp)."
 
     @property
     def row_numel(self) -> int:
         return math.prod(self.shape[1:])
+
+    def tp_local(self, tp: int) -> ParamInfo:
+        """This parameter as one tp rank holds it."""
+        if tp == 1 or self.tp_dim is None:
+            return self
+        shape = tuple(n // tp if d == self.tp_dim else n for d, n in enumerate(self.shape))
+        return ParamInfo(self.name, shape, self.unit, self.expert)
 
 
 def fsdp_unit(name: str, reshard_per_iteration: bool) -> str:
@@ -54,12 +66,18 @@ def fsdp_unit(name: str, reshard_per_iteration: bool) -> str:
 
 def model_parameters(m: ModelConfig, reshard_per_iteration: bool = False) -> tuple[list[ParamInfo], int]:
     """Every parameter of `MythosModel(m)` built on the meta device (no memory), and the bytes of its buffers."""
-    from mythos_train.model import MythosModel  # noqa: PLC0415  (keeps `plan --help` fast)
+    from mythos_train.model import MythosModel  # keeps `plan --help` fast
 
     with torch.device("meta"):
         model = MythosModel(m)
     params = [
-        ParamInfo(name, tuple(p.shape), fsdp_unit(name, reshard_per_iteration), name.startswith(EXPERT_PREFIX))
+        ParamInfo(
+            name,
+            tuple(p.shape),
+            fsdp_unit(name, reshard_per_iteration),
+            name.startswith(EXPERT_PREFIX),
+            tp_split_dim(name),
+        )
         for name, p in model.named_parameters()
     ]
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
@@ -75,7 +93,7 @@ def chunk_rows(rows: int, shards: int, shard_rank: int) -> tuple[int, int]:
 def mesh_coords(rank: int, sizes: dict[str, int]) -> dict[str, int]:
     """A global rank's coordinates on parallel/mesh.py's meshes: (dp_replicate, dp_shard) and (dp_replicate, efsdp, ep)."""
     return {
-        "dp_shard": rank % sizes["dp_shard"],
+        "dp_shard": rank // sizes.get("tp", 1) % sizes["dp_shard"],
         "efsdp": (rank // sizes["ep"]) % sizes["efsdp"],
         "ep": rank % sizes["ep"],
     }
@@ -84,6 +102,7 @@ def mesh_coords(rank: int, sizes: dict[str, int]) -> dict[str, int]:
 def shard_layout(p: ParamInfo, sizes: dict[str, int], rank: int) -> tuple[int, int, int]:
     """(local elements, padded elements, shard count) of parameter `p` on global rank `rank`."""
     coords = mesh_coords(rank, sizes)
+    p = p.tp_local(sizes.get("tp", 1))
     if len(p.shape) == 0:
         return 1, 1, 1
     if p.expert and sizes["ep"] > 1:
@@ -160,6 +179,7 @@ def unit_sizes(params: list[ParamInfo], sizes: dict[str, int]) -> UnitSizes:
     out = UnitSizes()
     for p in params:
         _, padded, shards = shard_layout(p, sizes, 0)
+        p = p.tp_local(sizes.get("tp", 1))
         gathered = padded * shards
         out.gathered[p.unit] = out.gathered.get(p.unit, 0) + gathered
         rows = p.shape[0] // sizes["ep"] if p.expert and sizes["ep"] > 1 else (p.shape[0] if p.shape else 1)
@@ -209,17 +229,20 @@ def working_memory(
     Each input is kept until the next unit's reduce waits for it. So under bf16 / fp32 the loop's gradients cost
     2 + 4 bytes per element at this moment, and more for a group of one rank (`reduce_buffers`).
     """
-    G, U = units.gathered, units.unsharded
-    root = G.get("root", 0)
-    loop_units = [u for u in ("recurrent", "recurrent.block") if u in G]
-    loop_weights = sum(G[u] for u in loop_units)
-    loop_grads = sum(U[u] for u in loop_units) if policy != "none" else max(units.largest_param[u] for u in loop_units)
-    last_coda = G[f"coda.{m.coda_layers - 1}"] if m.coda_layers else loop_weights
-    last_prelude = G.get(f"prelude.{m.prelude_layers - 1}", 0)
+    gathered, unsharded = units.gathered, units.unsharded
+    root = gathered.get("root", 0)
+    loop_units = [u for u in ("recurrent", "recurrent.block") if u in gathered]
+    loop_weights = sum(gathered[u] for u in loop_units)
+    loop_grads = (
+        sum(unsharded[u] for u in loop_units) if policy != "none" else max(units.largest_param[u] for u in loop_units)
+    )
+    last_coda = gathered[f"coda.{m.coda_layers - 1}"] if m.coda_layers else loop_weights
+    last_prelude = gathered.get(f"prelude.{m.prelude_layers - 1}", 0)
     out = {
         "head": phases["head"] + root * param_bytes,
-        "head_grad": phases["head_grad"] + (root + U.get("root", 0) + last_coda) * param_bytes,
-        "loop": phases["loop"] + (root + U.get("root", 0) + loop_weights + loop_grads + last_prelude) * param_bytes,
+        "head_grad": phases["head_grad"] + (root + unsharded.get("root", 0) + last_coda) * param_bytes,
+        "loop": phases["loop"]
+        + (root + unsharded.get("root", 0) + loop_weights + loop_grads + last_prelude) * param_bytes,
     }
     groups = [
         (sum(units.dense_sharded.get(u, 0) for u in loop_units), sizes["dp_shard"]),
@@ -227,13 +250,13 @@ def working_memory(
     ]
     out["loop_reduce"] = (
         phases["loop_reduce"]
-        + (root + U.get("root", 0) + last_prelude) * param_bytes
+        + (root + unsharded.get("root", 0) + last_prelude) * param_bytes
         + reduce_buffers(groups, param_bytes, reduce_bytes, divide=sizes["ep"] > 1)
     )
     if m.prelude_layers:
-        block = G["prelude.0"]
+        block = gathered["prelude.0"]
         out["dense"] = (
-            phases["dense"] + (root + U.get("root", 0) + block + units.largest_param["prelude.0"]) * param_bytes
+            phases["dense"] + (root + unsharded.get("root", 0) + block + units.largest_param["prelude.0"]) * param_bytes
         )
     return out
 
@@ -244,12 +267,15 @@ def reduce_buffers(groups: list[tuple[int, int]], param_bytes: int, reduce_bytes
     groups: (padded shard elements, shard count) per param group; gradients counted at their padded size."""
     worst = 0
     for order in (groups, groups[::-1]):
-        grads = sum(shard * n for shard, n in order) * param_bytes  # every group's unsharded gradients
+        # every group's unsharded gradients
+        grads = sum(shard_numel * shard_count for shard_numel, shard_count in order) * param_bytes
         held = 0  # inputs of the groups already reduced
-        for shard, n in order:
-            full = shard * n * reduce_bytes
+        for shard_numel, shard_count in order:
+            full = shard_numel * shard_count * reduce_bytes
             worst = max(worst, grads + held + full)  # copy-in: gradients and the new input
-            grads -= shard * n * param_bytes
-            worst = max(worst, grads + held + full + shard * reduce_bytes + (full if n == 1 and divide else 0))
+            grads -= shard_numel * shard_count * param_bytes
+            worst = max(
+                worst, grads + held + full + shard_numel * reduce_bytes + (full if shard_count == 1 and divide else 0)
+            )
             held += full
     return worst
