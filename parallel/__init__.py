@@ -8,7 +8,6 @@ import importlib
 
 _EXPORTS = {
     "ParallelDims": "parallel.mesh",
-    "all_ranks_agree": "parallel.mesh",
     "build_mesh": "parallel.mesh",
     "clip_grad_norm_": "parallel.clip_grad",
     "parallelize": "parallel.parallelize",

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
+from mythos_train.dtypes import resolve_param_dtype, torch_dtype
 from parallel.config import ParallelConfig
 from parallel.expert_parallel import ExpertParallel
 from parallel.mesh import ParallelDims
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def mixed_precision_policy(parallel: ParallelConfig, device_type: str) -> MixedPrecisionPolicy:
@@ -34,12 +32,10 @@ def mixed_precision_policy(parallel: ParallelConfig, device_type: str) -> MixedP
     Forward inputs are not cast: activations are already in param_dtype (the embedding's output), and the fp32
     RoPE tables every block receives must stay fp32 (in bf16, cos/sin are off by up to 2e-3 at long positions).
     """
-    if parallel.param_dtype == "auto":
-        param_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    else:
-        param_dtype = _DTYPES[parallel.param_dtype]
     return MixedPrecisionPolicy(
-        param_dtype=param_dtype, reduce_dtype=_DTYPES[parallel.reduce_dtype], cast_forward_inputs=False
+        param_dtype=torch_dtype(resolve_param_dtype(parallel.param_dtype, device_type)),
+        reduce_dtype=torch_dtype(parallel.reduce_dtype),
+        cast_forward_inputs=False,
     )
 
 

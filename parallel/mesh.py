@@ -99,11 +99,3 @@ def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "au
         efsdp_mesh=sparse["dp_replicate", "efsdp"] if r > 1 else sparse["efsdp"],
         ep_mesh=sparse["ep"] if ep > 1 else None,
     )
-
-
-def all_ranks_agree(flag: bool, dims: ParallelDims) -> bool:
-    """True only if `flag` is True on every rank (all-reduce MIN): e.g. an eval-time ACT early exit."""
-    device = torch.device(dims.device_type, torch.cuda.current_device()) if dims.device_type == "cuda" else None
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=dims.world_mesh.get_group())
-    return bool(t.item())

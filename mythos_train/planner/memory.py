@@ -69,7 +69,7 @@ def loop_part(name: str, plan: ParallelPlan) -> str | None:
 
 
 def _meta_model(m: ModelConfig) -> MythosModel:
-    from mythos_train.model import MythosModel  # noqa: PLC0415  (keeps `plan --help` fast)
+    from mythos_train.model import MythosModel  # keeps `plan --help` fast
 
     with torch.device("meta"):
         return MythosModel(m)
@@ -235,17 +235,20 @@ def working_memory(
     Each input is kept until the next unit's reduce waits for it. So under bf16 / fp32 the loop's gradients cost
     2 + 4 bytes per element at this moment, and more for a group of one rank (`reduce_buffers`).
     """
-    G, U = units.gathered, units.unsharded
-    root = G.get("root", 0)
-    loop_units = [u for u in ("recurrent", "recurrent.block") if u in G]
-    loop_weights = sum(G[u] for u in loop_units)
-    loop_grads = sum(U[u] for u in loop_units) if policy != "none" else max(units.largest_param[u] for u in loop_units)
-    last_coda = G[f"coda.{m.coda_layers - 1}"] if m.coda_layers else loop_weights
-    last_prelude = G.get(f"prelude.{m.prelude_layers - 1}", 0)
+    gathered, unsharded = units.gathered, units.unsharded
+    root = gathered.get("root", 0)
+    loop_units = [u for u in ("recurrent", "recurrent.block") if u in gathered]
+    loop_weights = sum(gathered[u] for u in loop_units)
+    loop_grads = (
+        sum(unsharded[u] for u in loop_units) if policy != "none" else max(units.largest_param[u] for u in loop_units)
+    )
+    last_coda = gathered[f"coda.{m.coda_layers - 1}"] if m.coda_layers else loop_weights
+    last_prelude = gathered.get(f"prelude.{m.prelude_layers - 1}", 0)
     out = {
         "head": phases["head"] + root * param_bytes,
-        "head_grad": phases["head_grad"] + (root + U.get("root", 0) + last_coda) * param_bytes,
-        "loop": phases["loop"] + (root + U.get("root", 0) + loop_weights + loop_grads + last_prelude) * param_bytes,
+        "head_grad": phases["head_grad"] + (root + unsharded.get("root", 0) + last_coda) * param_bytes,
+        "loop": phases["loop"]
+        + (root + unsharded.get("root", 0) + loop_weights + loop_grads + last_prelude) * param_bytes,
     }
     groups = [
         (sum(units.dense_sharded.get(u, 0) for u in loop_units), sizes["dp_shard"]),
@@ -253,13 +256,13 @@ def working_memory(
     ]
     out["loop_reduce"] = (
         phases["loop_reduce"]
-        + (root + U.get("root", 0) + last_prelude) * param_bytes
+        + (root + unsharded.get("root", 0) + last_prelude) * param_bytes
         + reduce_buffers(groups, param_bytes, reduce_bytes, divide=sizes["ep"] > 1)
     )
     if m.prelude_layers:
-        block = G["prelude.0"]
+        block = gathered["prelude.0"]
         out["dense"] = (
-            phases["dense"] + (root + U.get("root", 0) + block + units.largest_param["prelude.0"]) * param_bytes
+            phases["dense"] + (root + unsharded.get("root", 0) + block + units.largest_param["prelude.0"]) * param_bytes
         )
     return out
 
@@ -270,12 +273,15 @@ def reduce_buffers(groups: list[tuple[int, int]], param_bytes: int, reduce_bytes
     groups: (padded shard elements, shard count) per param group; gradients counted at their padded size."""
     worst = 0
     for order in (groups, groups[::-1]):
-        grads = sum(shard * n for shard, n in order) * param_bytes  # every group's unsharded gradients
+        # every group's unsharded gradients
+        grads = sum(shard_numel * shard_count for shard_numel, shard_count in order) * param_bytes
         held = 0  # inputs of the groups already reduced
-        for shard, n in order:
-            full = shard * n * reduce_bytes
+        for shard_numel, shard_count in order:
+            full = shard_numel * shard_count * reduce_bytes
             worst = max(worst, grads + held + full)  # copy-in: gradients and the new input
-            grads -= shard * n * param_bytes
-            worst = max(worst, grads + held + full + shard * reduce_bytes + (full if n == 1 and divide else 0))
+            grads -= shard_numel * shard_count * param_bytes
+            worst = max(
+                worst, grads + held + full + shard_numel * reduce_bytes + (full if shard_count == 1 and divide else 0)
+            )
             held += full
     return worst

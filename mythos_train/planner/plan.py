@@ -15,6 +15,8 @@ import itertools
 from dataclasses import dataclass
 
 from mythos_train.config import ConfigError, JobConfig, mesh_sizes, validate
+from mythos_train.dtypes import DTYPE_BYTES, resolve_param_dtype
+from mythos_train.model.flops import block_forward_flops_per_token, training_flops_per_token
 from mythos_train.planner.activations import ActivationMemory, micro_batch_activations
 from mythos_train.planner.comm import Collective, exposed_loop_gather_s, step_collectives, time_collectives
 from mythos_train.planner.hardware import (
@@ -45,13 +47,6 @@ def _model_parameters(cfg: JobConfig):
     if key not in _PARAMS:
         _PARAMS[key] = model_parameters(cfg.model, cfg.parallel.reshard_per_iteration)
     return _PARAMS[key]
-
-
-def resolve_param_dtype(cfg: JobConfig, device: str) -> str:
-    """parallel.param_dtype with 'auto' resolved as parallel/fsdp.py does (bf16 on CUDA, fp32 on CPU)."""
-    if cfg.parallel.param_dtype != "auto":
-        return cfg.parallel.param_dtype
-    return "bfloat16" if device == "cuda" else "float32"
 
 
 @dataclass
@@ -88,20 +83,21 @@ def memory_plan(
     sizes = mesh_sizes(p, world_size)
     params, buffers = _model_parameters(cfg)
     units = unit_sizes(params, sizes)
-    dtype = resolve_param_dtype(cfg, device)
-    a = 2 if dtype == "bfloat16" else 4
+    dtype = resolve_param_dtype(p.param_dtype, device)
+    param_bytes = DTYPE_BYTES[dtype]
     n_grad = t.backprop_depth if n_grad is None else n_grad
     n_nograd = (1 if t.max_depth > t.backprop_depth else 0) if n_nograd is None else n_nograd
     tokens = t.micro_batch_size * t.seq_len
     acts = micro_batch_activations(
-        cfg.model, tokens, n_grad, n_nograd, p.activation_checkpoint, a, device != "cuda", sizes["ep"], not p.reshard_per_iteration,
+        cfg.model, tokens, n_grad, n_nograd, p.activation_checkpoint, param_bytes, device != "cuda", sizes["ep"], not p.reshard_per_iteration,
         p.shared_expert_chunks,
     )  # fmt: skip
-    r = 2 if p.reduce_dtype == "bfloat16" else 4
-    working = working_memory(acts.phases, units, cfg.model, a, p.activation_checkpoint, sizes, r)
+    working = working_memory(
+        acts.phases, units, cfg.model, param_bytes, p.activation_checkpoint, sizes, DTYPE_BYTES[p.reduce_dtype]
+    )
     static = static_memory(params, buffers, sizes, rank)
     phase = max(working, key=working.get)
-    forward_end = acts.saved + units.gathered["root"] * a
+    forward_end = acts.saved + units.gathered["root"] * param_bytes
     return MemoryPlan(static, acts, working, phase, static.total + working[phase], forward_end, dtype, n_grad)
 
 
@@ -123,7 +119,7 @@ _DRAWS: dict[tuple, list[tuple[int, int]]] = {}
 
 def depth_draws(cfg: JobConfig) -> list[tuple[int, int]]:
     """(n_nograd, n_grad) of the run's first DEPTH_SAMPLES steps, cached per depth schedule."""
-    from mythos_train.depth import DepthSampler  # noqa: PLC0415
+    from mythos_train.depth import DepthSampler
 
     t = cfg.train
     key = (t.seed, t.depth_distribution, t.mean_depth, t.min_depth, t.max_depth, t.backprop_depth, t.steps)
@@ -133,24 +129,15 @@ def depth_draws(cfg: JobConfig) -> list[tuple[int, int]]:
     return _DRAWS[key]
 
 
-def dense_block_flops(m, seq_len: int) -> float:
-    """Forward FLOPs per token of one prelude/coda block."""
-    from mythos_train.model.flops import attention_params, attention_score_flops  # noqa: PLC0415
-
-    return 2 * (attention_params(m) + 3 * m.dim * m.ffn_dim) + attention_score_flops(m, seq_len)
-
-
 def depth_stats(cfg: JobConfig, draws: list[tuple[int, int]] | None = None) -> DepthStats:
     """FLOPs and depths over the run's first steps, or over the (n_nograd, n_grad) `draws` given (profile's steps)."""
-    from mythos_train.model.flops import training_flops_per_token  # noqa: PLC0415
-
     m, t = cfg.model, cfg.train
     draws = draws or depth_draws(cfg)
     counts: dict[tuple[int, int], int] = {}
     for draw in draws:
         counts[draw] = counts.get(draw, 0) + 1
-    per_iteration = training_flops_per_token(m, t.seq_len, 1, 0) - training_flops_per_token(m, t.seq_len, 0, 0)
-    dense_block = dense_block_flops(m, t.seq_len)
+    per_iteration = block_forward_flops_per_token(m, t.seq_len, looped=True)
+    dense_block = block_forward_flops_per_token(m, t.seq_len, looped=False)
     mean_k = sum(k for _, k in draws) / len(draws)
     recompute = {"none": 0.0, "loop": mean_k * per_iteration}
     recompute["full"] = recompute["loop"] + (m.prelude_layers + m.coda_layers) * dense_block
@@ -223,9 +210,8 @@ def build_plan(
     memory = memory_plan(cfg, world, device="cuda")
     params, _ = _model_parameters(cfg)
     units = unit_sizes(params, sizes)
-    a = 2 if memory.param_dtype == "bfloat16" else 4
-    r = 2 if cfg.parallel.reduce_dtype == "bfloat16" else 4
-    collectives = step_collectives(cfg, sizes, units, depth.mean_nograd, depth.mean_grad, a, r)
+    param_bytes, reduce_bytes = DTYPE_BYTES[memory.param_dtype], DTYPE_BYTES[cfg.parallel.reduce_dtype]
+    collectives = step_collectives(cfg, sizes, units, depth.mean_nograd, depth.mean_grad, param_bytes, reduce_bytes)
     time_collectives(collectives, sizes, gpus_per_node, hw)
     t = cfg.train
     tokens_per_rank = t.micro_batch_size * t.seq_len * t.grad_accum_steps
@@ -233,15 +219,17 @@ def build_plan(
     peak_flops = hw.peak_bf16_tflops * 1e12 * MATMUL_EFFICIENCY
     compute_s = flops / peak_flops
     fsdp_s = sum(c.seconds for c in collectives if c.overlapped)
-    dense_block_s = dense_block_flops(cfg.model, t.seq_len) * t.micro_batch_size * t.seq_len / peak_flops
-    loop_exposed = exposed_loop_gather_s(cfg, sizes, units, a, gpus_per_node, hw, dense_block_s)
+    dense_block_s = (
+        block_forward_flops_per_token(cfg.model, t.seq_len, looped=False) * t.micro_batch_size * t.seq_len / peak_flops
+    )
+    loop_exposed = exposed_loop_gather_s(cfg, sizes, units, param_bytes, gpus_per_node, hw, dense_block_s)
     return Plan(
         nodes=nodes, gpus_per_node=gpus_per_node, gpu=hw, sizes=sizes, params=parameter_counts(params, cfg.model),
         memory=memory, capacity=hw.memory_gib * GIB * USABLE_MEMORY_FRACTION, depth=depth, collectives=collectives,
         tokens_per_step=tokens_per_rank * world, compute_s=compute_s, exposed_fsdp_s=max(0.0, fsdp_s - compute_s),
         exposed_loop_gather_s=loop_exposed,
         all_to_all_s=sum(c.seconds for c in collectives if not c.overlapped),
-        loop_parts={part: n * a for part, n in units.loop_parts.items()},
+        loop_parts={part: n * param_bytes for part, n in units.loop_parts.items()},
     )  # fmt: skip
 
 
