@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipeline.config import DataConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem, raised before any distributed state exists."""
+from mythos_train.errors import ConfigError
+from parallel.config import ParallelConfig, mesh_sizes
 
 
 @dataclass
@@ -90,38 +88,6 @@ class ModelConfig:
     def shared_expert_dim(self) -> int:
         """Width of the fused shared-expert SwiGLU: n_shared_experts of expert_dim * top_k each (open-mythos)."""
         return self.n_shared_experts * self.expert_dim * self.n_experts_per_tok
-
-
-@dataclass
-class ParallelConfig:
-    """Device mesh and parallelism. Axes: dp_replicate (HSDP, across nodes) x dp_shard (FSDP); ep borrows from dp_shard."""
-
-    dp_replicate: int = 1
-    "HSDP replica groups (usually the node count); 1 = plain FSDP."
-    dp_shard: int = -1
-    "FSDP shard group size; -1 = world_size // dp_replicate."
-    ep: int = 1
-    "Expert-parallel degree: experts split over this many ranks of each dp_shard group (must divide dp_shard)."
-    tp: int = 1
-    "Tensor-parallel degree (inside a node): attention heads, FFN hidden and vocabulary split across tp ranks."
-    activation_checkpoint: Literal["none", "loop", "full"] = "loop"
-    "'loop' recomputes each gradient loop iteration in backward; 'full' also each prelude/coda block."
-    reshard_per_iteration: bool = False
-    "Re-shard the looped block after every iteration (one all-gather per iteration): only for blocks too big to keep unsharded across the loop."
-    shared_expert_chunks: int = 1
-    "Run the looped block's shared-expert SwiGLU over this many token chunks, each recomputed in its own backward (tiled MLP): a gradient iteration then keeps none of its hidden activations and its backward holds one chunk's, for one more shared-expert forward per iteration. For long sequences with the presets' wide shared experts; 1 = off."
-    compile: bool = False
-    "torch.compile each block (the loop stays eager, so sampled depths never recompile)."
-    param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    "Compute dtype of gathered parameters; 'auto' = bfloat16 on CUDA, float32 on CPU (master weights stay fp32)."
-    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
-    "Gradient reduce-scatter / all-reduce dtype."
-    allow_slow_experts: bool = False
-    "Run on a GPU without the fused grouped GEMM for the routed experts (it needs bfloat16 on sm90/sm100): torch then loops over the experts and waits for the host on every call. Off: such a run stops at start-up."
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    "Process-group backend; 'auto' = nccl with CUDA, else gloo."
-    timeout_s: float = 600.0
-    "Process-group timeout in seconds: a collective that waits longer (a frozen or dead peer) fails, so torchrun restarts the group instead of hanging. Must cover the slowest collective, including a synchronous checkpoint save."
 
 
 @dataclass
@@ -427,30 +393,6 @@ def field_docs(section_type: type) -> dict[str, str]:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
-
-
-def mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
-    """Resolved mesh axis sizes: dp_replicate, dp_shard, ep and efsdp (the experts' own shard axis)."""
-    dp_shard = parallel.dp_shard if parallel.dp_shard != -1 else world_size // max(parallel.dp_replicate, 1)
-    _check(
-        parallel.dp_replicate >= 1 and dp_shard >= 1,
-        "parallel.dp_replicate and parallel.dp_shard must be >= 1 (dp_shard may be -1 = auto)",
-    )
-    _check(
-        parallel.dp_replicate * dp_shard == world_size,
-        f"parallel: mesh dp_replicate({parallel.dp_replicate}) x dp_shard({dp_shard}) = "
-        f"{parallel.dp_replicate * dp_shard} != world size {world_size}",
-    )
-    _check(
-        parallel.ep >= 1 and dp_shard % parallel.ep == 0,
-        f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dp_shard})",
-    )
-    return {
-        "dp_replicate": parallel.dp_replicate,
-        "dp_shard": dp_shard,
-        "ep": parallel.ep,
-        "efsdp": dp_shard // parallel.ep,
-    }
 
 
 def validate(cfg: JobConfig, world_size: int = 1) -> None:

@@ -23,6 +23,7 @@ from mythos_train.config import JobConfig
 from mythos_train.distributed import all_reduce_sum
 from mythos_train.loss import cross_entropy_sum, loss_labels, token_count
 from mythos_train.optim import build_lr_scheduler, build_optimizer
+from mythos_train.router_bias import RouterBiasBalancer
 
 Forward = Callable[[dict[str, torch.Tensor], int, int], torch.Tensor]
 "forward(micro_batch, n_nograd, n_grad) -> logits [B, S, vocab]."
@@ -80,7 +81,7 @@ class TrainStep:
     dims: parallel.ParallelDims | None = None
     "Data-parallel size and the clipping group; None: one process."
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    balancer: parallel.RouterBiasBalancer | None = None
+    balancer: RouterBiasBalancer | None = None
     marks: tuple = ()
     "Time marks of the last step: start of forward, end of backward, end of the optimizer (see time_mark)."
 
@@ -135,7 +136,7 @@ def build_train_step(
     """The trainer's step for a built model (`build_model`): AdamW groups, learning-rate schedule, router-bias balancer."""
     optimizer = build_optimizer(model, cfg.optim, device.type)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    balancer = parallel.RouterBiasBalancer(model, dims, cfg.train.router_bias_rate)
+    balancer = RouterBiasBalancer(model, dims, cfg.train.router_bias_rate)
     balancer.attach(optimizer)
     return TrainStep(
         model=model,

@@ -20,7 +20,8 @@ from torch.distributed.tensor import DTensor
 from mythos_train.config import JobConfig, TrainConfig, validate
 from mythos_train.depth import DepthSampler
 from mythos_train.model import MythosModel
-from parallel import RouterBiasBalancer, build_mesh, clip_grad_norm_, parallelize
+from mythos_train.router_bias import RouterBiasBalancer
+from parallel import build_mesh, clip_grad_norm_, parallelize
 
 SEQ, MICRO = 8, 2  # tokens per window, windows per rank
 STEPS = 3

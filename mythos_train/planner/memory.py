@@ -1,8 +1,8 @@
 """Per-rank parameter, gradient and optimizer bytes under FSDP2 + EP, from the real model built on the meta device.
 
-Sharding follows parallel/fsdp.py and parallel/expert_parallel.py exactly:
-  * FSDP units: each prelude block, `model.recurrent` (or `recurrent.block` + the rest of `recurrent` with
-    parallel.reshard_per_iteration), each coda block, and the root (embedding = tied head, final norm).
+Sharding follows parallel/fsdp.py and parallel/expert_parallel.py exactly, on the model's own parallel plan:
+  * FSDP units: the plan's `fsdp_units` (each prelude block, `recurrent`, each coda block; with
+    parallel.reshard_per_iteration also `recurrent.block`), and the root (embedding = tied head, final norm).
   * dense parameters are chunked along dim 0 over dp_shard (torch.chunk: ceil(rows / shards) rows each, the last
     ranks get fewer or none); replicated over dp_replicate (HSDP).
   * expert weights [E, ...] are first split over ep (E / ep rows each), then chunked over efsdp on dim 0, or on
@@ -19,7 +19,8 @@ changes the gathered copies).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,8 +28,12 @@ from mythos_train.config import ModelConfig
 from mythos_train.planner.tensor_parallel import tp_split_dim
 from parallel.fsdp import expert_shard_dim
 
+if TYPE_CHECKING:
+    from mythos_train.model import MythosModel, ParallelPlan
+
 FP32 = 4
-EXPERT_PREFIX = "recurrent.block.moe.experts."
+LOOP_PARTS = ("routed experts", "shared experts", "attention")
+"Parts of the looped block a plan reports, largest first; where each is comes from `ParallelPlan.loop_parts`."
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class ParamInfo:
     shape: tuple[int, ...]
     unit: str
     expert: bool
+    loop_part: str | None = None
+    "Its part of the looped block (LOOP_PARTS or 'rest'); None outside the loop."
     tp_dim: int | None = None
     "The dimension tensor parallelism splits (None: replicated over tp)."
 
@@ -51,31 +58,51 @@ class ParamInfo:
         if tp == 1 or self.tp_dim is None:
             return self
         shape = tuple(n // tp if d == self.tp_dim else n for d, n in enumerate(self.shape))
-        return ParamInfo(self.name, shape, self.unit, self.expert)
+        return replace(self, shape=shape)
 
 
-def fsdp_unit(name: str, reshard_per_iteration: bool) -> str:
-    """The FSDP module (parallel/fsdp.py) a parameter belongs to."""
-    parts = name.split(".")
-    if parts[0] in ("prelude", "coda"):
-        return f"{parts[0]}.{parts[1]}"
-    if parts[0] == "recurrent":
-        return "recurrent.block" if reshard_per_iteration and parts[1] == "block" else "recurrent"
-    return "root"
+def _within(name: str, module: str) -> bool:
+    """Whether parameter `name` lies inside the module at path `module`."""
+    return name.startswith(module + ".")
+
+
+def fsdp_unit(name: str, plan: ParallelPlan, reshard_per_iteration: bool) -> str:
+    """The FSDP module (parallel/fsdp.py) a parameter belongs to: the innermost unit holding it, else the root."""
+    if reshard_per_iteration and _within(name, plan.loop_block):
+        return plan.loop_block
+    return next((unit for unit in plan.fsdp_units if _within(name, unit)), "root")
+
+
+def loop_part(name: str, plan: ParallelPlan) -> str | None:
+    """ParamInfo.loop_part of parameter `name`."""
+    if not _within(name, plan.loop):
+        return None
+    return next((part for part in LOOP_PARTS if _within(name, plan.loop_parts[part])), "rest")
+
+
+def _meta_model(m: ModelConfig) -> MythosModel:
+    from mythos_train.model import MythosModel  # keeps `plan --help` fast
+
+    with torch.device("meta"):
+        return MythosModel(m)
+
+
+def model_plan(m: ModelConfig) -> ParallelPlan:
+    """The parallel plan of `MythosModel(m)`, built on the meta device (no memory)."""
+    return _meta_model(m).parallel_plan()
 
 
 def model_parameters(m: ModelConfig, reshard_per_iteration: bool = False) -> tuple[list[ParamInfo], int]:
     """Every parameter of `MythosModel(m)` built on the meta device (no memory), and the bytes of its buffers."""
-    from mythos_train.model import MythosModel  # keeps `plan --help` fast
-
-    with torch.device("meta"):
-        model = MythosModel(m)
+    model = _meta_model(m)
+    plan = model.parallel_plan()
     params = [
         ParamInfo(
             name,
             tuple(p.shape),
-            fsdp_unit(name, reshard_per_iteration),
-            name.startswith(EXPERT_PREFIX),
+            fsdp_unit(name, plan, reshard_per_iteration),
+            _within(name, plan.experts),
+            loop_part(name, plan),
             tp_split_dim(name),
         )
         for name, p in model.named_parameters()
@@ -153,10 +180,6 @@ def static_memory(params: list[ParamInfo], buffers: int, sizes: dict[str, int], 
     )
 
 
-LOOP_PARTS = {"routed experts": "recurrent.block.moe.experts.", "shared experts": "recurrent.block.moe.shared.",
-              "attention": "recurrent.block.attn."}  # fmt: skip
-
-
 @dataclass
 class UnitSizes:
     """Per FSDP unit: elements of the gathered (unsharded, padded) parameters on one rank, dense and expert part."""
@@ -185,10 +208,8 @@ def unit_sizes(params: list[ParamInfo], sizes: dict[str, int]) -> UnitSizes:
         rows = p.shape[0] // sizes["ep"] if p.expert and sizes["ep"] > 1 else (p.shape[0] if p.shape else 1)
         out.unsharded[p.unit] = out.unsharded.get(p.unit, 0) + rows * p.row_numel
         out.largest_param[p.unit] = max(out.largest_param.get(p.unit, 0), gathered)
-        if p.unit in ("recurrent", "recurrent.block"):
-            out.loop_parts[
-                next((part for part, prefix in LOOP_PARTS.items() if p.name.startswith(prefix)), "rest")
-            ] += gathered
+        if p.loop_part is not None:
+            out.loop_parts[p.loop_part] += gathered
         part = out.expert_sharded if p.expert and sizes["ep"] > 1 else out.dense_sharded
         part[p.unit] = part.get(p.unit, 0) + padded
     return out

@@ -8,6 +8,7 @@ from mythos_train.config import JobConfig
 from mythos_train.dtypes import DTYPE_BYTES
 from mythos_train.planner.comm import axis_span
 from mythos_train.planner.hardware import MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION
+from mythos_train.planner.memory import model_plan
 from mythos_train.planner.plan import GIB, Plan
 from mythos_train.planner.tensor_parallel import routed_expert_options
 from parallel.fsdp import prefetch_chain
@@ -101,7 +102,7 @@ def render(
                 + ("  (modelled)" if option.name == "folded into EP" else "")
             )
     if s["ep"] > 1:
-        chain = prefetch_chain(m.prelude_layers, m.coda_layers)
+        chain = prefetch_chain(model_plan(m).fsdp_units)
         lines.append("prefetch " + "; ".join(f"{phase} {' -> '.join(_order(pairs))}" for phase, pairs in chain.items()))
     nbytes, seconds, covered = checkpoint_save(plan, cfg, write_gbps)
     lines.append(
@@ -140,7 +141,7 @@ def to_json(plan: Plan, cfg: JobConfig, alts: list[tuple[str, Plan]] | None) -> 
             "tokens_per_step": p.tokens_per_step, "step_seconds": p.step_s, "compute_seconds": p.compute_s,
             "all_to_all_seconds": p.all_to_all_s, "exposed_fsdp_seconds": p.exposed_fsdp_s,
             "exposed_loop_gather_seconds": p.exposed_loop_gather_s,
-            "prefetch": prefetch_chain(cfg.model.prelude_layers, cfg.model.coda_layers) if p.sizes["ep"] > 1 else None,
+            "prefetch": prefetch_chain(model_plan(cfg.model).fsdp_units) if p.sizes["ep"] > 1 else None,
             "tokens_per_s_per_gpu": p.tokens_per_s_per_gpu, "mfu": p.mfu, "loop_block_gathered_bytes": p.loop_parts,
             **({"tp_seconds": p.tp_s} if p.sizes.get("tp", 1) > 1 else {}),  # tp 1 reads as before TP
         }  # fmt: skip
