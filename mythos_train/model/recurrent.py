@@ -218,8 +218,8 @@ class RecurrentBlock(nn.Module):
 
         The loop dynamics (norm, LoRA, injection, ACT) run in fp32 on `dynamics` (`loop_dynamics_fp32`, passed in
         so that an activation-checkpoint recompute uses the forward's views); the block runs in e's dtype.
-        `routing` (one dict per forward, loop_t -> selected experts [B * T, k]): a gradient iteration records its
-        experts there, and its recompute, finding them, routes to the same ones.
+        `routing` (one dict per forward, loop_t -> selected experts [B * T, k]): a checkpointed iteration records
+        its experts there, and its recompute, finding them, routes to the same ones.
         Telemetry is returned, never stored, so activation checkpointing may rerun this freely. The named range
         (`mythos:loop<t>:grad|nograd`) is what `profile` reads; a rerun inside backward is its recompute.
         """
@@ -227,10 +227,12 @@ class RecurrentBlock(nn.Module):
         with record_function(phase), swapped_parameters(self, dynamics or {}):
             emb = loop_index_embedding(loop_t, h.shape[-1], self.loop_dim, h.device)  # [dim] fp32
             x = self.norm(h.float() + emb + e.float()).to(e.dtype)  # the block runs in the prelude's dtype
-            recorded = None if routing is None else routing.get(loop_t)
+            recorded = None if routing is None else routing.get(loop_t)  # recompute: the forward's choice
+            if routing is not None and recorded is None:  # forward: all -1, the router chooses
+                recorded = torch.full((x.shape[:-1].numel(), self.block.moe.top_k), -1, device=x.device)
             y, (tokens_per_expert, selected) = self.block(x, rope, cache_slot(kv_cache, f"loop_{loop_t}"), recorded)
-            if routing is not None and recorded is None:
-                routing[loop_t] = selected
+            if routing is not None:
+                routing.setdefault(loop_t, selected)
             y = y.float() + self.lora(y.float(), loop_t)
             h_next = self.injection(h, input_term, y)
             return h_next, tokens_per_expert, (self.act(h_next.float()) if self.act is not None else None)
