@@ -103,7 +103,8 @@ def test_recompute_reuses_the_forwards_routing(world_of_one, compile):
     The recompute must route every token as its forward did (backward counted in reverse iteration order), and so
     give the gradients of the same model run without checkpointing (no recompute at all). Before: 104 of 256
     token routings differed. Compiled, the forward and the recompute must also run one graph (a second one saves
-    other tensors, which checkpointing refuses)."""
+    other tensors, which checkpointing refuses); there only the gradients are compared (a hook appending to a list
+    inside the compiled block would recompile it at every call)."""
     cfg = tiny_config(param_dtype="bfloat16", activation_checkpoint="loop", compile=compile)
     torch.manual_seed(0)
     model = MythosModel(cfg.model)
@@ -111,7 +112,8 @@ def test_recompute_reuses_the_forwards_routing(world_of_one, compile):
     with torch.no_grad():
         router.weight.copy_(router.weight[:1] + 1e-3 * torch.randn_like(router.weight))
     chosen = []
-    router.register_forward_hook(lambda module, args, out: chosen.append(out[1].clone()))
+    if not compile:
+        router.register_forward_hook(lambda module, args, out: chosen.append(out[1].clone()))
     wrap = parallelize(model, build_mesh(cfg.parallel, 1, "cpu"), cfg)
     nudge = 1e-3 * torch.randn(router.expert_bias.shape, generator=torch.Generator().manual_seed(1))
     grads = []
@@ -122,10 +124,11 @@ def test_recompute_reuses_the_forwards_routing(world_of_one, compile):
         loss.backward()
         grads.append({name: p.grad.full_tensor().clone() for name, p in model.named_parameters()})
         model.zero_grad()
-    forward, recompute = chosen[:4], chosen[4:8][::-1]
-    assert len(chosen) == 12 and all(torch.equal(a, b) for a, b in zip(forward, chosen[8:]))
-    mismatches = sum(int((f != r).any(-1).sum()) for f, r in zip(forward, recompute))
-    assert mismatches == 0, f"{mismatches} of {4 * len(forward[0])} token routings differ"
+    if not compile:
+        forward, recompute = chosen[:4], chosen[4:8][::-1]
+        assert len(chosen) == 12 and all(torch.equal(a, b) for a, b in zip(forward, chosen[8:]))
+        mismatches = sum(int((f != r).any(-1).sum()) for f, r in zip(forward, recompute))
+        assert mismatches == 0, f"{mismatches} of {4 * len(forward[0])} token routings differ"
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
 
