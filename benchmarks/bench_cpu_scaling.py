@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from mythos_train.bench.sweep import build_train_step  # noqa: E402
-from mythos_train.config import load_config  # noqa: E402
-from parallel.testing import run_distributed  # noqa: E402
+from mythos_train.bench.sweep import build_train_step
+from mythos_train.config import load_config
+from parallel.testing import run_distributed
 
 
 def timed_steps(rank: int, world: int, cfg, warmup: int, steps: int) -> list[float]:

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_pipeline import DataConfig, build_loader, load_tokenizer, prepare  # noqa: E402
-from data_pipeline.sources import default_corpus  # noqa: E402
+from data_pipeline import DataConfig, build_loader, load_tokenizer, prepare
+from data_pipeline.sources import default_corpus
 
 
 def _loader_tokens_per_s(cfg: DataConfig, seq_len: int, batch: int, batches: int) -> float:

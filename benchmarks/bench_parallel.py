@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from mythos_train.config import JobConfig  # noqa: E402
-from mythos_train.model import MythosModel  # noqa: E402
-from parallel import build_mesh, parallelize  # noqa: E402
-from parallel.testing import CollectiveCounter, run_distributed  # noqa: E402
+from mythos_train.config import JobConfig
+from mythos_train.model import MythosModel
+from parallel import build_mesh, parallelize
+from parallel.testing import CollectiveCounter, run_distributed
 
 WORLD = 2
 

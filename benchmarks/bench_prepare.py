@@ -21,9 +21,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_pipeline import DataConfig, prepare  # noqa: E402
-from data_pipeline.sources import default_corpus  # noqa: E402
-from data_pipeline.tokenizer import train_tokenizer  # noqa: E402
+from data_pipeline import DataConfig, prepare
+from data_pipeline.sources import default_corpus
+from data_pipeline.tokenizer import train_tokenizer
 
 VOCAB = 4096
 

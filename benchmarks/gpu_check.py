@@ -23,14 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from mythos_train.bench.sweep import build_train_step  # noqa: E402
-from mythos_train.config import JobConfig, load_config, validate  # noqa: E402
-from mythos_train.distributed import destroy_distributed  # noqa: E402
-from mythos_train.metrics import gpu_peak_flops, measure_cpu_peak_flops  # noqa: E402
-from mythos_train.model.flops import training_flops_per_token  # noqa: E402
-from mythos_train.planner.plan import memory_plan  # noqa: E402
+from mythos_train.bench.sweep import build_train_step
+from mythos_train.config import JobConfig, load_config, validate
+from mythos_train.distributed import destroy_distributed
+from mythos_train.metrics import gpu_peak_flops, measure_cpu_peak_flops
+from mythos_train.model.flops import training_flops_per_token
+from mythos_train.planner.plan import memory_plan
 
 GIB = 2**30
 RUN = ["--parallel.ep=1", "--parallel.dp_replicate=1", "--parallel.dp_shard=-1"]

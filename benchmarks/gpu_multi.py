@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from mythos_train.bench.sweep import build_train_step  # noqa: E402
-from mythos_train.config import load_config, validate  # noqa: E402
+from mythos_train.bench.sweep import build_train_step
+from mythos_train.config import load_config, validate
 
 PARTS = {"fsdp": ["--parallel.ep=1"], "ep2": ["--parallel.ep=2"]}
 SMALL = ("configs/small.toml", [])

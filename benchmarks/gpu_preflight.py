@@ -19,15 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from mythos_train.config import load_config, validate  # noqa: E402
-from mythos_train.distributed import destroy_distributed, init_distributed  # noqa: E402
-from mythos_train.loss import cross_entropy_sum  # noqa: E402
-from mythos_train.model.moe import grouped_swiglu  # noqa: E402
-from mythos_train.trainer import build_model  # noqa: E402
-from parallel import build_mesh  # noqa: E402
+from mythos_train.config import load_config, validate
+from mythos_train.distributed import destroy_distributed, init_distributed
+from mythos_train.loss import cross_entropy_sum
+from mythos_train.model.moe import grouped_swiglu
+from mythos_train.trainer import build_model
+from parallel import build_mesh
 
 TOKENS_PER_EXPERT = [0, 7, 1, 13, 0, 11, 64, 3]  # empty, odd and aligned groups; 99 rows
 DEPTHS = [(1, 2), (5, 2), (0, 1), (3, 3)]

@@ -23,7 +23,7 @@ from data_pipeline.config import DataConfig, DataError
 from data_pipeline.shards import COLUMN, TokenStream, read_manifest
 from data_pipeline.sources import in_val_split, list_units, resolve_sources
 from data_pipeline.text_stream import TextWindows
-from data_pipeline.tokenizer import file_sha256, load_tokenizer, tokenizer_path
+from data_pipeline.tokenizer import check_vocab_size, file_sha256, load_tokenizer, tokenizer_path
 from data_pipeline.windows import WindowBatches
 
 STATE_VERSION = 1
@@ -81,8 +81,6 @@ class WindowLoader:
         self.micro_batch_size, self.dp_rank, self.dp_world_size = micro_batch_size, dp_rank, dp_world_size
         self.global_batch_windows = micro_batch_size * grad_accum_steps * dp_world_size
         "Windows one optimizer step consumes over all ranks."
-        self.batches_per_epoch = num_windows // (micro_batch_size * dp_world_size)
-        "Micro-batches per rank in one pass over the split (a full val pass)."
         self.position = 0
         "Windows consumed so far over all ranks (the stream position; identical on every rank)."
         self._it = None
@@ -192,7 +190,6 @@ class TextLoader:
         self.cfg, self.dataset, self.split, self.seq_len = cfg, dataset, split, seq_len
         self.micro_batch_size, self.dp_rank, self.dp_world_size = micro_batch_size, dp_rank, dp_world_size
         self.global_batch_windows = micro_batch_size * grad_accum_steps * dp_world_size
-        self.batches_per_epoch = None  # unknown until every unit is tokenized
         self._listing = {k: listing_counts.get(k, 0) for k in ("skipped_records", "skipped_files")}
         self._reset()
 
@@ -286,8 +283,7 @@ class TextLoader:
 
 def _check_tokenizer(cfg: DataConfig, path: str) -> int:
     sp = load_tokenizer(path)
-    if sp.vocab_size() != cfg.vocab_size:
-        raise DataError(f"tokenizer {path} has vocab size {sp.vocab_size()} but data.vocab_size = {cfg.vocab_size}")
+    check_vocab_size(sp, cfg, path)
     return sp.eos_id()
 
 

@@ -37,7 +37,14 @@ from data_pipeline.shards import (
     write_manifest,
 )
 from data_pipeline.sources import default_corpus, list_units, read_documents, resolve_sources
-from data_pipeline.tokenizer import TOKENIZER_FILE, file_sha256, load_tokenizer, train_tokenizer, write_atomic
+from data_pipeline.tokenizer import (
+    TOKENIZER_FILE,
+    check_vocab_size,
+    file_sha256,
+    load_tokenizer,
+    train_tokenizer,
+    write_atomic,
+)
 
 _PART_FILES = (".tokens", ".lengths", ".json", ".tokens.tmp", ".lengths.tmp", ".json.tmp")
 
@@ -72,8 +79,7 @@ def _replace(dataset: str, out: str, staging: str) -> None:
 
 def _check_vocab(sp, cfg: DataConfig, path: str) -> int:
     """The tokenizer's eos id, after checking its vocabulary size against data.vocab_size."""
-    if sp.vocab_size() != cfg.vocab_size:
-        raise DataError(f"tokenizer {path} has vocab size {sp.vocab_size()} but data.vocab_size = {cfg.vocab_size}")
+    check_vocab_size(sp, cfg, path)
     if sp.eos_id() < 0:
         raise DataError(f"tokenizer {path} has no eos piece (needed between documents)")
     return sp.eos_id()

@@ -30,6 +30,13 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
         raise DataError(f"tokenizer {path} is not a SentencePiece model: {err}") from None
 
 
+def check_vocab_size(sp: spm.SentencePieceProcessor, cfg: DataConfig, path: str) -> None:
+    """The tokenizer's vocabulary must be data.vocab_size: shards are typed and checked by it (the trainer then
+    checks it against model.vocab_size)."""
+    if sp.vocab_size() != cfg.vocab_size:
+        raise DataError(f"tokenizer {path} has vocab size {sp.vocab_size()} but data.vocab_size = {cfg.vocab_size}")
+
+
 def tokenizer_vocab_size(cfg: DataConfig) -> int:
     """Vocabulary size of the tokenizer the config uses (the trainer checks it against model.vocab_size)."""
     return load_tokenizer(tokenizer_path(cfg)).vocab_size()

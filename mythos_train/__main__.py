@@ -15,6 +15,7 @@ import typing
 
 from data_pipeline.config import DataError
 from mythos_train.config import ConfigError, JobConfig, field_docs, load_config, validate
+from mythos_train.dtypes import DTYPE_BYTES
 
 COMMANDS = {
     "train": "train a model (torchrun for several processes)",
@@ -85,7 +86,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument(
             "--dtype",
             default="float32",
-            choices=["float32", "bfloat16", "float16"],
+            choices=list(DTYPE_BYTES),
             help="dtype of the exported weights",
         )
     if command == "profile":
@@ -107,10 +108,10 @@ def _checkpoint_folder(cfg: JobConfig) -> str:
 
 
 def run_train(cfg: JobConfig) -> int:
-    from mythos_train.checkpoint import CheckpointSpaceError, NonFiniteWeightsError  # noqa: PLC0415
-    from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed  # noqa: PLC0415
-    from mythos_train.stop_signals import STOPPED_EXIT, STOPPED_UNSAVED_EXIT  # noqa: PLC0415
-    from mythos_train.trainer import NonFiniteError, Trainer, check_vocab  # noqa: PLC0415
+    from mythos_train.checkpoint import CheckpointSpaceError, NonFiniteWeightsError
+    from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed
+    from mythos_train.stop_signals import STOPPED_EXIT, STOPPED_UNSAVED_EXIT
+    from mythos_train.trainer import NonFiniteError, Trainer, check_vocab
 
     validate(cfg, env_world_size())  # before any rendezvous: a bad config costs nothing
     check_vocab(cfg)
@@ -152,14 +153,14 @@ def run_train(cfg: JobConfig) -> int:
 
 def run_eval(cfg: JobConfig, checkpoint: str | None) -> dict[int, float]:
     """Evaluate a checkpoint under the config's mesh (torchrun or one process)."""
-    from pathlib import Path  # noqa: PLC0415
+    from pathlib import Path
 
-    import parallel  # noqa: PLC0415
-    from mythos_train.checkpoint import check_model_config, load_model_weights, resolve_checkpoint  # noqa: PLC0415
-    from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed  # noqa: PLC0415
-    from mythos_train.evaluate import Evaluator  # noqa: PLC0415
-    from mythos_train.metrics import MetricsLogger  # noqa: PLC0415
-    from mythos_train.trainer import build_model  # noqa: PLC0415
+    import parallel
+    from mythos_train.checkpoint import check_model_config, load_model_weights, resolve_checkpoint
+    from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed
+    from mythos_train.evaluate import Evaluator
+    from mythos_train.metrics import MetricsLogger
+    from mythos_train.trainer import build_model
 
     validate(cfg, env_world_size())
     path = resolve_checkpoint(checkpoint or _checkpoint_folder(cfg))
@@ -191,12 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
     if command == "bench":
-        from mythos_train.bench import throughput  # noqa: PLC0415
+        from mythos_train.bench import throughput
 
         throughput.main(rest)  # prints its table; returns the rows for programmatic use
         return 0
     if command == "plan":
-        from mythos_train.planner import cli  # noqa: PLC0415
+        from mythos_train.planner import cli
 
         return cli.main(rest) or 0
 
@@ -205,18 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if command == "train" and args.validate_only:
-            from mythos_train.distributed import env_world_size  # noqa: PLC0415
-            from mythos_train.preflight import preflight  # noqa: PLC0415
+            from mythos_train.distributed import env_world_size
+            from mythos_train.preflight import preflight
 
             print(preflight(cfg, env_world_size()))
         elif command == "train":
             return run_train(cfg)
         elif command == "profile":
-            from mythos_train.profile_run import run_profile  # noqa: PLC0415
+            from mythos_train.profile_run import run_profile
 
             return run_profile(cfg, args.warm_steps, args.steps, args.gpu)
         elif command == "prepare":
-            from data_pipeline import prepare, verify_prepared  # noqa: PLC0415
+            from data_pipeline import prepare, verify_prepared
 
             cfg.data.validate()
             if args.verify:
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 prepare(cfg.data)
         elif command == "canary":
-            from mythos_train.canary import write_canary  # noqa: PLC0415
+            from mythos_train.canary import write_canary
 
             validate(cfg, 1)
             for kind, path in write_canary(cfg).items():
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "eval":
             run_eval(cfg, args.checkpoint)
         elif command == "export":
-            from mythos_train.export import export_checkpoint  # noqa: PLC0415
+            from mythos_train.export import export_checkpoint
 
             files = export_checkpoint(
                 args.checkpoint or _checkpoint_folder(cfg),

@@ -103,8 +103,8 @@ def read_eval_programs(path: str) -> list[Program]:
 def write_canary(cfg: JobConfig) -> dict[str, str]:
     """Write the training text (one program per row of canary.dir/programs.parquet) and the evaluation set
     (canary.dir/eval.jsonl), then run prepare on the text. Returns the paths written."""
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     folder = cfg.canary.dir
     os.makedirs(folder, exist_ok=True)

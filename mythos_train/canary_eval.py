@@ -104,11 +104,11 @@ def save_accuracy(record: dict, folder: Path, train_hops: int, mean_depth: float
 
 def plot_accuracy(record: dict, folder: Path, train_hops: int, mean_depth: float, title: str = "") -> None:
     """accuracy_heatmap.png (hops x loops) and accuracy_vs_loops.png (one curve per hop count)."""
-    import matplotlib  # noqa: PLC0415 (optional, heavy)
+    import matplotlib  # optional, heavy
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    import matplotlib.ticker  # noqa: PLC0415
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     hops = sorted(int(h) for h in record["accuracy"])
     loops = sorted(int(n) for n in record["accuracy"][str(hops[0])])

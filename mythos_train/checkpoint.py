@@ -300,7 +300,7 @@ class CheckpointManager:
         error = None
         try:
             yield
-        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks learn of it
+        except Exception as err:  # re-raised below, after the other ranks learn of it
             error = err
         space = error is not None and _out_of_space(error)
         failed = [float(space), float(error is not None and not space)]

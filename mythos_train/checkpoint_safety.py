@@ -39,7 +39,7 @@ def _layout(name: str) -> torch.layout:
     return layout
 
 
-class _MetadataUnpickler(pickle._Unpickler):  # noqa: SLF001 - the pure-Python unpickler lets BUILD be guarded
+class _MetadataUnpickler(pickle._Unpickler):  # the pure-Python unpickler lets BUILD be guarded
     """Unpickles DCP's .metadata, refusing every global that is not one of DCP's plain-data classes.
 
     Only exact (module, name) pairs pass: pickle protocol 4 resolves dotted names, so allowing a module (or any
@@ -91,9 +91,9 @@ class _MetadataUnpickler(pickle._Unpickler):  # noqa: SLF001 - the pure-Python u
         for part in () if hasattr(cls, "__setstate__") else state if isinstance(state, tuple) else (state,):
             if part is not None and (not isinstance(part, dict) or any(str(key).startswith("__") for key in part)):
                 raise pickle.UnpicklingError(f"checkpoint metadata sets special attributes of {cls.__qualname__}")
-        pickle._Unpickler.load_build(self)  # noqa: SLF001
+        pickle._Unpickler.load_build(self)
 
-    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _load_build}  # noqa: SLF001
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _load_build}
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -117,7 +117,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         obj = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
-            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+            from torch.distributed.checkpoint._nested_dict import set_element
 
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:

@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipeline.config import DataConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem, raised before any distributed state exists."""
+from mythos_train.errors import ConfigError
+from parallel.config import ParallelConfig, mesh_sizes
 
 
 @dataclass
@@ -90,36 +88,6 @@ class ModelConfig:
     def shared_expert_dim(self) -> int:
         """Width of the fused shared-expert SwiGLU: n_shared_experts of expert_dim * top_k each (open-mythos)."""
         return self.n_shared_experts * self.expert_dim * self.n_experts_per_tok
-
-
-@dataclass
-class ParallelConfig:
-    """Device mesh and parallelism. Axes: dp_replicate (HSDP, across nodes) x dp_shard (FSDP); ep borrows from dp_shard."""
-
-    dp_replicate: int = 1
-    "HSDP replica groups (usually the node count); 1 = plain FSDP."
-    dp_shard: int = -1
-    "FSDP shard group size; -1 = world_size // dp_replicate."
-    ep: int = 1
-    "Expert-parallel degree: experts split over this many ranks of each dp_shard group (must divide dp_shard)."
-    activation_checkpoint: Literal["none", "loop", "full"] = "loop"
-    "'loop' recomputes each gradient loop iteration in backward; 'full' also each prelude/coda block."
-    reshard_per_iteration: bool = False
-    "Re-shard the looped block after every iteration (one all-gather per iteration): only for blocks too big to keep unsharded across the loop."
-    shared_expert_chunks: int = 1
-    "Run the looped block's shared-expert SwiGLU over this many token chunks, each recomputed in its own backward (tiled MLP): a gradient iteration then keeps none of its hidden activations and its backward holds one chunk's, for one more shared-expert forward per iteration. For long sequences with the presets' wide shared experts; 1 = off."
-    compile: bool = False
-    "torch.compile each block (the loop stays eager, so sampled depths never recompile)."
-    param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    "Compute dtype of gathered parameters; 'auto' = bfloat16 on CUDA, float32 on CPU (master weights stay fp32)."
-    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
-    "Gradient reduce-scatter / all-reduce dtype."
-    allow_slow_experts: bool = False
-    "Run on a GPU without the fused grouped GEMM for the routed experts (it needs bfloat16 on sm90/sm100): torch then loops over the experts and waits for the host on every call. Off: such a run stops at start-up."
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    "Process-group backend; 'auto' = nccl with CUDA, else gloo."
-    timeout_s: float = 600.0
-    "Process-group timeout in seconds: a collective that waits longer (a frozen or dead peer) fails, so torchrun restarts the group instead of hanging. Must cover the slowest collective, including a synchronous checkpoint save."
 
 
 @dataclass
@@ -427,33 +395,9 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
-    """Resolved mesh axis sizes: dp_replicate, dp_shard, ep and efsdp (the experts' own shard axis)."""
-    dp_shard = parallel.dp_shard if parallel.dp_shard != -1 else world_size // max(parallel.dp_replicate, 1)
-    _check(
-        parallel.dp_replicate >= 1 and dp_shard >= 1,
-        "parallel.dp_replicate and parallel.dp_shard must be >= 1 (dp_shard may be -1 = auto)",
-    )
-    _check(
-        parallel.dp_replicate * dp_shard == world_size,
-        f"parallel: mesh dp_replicate({parallel.dp_replicate}) x dp_shard({dp_shard}) = "
-        f"{parallel.dp_replicate * dp_shard} != world size {world_size}",
-    )
-    _check(
-        parallel.ep >= 1 and dp_shard % parallel.ep == 0,
-        f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dp_shard})",
-    )
-    return {
-        "dp_replicate": parallel.dp_replicate,
-        "dp_shard": dp_shard,
-        "ep": parallel.ep,
-        "efsdp": dp_shard // parallel.ep,
-    }
-
-
 def validate(cfg: JobConfig, world_size: int = 1) -> None:
     """Every cross-field rule, raised as ConfigError naming the field(s), before any process group exists."""
-    m, t, p = cfg.model, cfg.train, cfg.parallel
+    model, train, parallel = cfg.model, cfg.train, cfg.parallel
     for name in (
         "vocab_size",
         "dim",
@@ -464,90 +408,108 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         "max_loop_iters",
         "max_seq_len",
     ):
-        _check(getattr(m, name) > 0, f"model.{name} must be > 0")
-    _check(m.prelude_layers >= 0 and m.coda_layers >= 0, "model.prelude_layers and model.coda_layers must be >= 0")
-    _check(m.dim % m.n_heads == 0, f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
-    if m.attn_type == "gqa":
-        _check(
-            m.n_heads % m.n_kv_heads == 0,
-            f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})",
-        )
-        _check((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for RoPE")
-    else:
-        _check(m.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim ({m.qk_rope_head_dim}) must be even for RoPE")
+        _check(getattr(model, name) > 0, f"model.{name} must be > 0")
     _check(
-        m.dim // 8 >= 2 and (m.dim // 8) % 2 == 0,
-        f"model.dim ({m.dim}) must give an even loop-embedding width dim // 8",
+        model.prelude_layers >= 0 and model.coda_layers >= 0, "model.prelude_layers and model.coda_layers must be >= 0"
+    )
+    _check(
+        model.dim % model.n_heads == 0, f"model.dim ({model.dim}) must be divisible by model.n_heads ({model.n_heads})"
+    )
+    if model.attn_type == "gqa":
+        _check(
+            model.n_heads % model.n_kv_heads == 0,
+            f"model.n_heads ({model.n_heads}) must be divisible by model.n_kv_heads ({model.n_kv_heads})",
+        )
+        _check(
+            (model.dim // model.n_heads) % 2 == 0,
+            f"model.dim / model.n_heads ({model.dim // model.n_heads}) must be even for RoPE",
+        )
+    else:
+        _check(
+            model.qk_rope_head_dim % 2 == 0, f"model.qk_rope_head_dim ({model.qk_rope_head_dim}) must be even for RoPE"
+        )
+    _check(
+        model.dim // 8 >= 2 and (model.dim // 8) % 2 == 0,
+        f"model.dim ({model.dim}) must give an even loop-embedding width dim // 8",
     )
     for name in ("dim", "expert_dim"):  # so a config that runs on CPU in fp32 runs on GPU in bf16 unchanged
         _check(
-            getattr(m, name) % 8 == 0,
-            f"model.{name} ({getattr(m, name)}) must be a multiple of 8: the bf16 grouped GEMM of the experts needs 16-byte-aligned rows",
+            getattr(model, name) % 8 == 0,
+            f"model.{name} ({getattr(model, name)}) must be a multiple of 8: the bf16 grouped GEMM of the experts needs 16-byte-aligned rows",
         )
     _check(
-        m.n_experts_per_tok <= m.n_experts,
-        f"model.n_experts_per_tok ({m.n_experts_per_tok}) must be <= model.n_experts ({m.n_experts})",
+        model.n_experts_per_tok <= model.n_experts,
+        f"model.n_experts_per_tok ({model.n_experts_per_tok}) must be <= model.n_experts ({model.n_experts})",
     )
-    _check(0.0 < m.act_threshold <= 1.0, "model.act_threshold must be in (0, 1]")
-    _check(p.timeout_s > 0, f"parallel.timeout_s ({p.timeout_s}) must be > 0")
-    _check(p.shared_expert_chunks >= 1, f"parallel.shared_expert_chunks ({p.shared_expert_chunks}) must be >= 1")
-    _check(m.n_experts % p.ep == 0, f"model.n_experts ({m.n_experts}) must be divisible by parallel.ep ({p.ep})")
-    mesh_sizes(p, world_size)
+    _check(0.0 < model.act_threshold <= 1.0, "model.act_threshold must be in (0, 1]")
+    _check(parallel.timeout_s > 0, f"parallel.timeout_s ({parallel.timeout_s}) must be > 0")
+    _check(
+        parallel.shared_expert_chunks >= 1,
+        f"parallel.shared_expert_chunks ({parallel.shared_expert_chunks}) must be >= 1",
+    )
+    _check(
+        model.n_experts % parallel.ep == 0,
+        f"model.n_experts ({model.n_experts}) must be divisible by parallel.ep ({parallel.ep})",
+    )
+    mesh_sizes(parallel, world_size)
 
     _check(
-        t.steps >= 0 and t.seq_len > 0 and t.micro_batch_size > 0 and t.grad_accum_steps > 0,
+        train.steps >= 0 and train.seq_len > 0 and train.micro_batch_size > 0 and train.grad_accum_steps > 0,
         "train.steps, seq_len, micro_batch_size, grad_accum_steps must be positive",
     )
-    _check(t.seq_len <= m.max_seq_len, f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
     _check(
-        1 <= t.min_depth <= t.max_depth,
-        f"train.min_depth ({t.min_depth}) must be in [1, train.max_depth ({t.max_depth})]",
+        train.seq_len <= model.max_seq_len,
+        f"train.seq_len ({train.seq_len}) must be <= model.max_seq_len ({model.max_seq_len})",
     )
     _check(
-        t.min_depth <= t.mean_depth <= t.max_depth,
-        f"train.mean_depth ({t.mean_depth}) must lie in [train.min_depth, train.max_depth] = [{t.min_depth}, {t.max_depth}]",
+        1 <= train.min_depth <= train.max_depth,
+        f"train.min_depth ({train.min_depth}) must be in [1, train.max_depth ({train.max_depth})]",
     )
     _check(
-        1 <= t.backprop_depth <= t.max_depth,
-        f"train.backprop_depth ({t.backprop_depth}) must be in [1, train.max_depth ({t.max_depth})]",
+        train.min_depth <= train.mean_depth <= train.max_depth,
+        f"train.mean_depth ({train.mean_depth}) must lie in [train.min_depth, train.max_depth] = [{train.min_depth}, {train.max_depth}]",
     )
-    if t.depth_distribution == "fixed":
+    _check(
+        1 <= train.backprop_depth <= train.max_depth,
+        f"train.backprop_depth ({train.backprop_depth}) must be in [1, train.max_depth ({train.max_depth})]",
+    )
+    if train.depth_distribution == "fixed":
         _check(
-            float(t.mean_depth).is_integer(),
-            f"train.mean_depth ({t.mean_depth}) must be a whole number with depth_distribution = 'fixed'",
+            float(train.mean_depth).is_integer(),
+            f"train.mean_depth ({train.mean_depth}) must be a whole number with depth_distribution = 'fixed'",
         )
-    _check(t.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
+    _check(train.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
     catchable = {"SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"}
-    for name in t.stop_signals:
+    for name in train.stop_signals:
         _check(name in catchable, f"train.stop_signals: {name!r} is not one of {sorted(catchable)}")
     _check(
-        not t.document_masking or cfg.data.return_doc_boundaries,
+        not train.document_masking or cfg.data.return_doc_boundaries,
         "train.document_masking needs data.return_doc_boundaries = true (the batches' doc_starts)",
     )
 
-    o = cfg.optim
-    _check(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
-    _check(0 <= o.warmup_steps, "optim.warmup_steps must be >= 0")
-    _check(0 < o.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction must be in (0, 1]")
+    optim = cfg.optim
+    _check(optim.lr > 0 and 0 <= optim.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+    _check(0 <= optim.warmup_steps, "optim.warmup_steps must be >= 0")
+    _check(0 < optim.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction must be in (0, 1]")
     _check(
         cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep_last >= 1,
         "checkpoint.every_steps and checkpoint.keep_last must be >= 1",
     )
     _check(cfg.checkpoint.load_step >= -1, f"checkpoint.load_step ({cfg.checkpoint.load_step}) must be >= 0, or -1")
     _check(all(n >= 1 for n in cfg.eval.loop_counts), "eval.loop_counts must all be >= 1")
-    c = cfg.canary
+    canary = cfg.canary
     _check(
-        min(c.programs, c.train_hops, c.eval_programs) >= 1 and c.distractor_chains >= 0,
+        min(canary.programs, canary.train_hops, canary.eval_programs) >= 1 and canary.distractor_chains >= 0,
         "canary.programs, canary.train_hops and canary.eval_programs must be >= 1, canary.distractor_chains >= 0",
     )
     _check(
-        2 * c.train_hops + c.distractor_chains * c.train_hops <= 26,
+        2 * canary.train_hops + canary.distractor_chains * canary.train_hops <= 26,
         f"canary: 2 * train_hops + distractor_chains * train_hops = "
-        f"{(2 + c.distractor_chains) * c.train_hops} variables exceed the 26 letters",
+        f"{(2 + canary.distractor_chains) * canary.train_hops} variables exceed the 26 letters",
     )
-    p_ = cfg.profile
+    profile = cfg.profile
     _check(
-        min(p_.wait, p_.warmup, p_.repeat) >= 0 and p_.active >= 1,
+        min(profile.wait, profile.warmup, profile.repeat) >= 0 and profile.active >= 1,
         "profile.wait/warmup/repeat must be >= 0 and profile.active >= 1",
     )
     cfg.data.validate()

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from mythos_train.config import JobConfig
+from parallel.config import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ def resolve_device(cfg: JobConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_backend(cfg: JobConfig, device: torch.device) -> str:
+def resolve_backend(parallel: ParallelConfig, device: torch.device) -> str:
     """parallel.backend, with 'auto' = nccl on CUDA, gloo on CPU."""
-    backend = cfg.parallel.backend
+    backend = parallel.backend
     if backend == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
@@ -123,40 +124,49 @@ def attempt_store(rank: int, timeout: timedelta) -> dist.Store:
         time.sleep(0.1)
 
 
-def init_distributed(cfg: JobConfig) -> DistInfo:
-    """Start (or join) the default process group and bind this process to its device."""
+def init_process_group(parallel: ParallelConfig, device: torch.device) -> None:
+    """Start the default process group: the one place that does (init_distributed and parallel/mesh.build_mesh call it).
+
+    Under torchrun (MASTER_ADDR set): env://, or a fresh store of this attempt's own when torchrun's store is
+    shared across restarts (`attempt_store`). A plain process: a world-size-1 group on an in-memory HashStore.
+    Backend per `resolve_backend`, timeout parallel.timeout_s; `device` is this process's (already current) device.
+    """
     world_size = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = resolve_backend(parallel, device)
+    timeout = timedelta(seconds=parallel.timeout_s)
+    if "MASTER_ADDR" not in os.environ:
+        if world_size != 1:
+            raise RuntimeError(f"WORLD_SIZE={world_size} without MASTER_ADDR: launch multi-process runs with torchrun")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if local_rank == 0 and "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        logger.info(
+            "torchrun attempt: restart %d of at most %s on this node, world size %d, process-group store: %s",
+            restart_count(),
+            os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"),
+            world_size,
+            "fresh for this attempt (torchrun's is shared across restarts)"
+            if shared
+            else "torchrun's, fresh per attempt",
+        )
+    store = attempt_store(rank, timeout) if shared else None  # None: env:// (rank 0 hosts a new store)
+    device_id = device if device.type == "cuda" else None
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
+    )
+
+
+def init_distributed(cfg: JobConfig) -> DistInfo:
+    """Start (or join) the default process group and bind this process to its device."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(cfg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = resolve_backend(cfg, device)
-        timeout = timedelta(seconds=cfg.parallel.timeout_s)
-        device_id = device if device.type == "cuda" else None
-        if "MASTER_ADDR" in os.environ:
-            shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            if local_rank == 0 and "TORCHELASTIC_RESTART_COUNT" in os.environ:
-                logger.info(
-                    "torchrun attempt: restart %d of at most %s on this node, world size %d, process-group store: %s",
-                    restart_count(),
-                    os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"),
-                    world_size,
-                    "fresh for this attempt (torchrun's is shared across restarts)"
-                    if shared
-                    else "torchrun's, fresh per attempt",
-                )
-            store = attempt_store(rank, timeout) if shared else None  # None: env:// (rank 0 hosts a new store)
-            dist.init_process_group(
-                backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
-            )
-        else:
-            if world_size != 1:
-                raise RuntimeError(
-                    f"WORLD_SIZE={world_size} without MASTER_ADDR: launch multi-process runs with torchrun"
-                )
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        init_process_group(cfg.parallel, device)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 

@@ -31,11 +31,11 @@ logger = logging.getLogger(__name__)
 
 def plot_loss_vs_loops(history: list[dict], path: Path, train_depth: tuple[float, int] | None = None) -> None:
     """One line per evaluation (later ones darker): validation loss against loop count, log2 x axis."""
-    import matplotlib  # noqa: PLC0415 (optional, heavy)
+    import matplotlib  # optional, heavy
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    import matplotlib.ticker  # noqa: PLC0415
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     cmap = plt.get_cmap("viridis")

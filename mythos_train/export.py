@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mythos_train.checkpoint import load_model_weights, read_train_state, resolve_checkpoint
 from mythos_train.config import ModelConfig
+from mythos_train.dtypes import torch_dtype
 from mythos_train.model import MythosModel
 from mythos_train.model.open_mythos_compat import (
     exactness_problems,
@@ -29,8 +30,6 @@ from mythos_train.model.open_mythos_compat import (
 )
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_cpu_model(cfg: ModelConfig) -> MythosModel:
@@ -79,7 +78,7 @@ def export_checkpoint(
     buffers = {name for name, _ in model.named_buffers()}  # router biases stay fp32 (selection is bias-sensitive)
     meta = {"format": "mythos_train", "step": str(step), "model_config": json.dumps(dataclasses.asdict(model_cfg))}
     files = {"model": out_dir / "model.safetensors"}
-    save_file(_separate_storage(_cast(state, DTYPES[dtype], buffers)), files["model"], metadata=meta)
+    save_file(_separate_storage(_cast(state, torch_dtype(dtype), buffers)), files["model"], metadata=meta)
 
     config = {"model": dataclasses.asdict(model_cfg), "checkpoint": str(path), "step": step, "dtype": dtype}
     if problems := exactness_problems(model_cfg):
@@ -90,7 +89,7 @@ def export_checkpoint(
         om_buffers = {k for k in om_state if k.startswith("freqs_cis") or k.endswith("router_bias")}
         files["open_mythos"] = out_dir / "open_mythos.safetensors"
         save_file(
-            _separate_storage(_cast(om_state, DTYPES[dtype], om_buffers)),
+            _separate_storage(_cast(om_state, torch_dtype(dtype), om_buffers)),
             files["open_mythos"],
             metadata={"format": "open_mythos-0.5.0", "step": str(step)},
         )
@@ -103,7 +102,7 @@ def export_checkpoint(
 
 def load_exported(path: str | Path) -> MythosModel:
     """A CPU MythosModel from an exported model.safetensors (the config travels in the file's metadata)."""
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         model_cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))

@@ -2,8 +2,8 @@
 
 MFU is loop-aware: the FLOPs of a step depend on the loop depth sampled for it, so the trainer passes
 `training_flops_per_token(cfg.model, seq_len, n_nograd, n_grad)` of that step and this module divides by the
-device's peak. GPU peaks come from a table of dense bf16 numbers; on CPU the peak is an fp32 matmul measured
-once at startup (or `metrics.cpu_peak_tflops`).
+device's peak. GPU peaks come from the dense bf16 table in planner/hardware.py (the planner prices jobs with the same
+numbers); on CPU the peak is an fp32 matmul measured once at startup (or `metrics.cpu_peak_tflops`).
 """
 
 from __future__ import annotations
@@ -18,31 +18,15 @@ from pathlib import Path
 import torch
 
 from mythos_train.config import MetricsConfig
+from mythos_train.planner.hardware import gpu_peak_tflops
 
 logger = logging.getLogger(__name__)
 
-# Dense bf16 tensor-core peaks in TFLOP/s per device (vendor data sheets, without sparsity). Order matters:
-# the first substring that occurs in the device name wins ("GB200" before "B200", "H100 PCIe" before "H100").
-GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("GB200", 2500.0),
-    ("B200", 2250.0),
-    ("H200", 989.0),
-    ("H100 NVL", 835.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("A100", 312.0),
-    ("MI355X", 2500.0),
-    ("MI325X", 1307.0),
-    ("MI300X", 1307.0),
-)
-
 
 def gpu_peak_flops(device_name: str) -> float | None:
-    """Peak dense bf16 FLOP/s of a GPU named `device_name`, or None when it is not in the table."""
-    for key, tflops in GPU_PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops * 1e12
-    return None
+    """Peak dense bf16 FLOP/s of a GPU named `device_name`, or None when it is not in the planner's table."""
+    tflops = gpu_peak_tflops(device_name)
+    return None if tflops is None else tflops * 1e12
 
 
 def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
@@ -143,7 +127,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.writer = None
         if enabled and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (imports tensorboard)
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard
 
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
 

@@ -29,7 +29,7 @@ def check_paths(cfg: JobConfig) -> None:
 def preflight(cfg: JobConfig, world_size: int) -> str:
     """Every check that needs no process group, for `train --validate-only` (the launchers run it once before
     torchrun, so a bad config is reported once instead of on every restart). Returns what the run would do."""
-    from mythos_train.trainer import check_vocab  # noqa: PLC0415 (trainer imports this module)
+    from mythos_train.trainer import check_vocab  # trainer imports this module
 
     validate(cfg, world_size)
     check_vocab(cfg)

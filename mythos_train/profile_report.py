@@ -158,10 +158,10 @@ def render(reports: list[dict], cfg: JobConfig) -> str:
 
 def write_png(reports: list[dict], path: Path) -> Path:
     """Stacked bars per rank: compute per part and kind (fwd / recompute / bwd), exposed communication hatched."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     segments: dict[str, list[float]] = {}
     for i, r in enumerate(reports):

@@ -24,6 +24,7 @@ from torch.autograd.profiler import record_function
 
 from mythos_train.config import ConfigError, JobConfig, validate
 from mythos_train.distributed import DistInfo, destroy_distributed, env_world_size, init_distributed
+from mythos_train.dtypes import resolve_param_dtype
 from mythos_train.profile_report import render, write_png
 from mythos_train.profile_trace import STEP_RANGE, read_trace
 
@@ -90,14 +91,14 @@ def planner_prediction(cfg: JobConfig, trainer, depths: list[tuple[int, int]], g
     On CPU it prices the job with this machine's measured numbers: the trainer's matmul peak and the all-reduce
     bandwidth between the ranks (divided by the planner's collective efficiency, which it applies again).
     """
-    from mythos_train.planner.comm import COLLECTIVE_EFFICIENCY  # noqa: PLC0415
-    from mythos_train.planner.hardware import ACCELERATORS, Accelerator, get_accelerator  # noqa: PLC0415
-    from mythos_train.planner.plan import build_plan, depth_stats, memory_plan, resolve_param_dtype  # noqa: PLC0415
+    from mythos_train.planner.comm import COLLECTIVE_EFFICIENCY
+    from mythos_train.planner.hardware import ACCELERATORS, Accelerator, get_accelerator
+    from mythos_train.planner.plan import build_plan, depth_stats, memory_plan
 
     device, world = trainer.device, trainer.dist.world_size
     link = link_bytes_per_s(device)  # a collective: every rank calls this function
     cfg = copy.deepcopy(cfg)
-    cfg.parallel.param_dtype = resolve_param_dtype(cfg, device.type)
+    cfg.parallel.param_dtype = resolve_param_dtype(cfg.parallel.param_dtype, device.type)
     if gpu:
         hw = get_accelerator(gpu)
     elif device.type == "cuda":
@@ -127,7 +128,7 @@ def planner_prediction(cfg: JobConfig, trainer, depths: list[tuple[int, int]], g
 
 def profile_job(cfg: JobConfig, info: DistInfo, warm_steps: int, steps: int, gpu: str | None = None) -> list[dict]:
     """Profile on every rank of an existing process group; returns all ranks' reports (printed on rank 0)."""
-    from mythos_train.trainer import Trainer  # noqa: PLC0415
+    from mythos_train.trainer import Trainer
 
     folder = Path(cfg.train.run_dir) / "profile"
     folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def profile_job(cfg: JobConfig, info: DistInfo, warm_steps: int, steps: int, gpu
 
 def run_profile(cfg: JobConfig, warm_steps: int, steps: int, gpu: str | None) -> int:
     """The `profile` command: process group (torchrun or one process) -> profile_job -> teardown."""
-    from mythos_train.trainer import check_vocab  # noqa: PLC0415
+    from mythos_train.trainer import check_vocab
 
     if steps < 1 or warm_steps < 0:
         raise ConfigError(f"profile: --steps must be >= 1 and --warm-steps >= 0 (got {steps} and {warm_steps})")

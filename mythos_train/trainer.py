@@ -34,6 +34,7 @@ from mythos_train.model.flops import training_flops_per_token
 from mythos_train.optim import build_lr_scheduler, build_optimizer
 from mythos_train.preflight import check_paths, checkpoint_folder
 from mythos_train.profiling import profiling
+from mythos_train.router_bias import RouterBiasBalancer
 from mythos_train.run_lock import RunDirInUse, RunDirLock
 from mythos_train.seeded_init import init_weights_seeded
 from mythos_train.stop_signals import StopSignals
@@ -108,7 +109,7 @@ class Trainer:
         self.model, self.wrap_iteration = build_model(cfg, self.dims, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.balancer = parallel.RouterBiasBalancer(self.model, self.dims, cfg.train.router_bias_rate)
+        self.balancer = RouterBiasBalancer(self.model, self.dims, cfg.train.router_bias_rate)
         self.balancer.attach(self.optimizer)
         self.depth = DepthSampler(cfg.train)
         t = cfg.train

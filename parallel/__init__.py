@@ -1,8 +1,23 @@
-"""Parallelism applied from outside the model: mesh, expert parallelism, activation checkpointing, compile, FSDP2."""
+"""Parallelism applied from outside the model: mesh, expert parallelism, activation checkpointing, compile, FSDP2.
 
-from parallel.clip_grad import clip_grad_norm_
-from parallel.mesh import ParallelDims, all_ranks_agree, build_mesh
-from parallel.parallelize import parallelize
-from parallel.router_bias import RouterBiasBalancer
+Names load on first use: mythos_train/config.py imports parallel.config, and the modules below import
+mythos_train.config, so importing them here would close an import cycle.
+"""
 
-__all__ = ["ParallelDims", "RouterBiasBalancer", "all_ranks_agree", "build_mesh", "clip_grad_norm_", "parallelize"]
+import importlib
+
+_EXPORTS = {
+    "ParallelDims": "parallel.mesh",
+    "build_mesh": "parallel.mesh",
+    "clip_grad_norm_": "parallel.clip_grad",
+    "parallelize": "parallel.parallelize",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'parallel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # replaces the submodule of the same name that the import bound (`parallelize`)
+    return value

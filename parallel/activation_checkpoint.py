@@ -1,7 +1,7 @@
 """Activation checkpointing: per loop iteration (the model calls `wrap_iteration(fn, *args)`), optionally per block.
 
 The loop is where activations pile up (k gradient iterations of a MoE block), so 'loop' recomputes each
-gradient iteration in backward and keeps only its inputs. 'full' also recomputes each prelude/coda block.
+gradient iteration in backward and keeps only its inputs. 'full' also recomputes each block outside the loop.
 Non-reentrant checkpointing: works with FSDP2 hooks, autograd-only inputs, and torch.compile'd blocks. The
 iteration function returns its expert counts as outputs, so the recompute never counts tokens twice.
 
@@ -73,21 +73,21 @@ def tile_module(module: nn.Module, chunks: int) -> None:
 def apply_activation_checkpointing(
     model: nn.Module, policy: str, keep_collectives: bool = True, shared_expert_chunks: int = 1
 ) -> Callable | None:
-    """Returns the loop's `wrap_iteration` (None for policy 'none'); 'full' also wraps prelude and coda blocks.
+    """Returns the loop's `wrap_iteration` (None for policy 'none'); 'full' also wraps the plan's blocks.
 
     keep_collectives: save expert all-to-all outputs when the model has ExpertParallel modules (see above).
-    shared_expert_chunks > 1 tiles the looped block's shared experts (`tile_module`), whatever the policy.
+    shared_expert_chunks > 1 tiles the plan's shared experts (`tile_module`), whatever the policy.
     """
     if policy not in ("none", "loop", "full"):
         raise ValueError(f"parallel.activation_checkpoint: unknown policy {policy!r} (none | loop | full)")
-    shared = model.recurrent.block.moe.shared
-    if shared_expert_chunks > 1 and shared is not None:
-        tile_module(shared, shared_expert_chunks)
+    plan = model.parallel_plan()
+    if shared_expert_chunks > 1 and plan.shared_experts is not None:
+        tile_module(model.get_submodule(plan.shared_experts), shared_expert_chunks)
     if policy == "none":
         return None
     if policy == "full":
-        for block in [*model.prelude, *model.coda]:
-            checkpoint_module(block)
+        for block in plan.blocks:
+            checkpoint_module(model.get_submodule(block))
     if keep_collectives and any(isinstance(m, ExpertParallel) for m in model.modules()):
         return checkpoint_iteration_keep_collectives
     return checkpoint_iteration

@@ -1,6 +1,6 @@
 """Expert parallelism: each ep rank holds E/ep experts; tokens travel to their expert and back by all-to-all.
 
-`ExpertParallel` replaces `moe.experts` with the same call signature, `(x_sorted[N, dim],
+`ExpertParallel` replaces the model plan's routed experts with the same call signature, `(x_sorted[N, dim],
 tokens_per_expert[E]) -> [N, dim]`, so the router, the sort and the weighted combine in MoE stay untouched.
 Its weights are DTensors `Shard(0)` over the ep mesh with the *global* shape [E, ...] and the original names
 (w1, w2, w3), so a checkpoint saved at one ep degree loads at any other. The only host sync is the split sizes
@@ -104,8 +104,9 @@ class ExpertParallel(nn.Module):
 
 
 def apply_expert_parallel(model: nn.Module, dims: ParallelDims) -> None:
-    """Swap the looped block's `moe.experts` for an ExpertParallel holding this rank's experts."""
+    """Swap the plan's routed experts for an ExpertParallel holding this rank's experts."""
     if not dims.ep_enabled:
         return
-    moe = model.recurrent.block.moe
-    moe.experts = ExpertParallel(moe.experts, dims.ep_mesh)
+    parent, _, name = model.parallel_plan().experts.rpartition(".")
+    owner = model.get_submodule(parent)
+    setattr(owner, name, ExpertParallel(getattr(owner, name), dims.ep_mesh))

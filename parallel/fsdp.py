@@ -1,9 +1,9 @@
-"""FSDP2 from outside the model: prelude/coda blocks, the looped module, the root.
+"""FSDP2 from outside the model: the units the model's plan names (model/parallel_plan.py), then the root.
 
-The looped block runs n + k times per step. Sharding `model.recurrent` (whose forward runs the whole loop) makes
+The looped block runs n + k times per step. Sharding the plan's `loop` (whose forward runs the whole loop) makes
 that one FSDP unit: one all-gather in forward, one in backward, one reduce-scatter, at any depth (per-iteration
 activation checkpointing recomputes inside the backward unshard window, so it adds none).
-`reshard_per_iteration` shards the inner block instead, trading one all-gather per iteration for memory.
+`reshard_per_iteration` also shards the plan's `loop_block`, trading one all-gather per iteration for memory.
 
 Expert weights (DTensors over ep after expert parallelism) join the same unit through a per-parameter mesh:
 FSDP gives them their own param group over (dp_replicate, efsdp), hooked to the same forward, so they too are
@@ -18,17 +18,17 @@ gradients are summed in fp32 through those views instead, rounded once to param_
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
+
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
-from mythos_train.config import ParallelConfig
+from mythos_train.dtypes import resolve_param_dtype, torch_dtype
+from parallel.config import ParallelConfig
 from parallel.expert_parallel import ExpertParallel
 from parallel.mesh import ParallelDims
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def mixed_precision_policy(parallel: ParallelConfig, device_type: str) -> MixedPrecisionPolicy:
@@ -37,12 +37,10 @@ def mixed_precision_policy(parallel: ParallelConfig, device_type: str) -> MixedP
     Forward inputs are not cast: activations are already in param_dtype (the embedding's output), and the fp32
     RoPE tables every block receives must stay fp32 (in bf16, cos/sin are off by up to 2e-3 at long positions).
     """
-    if parallel.param_dtype == "auto":
-        param_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    else:
-        param_dtype = _DTYPES[parallel.param_dtype]
     return MixedPrecisionPolicy(
-        param_dtype=param_dtype, reduce_dtype=_DTYPES[parallel.reduce_dtype], cast_forward_inputs=False
+        param_dtype=torch_dtype(resolve_param_dtype(parallel.param_dtype, device_type)),
+        reduce_dtype=torch_dtype(parallel.reduce_dtype),
+        cast_forward_inputs=False,
     )
 
 
@@ -73,18 +71,17 @@ def _expert_placement_fn(model: nn.Module, dims: ParallelDims):
     return lambda p: expert if id(p) in expert_params else None
 
 
-def prefetch_chain(prelude_layers: int, coda_layers: int) -> dict[str, list[tuple[str, str]]]:
+def prefetch_chain(units: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
     """(unit, the unit whose all-gather it issues right after its own) in forward and in backward order.
 
     Under expert parallelism parallel/fsdp.py sets these explicitly (as torchtitan does): the all-to-all's split
     sizes make the host wait for the device inside the looped unit, so FSDP2's implicit schedule (forward: gather
     when the CPU reaches a unit; backward: the next unit in reverse forward order) leaves gathers exposed. Each
     unit prefetches the next one in forward and the previous one in backward; the root (embedding, final norm,
-    tied head) stays gathered from forward to the end of backward, so it starts both chains. Units are named as
-    in mythos_train/planner/memory.fsdp_unit; with reshard_per_iteration the looped block's own unit keeps FSDP's
+    tied head) stays gathered from forward to the end of backward, so it starts both chains. `units` are the
+    plan's `fsdp_units` (forward order); with reshard_per_iteration the loop block's own unit keeps FSDP's
     schedule. The planner counts what stays exposed (planner/comm.exposed_loop_gather_s).
     """
-    units = [*(f"prelude.{i}" for i in range(prelude_layers)), "recurrent", *(f"coda.{i}" for i in range(coda_layers))]
     forward = [("root", units[0]), *zip(units, units[1:])]
     backward = [("root", units[-1]), *zip(units[:0:-1], units[-2::-1])]
     return {"forward": forward, "backward": backward}
@@ -92,7 +89,7 @@ def prefetch_chain(prelude_layers: int, coda_layers: int) -> dict[str, list[tupl
 
 def set_explicit_prefetch(model: nn.Module) -> dict[str, list[tuple[str, str]]]:
     """Make FSDP follow `prefetch_chain` on this model; returns the chain."""
-    chain = prefetch_chain(len(model.prelude), len(model.coda))
+    chain = prefetch_chain(model.parallel_plan().fsdp_units)
 
     def unit(name: str) -> FSDPModule:
         return model if name == "root" else model.get_submodule(name)
@@ -108,15 +105,16 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, parallel: ParallelConfig) -
     mp = mixed_precision_policy(parallel, dims.device_type)
     mesh = dims.fsdp_mesh
     placement_fn = _expert_placement_fn(model, dims)
-    for block in model.prelude:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    if parallel.reshard_per_iteration:
-        fully_shard(model.recurrent.block, mesh=mesh, mp_policy=mp, shard_placement_fn=placement_fn)
-        fully_shard(model.recurrent, mesh=mesh, mp_policy=mp)
-    else:
-        fully_shard(model.recurrent, mesh=mesh, mp_policy=mp, shard_placement_fn=placement_fn)
-    for block in model.coda:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+    plan = model.parallel_plan()
+    for unit in plan.fsdp_units:
+        module = model.get_submodule(unit)
+        if unit != plan.loop:
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+        elif parallel.reshard_per_iteration:
+            fully_shard(model.get_submodule(plan.loop_block), mesh=mesh, mp_policy=mp, shard_placement_fn=placement_fn)
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+        else:
+            fully_shard(module, mesh=mesh, mp_policy=mp, shard_placement_fn=placement_fn)
     # The root (embedding/tied head, final norm) is needed first in backward: keep it gathered after forward.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
 

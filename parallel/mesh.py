@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from mythos_train.config import ConfigError, ParallelConfig, mesh_sizes
+from mythos_train.distributed import init_process_group
+from mythos_train.errors import ConfigError
+from parallel.config import ParallelConfig, mesh_sizes
 
 
 @dataclass
 class ParallelDims:
-    """Resolved axis sizes and the meshes built from them (sizes are those of `config.mesh_sizes`)."""
+    """Resolved axis sizes and the meshes built from them (sizes are those of `parallel.config.mesh_sizes`)."""
 
     dp_replicate: int
     dp_shard: int
@@ -67,28 +68,20 @@ def resolve_device_type(device: str = "auto") -> str:
     return device
 
 
-def _init_process_group(parallel: ParallelConfig, world_size: int, device_type: str) -> None:
-    timeout = timedelta(seconds=parallel.timeout_s)
-    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
-    if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if world_size == 1 and "MASTER_ADDR" not in os.environ:
-        # A single process without torchrun: an in-memory store, so one code path serves 1 and N ranks.
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    else:
-        dist.init_process_group(backend, world_size=world_size, timeout=timeout)
-
-
 def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "auto") -> ParallelDims:
     """Validate the axis sizes (ConfigError before any collective), init the process group if needed, build meshes.
 
-    The process group is started here when the caller has not (torchrun env vars, or an in-memory store for a
-    lone process); backend 'auto' = nccl on CUDA, gloo on CPU.
+    The process group is started here when the caller has not (mythos_train/distributed.init_process_group: torchrun
+    env vars, or an in-memory store for a lone process).
     """
     sizes = mesh_sizes(parallel, world_size)
     device_type = resolve_device_type(device_type)
     if not dist.is_initialized():
-        _init_process_group(parallel, world_size, device_type)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        init_process_group(parallel, device)
     if dist.get_world_size() != world_size:
         raise ConfigError(f"build_mesh: world_size {world_size} != process group size {dist.get_world_size()}")
     r, s, ep, f = sizes["dp_replicate"], sizes["dp_shard"], sizes["ep"], sizes["efsdp"]
@@ -106,11 +99,3 @@ def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "au
         efsdp_mesh=sparse["dp_replicate", "efsdp"] if r > 1 else sparse["efsdp"],
         ep_mesh=sparse["ep"] if ep > 1 else None,
     )
-
-
-def all_ranks_agree(flag: bool, dims: ParallelDims) -> bool:
-    """True only if `flag` is True on every rank (all-reduce MIN): e.g. an eval-time ACT early exit."""
-    device = torch.device(dims.device_type, torch.cuda.current_device()) if dims.device_type == "cuda" else None
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=dims.world_mesh.get_group())
-    return bool(t.item())

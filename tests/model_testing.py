@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mythos_train.bench.throughput import load_open_mythos
 from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel, moe
+from mythos_train.model.open_mythos_compat import load_open_mythos
 
 TINY_MODEL = dict(
     vocab_size=64,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from trainer_testing import MODULES, VOCAB, config_file
+from trainer_testing import VOCAB, config_file, write_module_sources
 
 from mythos_train.__main__ import main
 from mythos_train.checkpoint import find_latest
@@ -66,13 +66,8 @@ def _run(args: list[str], cwd: Path, timeout: float = 300) -> str:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Prepare through the CLI from a few text files."""
-    import importlib
-    import inspect
-
     root = tmp_path_factory.mktemp("cli")
-    (root / "text").mkdir()
-    for name in MODULES:
-        (root / "text" / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
+    write_module_sources(root / "text")
     _run(
         [
             sys.executable,

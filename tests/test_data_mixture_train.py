@@ -1,13 +1,9 @@
 """The trainer's mixture hooks: realised shares reach the logged data stats, and the evaluator's validation loss
 of each source equals the loss computed on that source's data alone (an evaluator configured without mixture)."""
 
-import importlib
-import inspect
-
 import pytest
-from trainer_testing import VOCAB, prepare_tiny_data, tiny_config
+from trainer_testing import prepare_tiny_data, tiny_config
 
-from data_pipeline import DataConfig, prepare
 from mythos_train.distributed import destroy_distributed, init_distributed
 from mythos_train.evaluate import Evaluator
 from mythos_train.trainer import Trainer
@@ -18,22 +14,9 @@ def two_datasets(tmp_path_factory):
     """The tiny dataset and a second one (other text) prepared with its tokenizer."""
     root = tmp_path_factory.mktemp("mix")
     first = prepare_tiny_data(root)
-    text = root / "other"
-    text.mkdir()
-    for name in ("random", "dataclasses", "argparse", "ast"):
-        (text / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
-    second = root / "second"
-    prepare(
-        DataConfig(
-            sources=[str(text)],
-            prepared_dir=str(second),
-            tokenizer_path=str(first / "tokenizer.model"),
-            vocab_size=VOCAB,
-            val_fraction=0.5,
-            prepare_workers=1,
-        ),
-        progress=False,
-    )
+    other = ("random", "dataclasses", "argparse", "ast")
+    tokenizer = str(first / "tokenizer.model")
+    second = prepare_tiny_data(root, other, text="other", out="second", tokenizer_path=tokenizer, val_fraction=0.5)
     return first, second
 
 

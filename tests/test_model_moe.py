@@ -2,13 +2,13 @@
 
 import torch
 import torch.nn.functional as F
+from model_testing import tiny_model_config
 
-from mythos_train.config import ModelConfig
 from mythos_train.model.moe import MoE
 
 
 def _moe(seed: int = 0, **overrides) -> MoE:
-    cfg = ModelConfig(**(dict(dim=32, n_experts=8, n_experts_per_tok=3, expert_dim=16, n_shared_experts=2) | overrides))
+    cfg = tiny_model_config(**(dict(dim=32, n_experts_per_tok=3, n_shared_experts=2) | overrides))
     torch.manual_seed(seed)
     moe = MoE(cfg)
     for module in moe.modules():

@@ -11,10 +11,11 @@ import torch.distributed as dist
 from test_parallel_fsdp_ep import global_batch, lm_loss, tiny_config
 from torch.distributed.tensor import DTensor
 
-from mythos_train.config import ConfigError, ParallelConfig
+from mythos_train.config import ConfigError
 from mythos_train.model import MythosModel
-from parallel import all_ranks_agree, build_mesh, clip_grad_norm_, parallelize
+from parallel import build_mesh, clip_grad_norm_, parallelize
 from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.config import ParallelConfig
 from parallel.testing import CollectiveCounter
 
 
@@ -30,6 +31,24 @@ def test_bad_mesh_is_a_config_error_before_any_process_group(parallel, world, ma
     with pytest.raises(ConfigError, match=match):
         build_mesh(parallel, world, "cpu")
     assert not dist.is_initialized()
+
+
+def test_build_mesh_starts_the_group_through_the_one_process_group_owner(monkeypatch):
+    """build_mesh without a group goes through distributed.init_process_group (as the trainer's start does): a
+    multi-process world without torchrun's MASTER_ADDR is refused there, with parallel.timeout_s applied otherwise."""
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="without MASTER_ADDR"):
+        build_mesh(ParallelConfig(), 2, "cpu")
+    assert not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: calls.append(kwargs))
+    with pytest.raises(ValueError):  # no group was really started: the mesh cannot be built
+        build_mesh(ParallelConfig(timeout_s=123.0), 1, "cpu")
+    assert [(type(c["store"]).__name__, c["timeout"].total_seconds(), c["world_size"]) for c in calls] == [
+        ("HashStore", 123.0, 1)
+    ]
 
 
 def grads_after_step(model, wrap, n=2, k=3):
@@ -70,7 +89,6 @@ def test_world_of_one_matches_plain_model():
         dims = build_mesh(cfg.parallel, 1, "cpu")
         wrap = parallelize(model, dims, cfg)
         assert isinstance(model.tok_embeddings.weight, DTensor) and dims.dp_size == 1 and dims.ep_mesh is None
-        assert all_ranks_agree(True, dims) and not all_ranks_agree(False, dims)
         expected = grads_after_step(plain, None)
         got = grads_after_step(model, wrap)
         for name, g in expected.items():

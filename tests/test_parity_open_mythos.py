@@ -4,6 +4,9 @@ The reference is loaded straight from its main.py (`pip install --no-deps open-m
 tests skip, except under CI (`CI=true`), where they fail.
 """
 
+import importlib.util
+from pathlib import Path
+
 import model_testing
 import pytest
 import torch
@@ -11,7 +14,7 @@ from model_testing import open_mythos_reference, tiny_model_config
 
 from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel
-from mythos_train.model.open_mythos_compat import open_mythos_config_kwargs, to_open_mythos_state_dict
+from mythos_train.model.open_mythos_compat import load_open_mythos, open_mythos_config_kwargs, to_open_mythos_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,13 @@ def test_missing_reference_skips_locally_and_fails_under_ci(monkeypatch):
         with pytest.raises(BaseException) as raised:  # a skip must not pass for a failure, nor the other way
             open_mythos_reference()
         assert raised.type is outcome, f"CI={ci}: {raised.type.__name__} {raised.value}"
+
+
+def test_reference_comes_from_the_installed_package_only(monkeypatch):
+    """No fallback to a copy elsewhere: with no package installed there is no reference, even were every path a file."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    monkeypatch.setattr(Path, "is_file", lambda self: True)
+    assert load_open_mythos() is None
 
 
 def _cfg(attn_type: str, **overrides) -> ModelConfig:

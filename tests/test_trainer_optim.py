@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from model_testing import DIM32, tiny_model_config
 
-from mythos_train.config import ModelConfig, OptimConfig
+from mythos_train.config import OptimConfig
 from mythos_train.model import MythosModel
 from mythos_train.optim import build_lr_scheduler, build_optimizer, lr_factor, param_groups
 
@@ -48,23 +49,8 @@ def test_constant_and_scheduler_drives_the_optimizer():
 
 
 def test_weight_decay_only_on_matrices():
-    cfg = ModelConfig(
-        vocab_size=64,
-        dim=32,
-        n_heads=4,
-        max_seq_len=16,
-        max_loop_iters=2,
-        n_experts=4,
-        n_experts_per_tok=2,
-        expert_dim=16,
-        use_act=True,
-        injection="parcae",
-        kv_lora_rank=8,
-        q_lora_rank=8,
-        qk_rope_head_dim=4,
-        qk_nope_head_dim=4,
-        v_head_dim=8,
-        lora_rank=2,
+    cfg = tiny_model_config(
+        **DIM32, max_loop_iters=2, n_experts=4, expert_dim=16, use_act=True, injection="parcae", lora_rank=2
     )
     model = MythosModel(cfg)
     decay_group, no_decay_group = param_groups(model, weight_decay=0.1)

@@ -1,13 +1,17 @@
 """Shared helpers for the trainer/checkpoint/metrics/export/CLI tests: a tiny prepared dataset and a tiny job.
 
 The corpus is the source of a few stdlib modules (deterministic, no download), prepared by data_pipeline's own
-`prepare` with a 512-piece tokenizer; the model is dim 64 with 4 experts, seq 32, fp32 on CPU.
+`prepare` with a 512-piece tokenizer; the model is model_testing's tiny one with 4 wider experts, seq 32, fp32 on CPU.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import json
 from pathlib import Path
+
+from model_testing import TINY_MODEL
 
 from data_pipeline import DataConfig, prepare
 from mythos_train.config import JobConfig, load_config
@@ -37,50 +41,33 @@ MODULES = (
 )
 
 
-def prepare_tiny_data(root: Path) -> Path:
-    """Write one text file per module and run prepare; returns the prepared directory."""
-    import importlib
+def write_module_sources(directory: Path, modules: tuple[str, ...] = MODULES) -> Path:
+    """One text file per stdlib module, its source (a deterministic corpus, no download); returns `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in modules:
+        (directory / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
+    return directory
 
-    src = root / "text"
-    src.mkdir(parents=True, exist_ok=True)
-    for name in MODULES:
-        (src / f"{name}.txt").write_text(inspect.getsource(importlib.import_module(name)))
-    out = root / "prepared"
-    prepare(
-        DataConfig(
-            sources=[str(src)],
-            prepared_dir=str(out),
-            vocab_size=VOCAB,
-            val_fraction=0.2,
-            num_workers=0,
-            prepare_workers=1,
-        ),
-        progress=False,
-    )
-    return out
 
+def prepare_tiny_data(
+    root: Path, modules: tuple[str, ...] = MODULES, text: str = "text", out: str = "prepared", **data
+) -> Path:
+    """Write the modules' sources to root/text and prepare them into root/out (a VOCAB-piece tokenizer trained
+    on them unless `data` names one); `data` overrides DataConfig fields. Returns the prepared directory."""
+    src = write_module_sources(root / text, modules)
+    fields = dict(vocab_size=VOCAB, val_fraction=0.2, num_workers=0, prepare_workers=1) | data
+    prepare(DataConfig(sources=[str(src)], prepared_dir=str(root / out), **fields), progress=False)
+    return root / out
+
+
+# The model tests' tiny model with this corpus's vocabulary, a longer sequence and fewer, wider experts.
+TRAINER_MODEL = TINY_MODEL | dict(
+    vocab_size=VOCAB, max_seq_len=64, max_loop_iters=4, v_head_dim=16, n_experts=4, expert_dim=32
+)
 
 TINY_TOML = """
 [model]
-vocab_size = {vocab}
-dim = 64
-n_heads = 4
-n_kv_heads = 2
-max_seq_len = 64
-max_loop_iters = 4
-prelude_layers = 1
-coda_layers = 1
-attn_type = "mla"
-kv_lora_rank = 16
-q_lora_rank = 24
-qk_rope_head_dim = 8
-qk_nope_head_dim = 8
-v_head_dim = 16
-n_experts = 4
-n_shared_experts = 1
-n_experts_per_tok = 2
-expert_dim = 32
-lora_rank = 4
+{model}
 
 [parallel]
 activation_checkpoint = "loop"
@@ -129,7 +116,8 @@ def tiny_config(data_dir: Path, run_dir: Path, overrides: list[str] | None = Non
     """The tiny job as a TOML file in run_dir's parent (so the CLI tests can use the same file)."""
     path = Path(run_dir).parent / f"{Path(run_dir).name}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(TINY_TOML.format(vocab=VOCAB, run_dir=run_dir, data_dir=data_dir))
+    model = "\n".join(f"{key} = {json.dumps(value)}" for key, value in TRAINER_MODEL.items())
+    path.write_text(TINY_TOML.format(model=model, vocab=VOCAB, run_dir=run_dir, data_dir=data_dir))
     return load_config(path, overrides)
 
 

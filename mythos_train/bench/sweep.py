@@ -28,6 +28,7 @@ from mythos_train.loss import cross_entropy_sum
 from mythos_train.metrics import peak_flops
 from mythos_train.model.flops import training_flops_per_token
 from mythos_train.optim import build_optimizer
+from mythos_train.router_bias import RouterBiasBalancer
 from mythos_train.trainer import build_model
 
 GIB = 2**30
@@ -76,7 +77,7 @@ class TrainStep:
         self.dims = parallel.build_mesh(cfg.parallel, world_size, device.type)
         self.model, self.wrap = build_model(cfg, self.dims, device)
         self.optimizer = build_optimizer(self.model, cfg.optim, device.type)
-        self.balancer = parallel.RouterBiasBalancer(self.model, self.dims, cfg.train.router_bias_rate)
+        self.balancer = RouterBiasBalancer(self.model, self.dims, cfg.train.router_bias_rate)
         self.balancer.attach(self.optimizer)
         self.sampler, self.device, self.train = DepthSampler(cfg.train), device, cfg.train
         t = cfg.train

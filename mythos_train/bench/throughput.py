@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from torch.autograd.profiler import record_function
 from mythos_train.config import ModelConfig
 from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
-from mythos_train.model.open_mythos_compat import open_mythos_config_kwargs
+from mythos_train.model.open_mythos_compat import load_open_mythos, open_mythos_config_kwargs
 
 BENCH_SHAPE = dict(
     vocab_size=8192,
@@ -114,20 +113,6 @@ def _train_step(model: torch.nn.Module, forward, tokens: torch.Tensor):
     return step
 
 
-def load_open_mythos():
-    """open-mythos 0.5.0's main module (installed package, else the unpacked copy under /tmp/om/x), or None."""
-    spec = importlib.util.find_spec("open_mythos")
-    paths = [Path(p) / "main.py" for p in (spec.submodule_search_locations or [])] if spec else []
-    path = next((p for p in [*paths, Path("/tmp/om/x/open_mythos/main.py")] if p.is_file()), None)
-    if path is None:
-        return None
-    ref_spec = importlib.util.spec_from_file_location("open_mythos_bench_main", path)
-    module = importlib.util.module_from_spec(ref_spec)
-    sys.modules[ref_spec.name] = module
-    ref_spec.loader.exec_module(module)
-    return module
-
-
 def _report(name: str, times: list[float], peaks: list[float], step_flops: float, n_tokens: int) -> dict:
     """Median-based numbers, plus best-case ones (fastest step / highest peak) that show what an idle machine gives."""
     step_s, peak = statistics.median(times), statistics.median(peaks)
@@ -160,11 +145,11 @@ def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: 
     """One more step under the profiler: its op table to args.profile, its Chrome trace beside it, and the phase
     table of `python -m mythos_train profile` printed. The trace is in wall time, so MFU per phase is against the
     wall-clock matmul peak (median of three, around the step) whatever --clock says."""
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile
 
-    from mythos_train.config import JobConfig, TrainConfig  # noqa: PLC0415
-    from mythos_train.profile_report import rank_tables  # noqa: PLC0415
-    from mythos_train.profile_trace import STEP_RANGE, read_trace  # noqa: PLC0415
+    from mythos_train.config import JobConfig, TrainConfig
+    from mythos_train.profile_report import rank_tables
+    from mythos_train.profile_trace import STEP_RANGE, read_trace
 
     peaks = [matmul_flops_per_s(device, args.peak_size) for _ in range(2)]
     with profile(
@@ -218,7 +203,7 @@ def _bench_reference(
 def main(argv: list[str] | None = None) -> dict | list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--sweep" in argv:
-        from mythos_train.bench import sweep  # noqa: PLC0415
+        from mythos_train.bench import sweep
 
         return sweep.main([a for a in argv if a != "--sweep"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

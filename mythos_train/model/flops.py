@@ -54,6 +54,6 @@ def block_forward_flops_per_token(cfg: ModelConfig, seq_len: int, looped: bool) 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int, n_nograd: int, n_grad: int) -> float:
     """FLOPs per token of one forward + backward with n_nograd gradient-free and n_grad gradient loop iterations."""
-    per_iteration = 2 * looped_active_params(cfg) + attention_score_flops(cfg, seq_len)  # forward
+    per_iteration = block_forward_flops_per_token(cfg, seq_len, looped=True)  # forward
     dense = 2 * dense_params(cfg) + (cfg.prelude_layers + cfg.coda_layers) * attention_score_flops(cfg, seq_len)
     return n_nograd * per_iteration + 3 * n_grad * per_iteration + 3 * dense

@@ -11,6 +11,7 @@ from mythos_train.config import ModelConfig
 from mythos_train.model.attention import GQAttention, MLAttention, Rope
 from mythos_train.model.documents import document_rope
 from mythos_train.model.moe import FeedForward, MoE
+from mythos_train.model.parallel_plan import ParallelPlan, mythos_parallel_plan
 from mythos_train.model.recurrent import RecurrentBlock, WrapIteration, cache_slot
 from mythos_train.model.rope import RotaryEmbedding
 
@@ -55,6 +56,10 @@ class MythosModel(nn.Module):
         self.coda = nn.ModuleList(TransformerBlock(cfg, use_moe=False) for _ in range(cfg.coda_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.init_weights()
+
+    def parallel_plan(self) -> ParallelPlan:
+        """Which modules parallel/ and the planner treat as FSDP units, experts, the loop (model/parallel_plan.py)."""
+        return mythos_parallel_plan(self)
 
     @torch.no_grad()
     def init_weights(self) -> None:

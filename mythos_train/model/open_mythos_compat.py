@@ -7,7 +7,11 @@ exported weights give the same logits. Other settings have no open-mythos equiva
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -107,3 +111,23 @@ def to_open_mythos_state_dict(
     out["freqs_cis"] = _complex_rope(cfg.dim // cfg.n_heads, cfg)
     out["freqs_cis_mla"] = _complex_rope(cfg.qk_rope_head_dim, cfg)
     return out
+
+
+def load_open_mythos() -> ModuleType | None:
+    """open-mythos 0.5.0's `main` module from the installed package (`pip install --no-deps open-mythos==0.5.0`),
+    or None when it is not installed: the reference of the parity tests and of `bench`.
+
+    Loaded from the package's own main.py, not imported: the package's __init__ imports `transformers` for a
+    tokenizer the model does not need.
+    """
+    spec = importlib.util.find_spec("open_mythos")
+    if spec is None:
+        return None
+    main = next((Path(p) / "main.py" for p in spec.submodule_search_locations or []), None)
+    if main is None or not main.is_file():
+        return None
+    main_spec = importlib.util.spec_from_file_location("open_mythos_main", main)
+    module = importlib.util.module_from_spec(main_spec)
+    sys.modules[main_spec.name] = module
+    main_spec.loader.exec_module(module)
+    return module

@@ -36,6 +36,11 @@ block's input. Under expert parallelism a checkpointed step also keeps its two a
 parallel/activation_checkpoint.py saves them so the recompute does not communicate (`keep_all_to_all`; not
 with reshard_per_iteration, which recomputes them). The peak of a micro-batch is the largest of a few
 candidate moments of its backward (see `micro_batch_activations`).
+
+Tensor parallelism (tp > 1, planner/tensor_parallel.py) divides everything above by tp (sequence-parallel
+regions hold seq_len / tp tokens; heads, FFN hidden, vocabulary and routed slots are split) except what each
+rank holds whole (`gathered_*_bytes`): the all-gathered inputs of attention, FFN/MoE and head (D each), MLA's
+replicated down-projection chain, and the router, which runs on the gathered MoE input.
 """
 
 from __future__ import annotations
@@ -97,6 +102,23 @@ def loop_step_bytes(m: ModelConfig, a: int, cpu: bool, ep: int, shared_chunks: i
     return step
 
 
+def gathered_attention_bytes(m: ModelConfig, a: int, cpu: bool) -> int:
+    """Per-token bytes of attn_norm + attention that every tp rank holds whole: the gathered input, MLA's down chain."""
+    total = m.dim * a
+    if m.attn_type == "mla":
+        total += 2 * m.q_lora_rank * a + _norm(m.q_lora_rank, a, cpu)  # q_down out, q_norm, c_q
+        total += (2 * m.kv_lora_rank + m.qk_rope_head_dim) * a + _norm(m.kv_lora_rank, a, cpu)  # kv_down out, norm
+    return total
+
+
+def gathered_step_bytes(m: ModelConfig, a: int, cpu: bool) -> tuple[int, int]:
+    """(loop step, dense block) per-token bytes held whole under TP: attention's, the FFN/MoE input D, the router."""
+    ffn = gathered_attention_bytes(m, a, cpu) + m.dim * a
+    k = m.n_experts_per_tok
+    router = FP32 * (m.n_experts + 2 * k + 1) + INT64 * k + (k * a if a != FP32 else 0)
+    return ffn + router, ffn
+
+
 def head_bytes(m: ModelConfig, a: int, cpu: bool) -> int:
     """Per-token bytes of the final norm, the tied head's logits (kept by the caller) and the log-softmax."""
     return m.dim * a + _norm(m.dim, a, cpu) + m.dim * a + m.vocab_size * a + m.vocab_size * FP32
@@ -125,6 +147,7 @@ def micro_batch_activations(
     ep: int = 1,
     keep_all_to_all: bool = True,
     shared_chunks: int = 1,
+    tp: int = 1,
 ) -> ActivationMemory:
     """Activation bytes of `tokens` tokens (micro_batch_size * seq_len) at backprop depth `n_grad`.
 
@@ -138,6 +161,7 @@ def micro_batch_activations(
              tiled shared experts the one chunk being differentiated
       dense  prelude inputs + logits + one prelude block (recomputed under 'full') + its SwiGLU gradients
       loop_reduce  prelude + logits once the loop's backward is done (its unit's reduce-scatter copy-in)
+    Under tp each moment is (all of it + (tp - 1) x its gathered part) / tp: the gathered part is held whole.
     """
     D = m.dim
     step, dense, head = (
@@ -177,4 +201,25 @@ def micro_batch_activations(
     phases = {k_: v * tokens for k_, v in phases.items()}
     if shared_chunks > 1:  # not per token: each chunk's backward makes whole weight gradients (module docstring)
         phases["loop"] += 2 * D * m.shared_expert_dim * a
-    return ActivationMemory(saved * tokens, phases, step * tokens)
+    if tp == 1:
+        return ActivationMemory(saved * tokens, phases, step * tokens)
+    g_step, g_dense = gathered_step_bytes(m, a, cpu)
+    g_pre, g_coda = (m.prelude_layers * g_dense, m.coda_layers * g_dense) if policy != "full" else (0, 0)
+    g_loop = n_grad * g_step if policy == "none" else 0
+    g_saved = g_pre + g_loop + g_coda + m.dim * a  # the head's gathered input
+    gathered = {
+        "head": g_saved,
+        "head_grad": g_saved,
+        "loop": g_pre + g_loop + (g_step if recompute else 0),
+        "dense": g_pre + (g_dense if policy == "full" else 0) if m.prelude_layers else 0,
+        "loop_reduce": g_pre,
+    }
+
+    def per_rank(total: int, held_whole: int) -> int:
+        return (total + (tp - 1) * held_whole * tokens) // tp
+
+    return ActivationMemory(
+        per_rank(saved * tokens, g_saved),
+        {k_: per_rank(v, gathered[k_]) for k_, v in phases.items()},
+        per_rank(step * tokens, g_step),
+    )

@@ -11,6 +11,9 @@ sees every collective of a real step):
     gradients travel back the same way). Activation checkpointing keeps the all-to-all outputs instead of
     re-communicating them (parallel/activation_checkpoint.py), except with reshard_per_iteration, where the
     recompute runs them again (k more).
+  * tensor parallelism (tp > 1): per micro-batch the sequence-parallel all-gathers and reduce-scatters of
+    planner/tensor_parallel.py's `tp_calls` (linear in depth), each of a [micro_batch_size * seq_len, dim]
+    activation in param_dtype, and the vocabulary-parallel loss's three all-reduces; on the critical path.
 A group of size 1 issues nothing. Bytes are what one rank sends: (w - 1) / w of the reduce-scatter input or of
 the all-to-all input (uniform routing), (w - 1) times its shard for an all-gather, 2 (w - 1) / w for all-reduce.
 """
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from mythos_train.config import JobConfig
 from mythos_train.planner.hardware import COLLECTIVE_EFFICIENCY, Accelerator
 from mythos_train.planner.memory import UnitSizes
+from mythos_train.planner.tensor_parallel import tp_calls
 
 LATENCY_S = {"intra": 20e-6, "inter": 50e-6}
 "Fixed cost per collective call (NCCL small-message latency, about 10-30 us in a node and 30-80 us across)."
@@ -80,6 +84,7 @@ def _axis_groups(sizes: dict[str, int]) -> dict[str, int]:
         "efsdp": sizes["efsdp"],
         "ep": sizes["ep"],
         "dp_replicate": sizes["dp_replicate"],
+        "tp": sizes.get("tp", 1),
     }
 
 
@@ -128,11 +133,19 @@ def step_collectives(
             add("all-reduce", "dp_replicate", 1, numel * reduce_bytes, 2 * (r - 1) / r * numel * reduce_bytes)
     if sizes["ep"] > 1:
         ep = sizes["ep"]
-        rows = t.micro_batch_size * t.seq_len * m.n_experts_per_tok  # routed (token, choice) slots per rank
+        # routed (token, choice) slots per rank; under tp each rank routes its seq_len / tp tokens
+        rows = t.micro_batch_size * t.seq_len * m.n_experts_per_tok // groups["tp"]
         recomputed = n_grad if p.activation_checkpoint != "none" and p.reshard_per_iteration else 0
         calls = 2 * (n_nograd + n_grad + recomputed + n_grad)
         payload = rows * m.dim * param_bytes
         add("all-to-all", "ep", calls, payload, payload * (ep - 1) / ep, overlapped=False)
+    tp = groups["tp"]
+    calls = tp_calls(cfg, n_nograd, n_grad)
+    tokens = t.micro_batch_size * t.seq_len
+    whole = tokens * m.dim * param_bytes  # one gathered activation
+    add("all-gather", "tp", calls.all_gathers, whole / tp, whole * (tp - 1) / tp, overlapped=False)
+    add("reduce-scatter", "tp", calls.reduce_scatters, whole, whole * (tp - 1) / tp, overlapped=False)
+    add("all-reduce", "tp", calls.loss_all_reduces, tokens * 4, 2 * (tp - 1) / tp * tokens * 4, overlapped=False)
     return _merge(out)
 
 
@@ -154,13 +167,17 @@ def axis_span(axis: str, sizes: dict[str, int], gpus_per_node: int) -> str:
 
     parallel/mesh.py lays ranks out as (dp_replicate, dp_shard) and (dp_replicate, efsdp, ep), innermost
     contiguous: ep groups are `ep` consecutive ranks, dp_shard and efsdp groups live inside dp_shard
-    consecutive ranks, dp_replicate groups stride over dp_shard.
+    consecutive ranks, dp_replicate groups stride over dp_shard. A tp axis is innermost of all (tp consecutive
+    ranks, inside a node): every data axis then strides over it.
     """
-    world = sizes["dp_replicate"] * sizes["dp_shard"]
+    tp = sizes.get("tp", 1)
+    world = sizes["dp_replicate"] * sizes["dp_shard"] * tp
+    if axis == "tp":
+        return "intra" if tp <= gpus_per_node else "inter"
     if axis == "ep":
         return "intra" if sizes["ep"] <= gpus_per_node else "inter"
     if axis in ("dp_shard", "efsdp"):
-        return "intra" if sizes["dp_shard"] <= gpus_per_node else "inter"
+        return "intra" if sizes["dp_shard"] * tp <= gpus_per_node else "inter"
     return "intra" if world <= gpus_per_node else "inter"
 
 

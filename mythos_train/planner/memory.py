@@ -1,12 +1,14 @@
 """Per-rank parameter, gradient and optimizer bytes under FSDP2 + EP, from the real model built on the meta device.
 
-Sharding follows parallel/fsdp.py and parallel/expert_parallel.py exactly:
-  * FSDP units: each prelude block, `model.recurrent` (or `recurrent.block` + the rest of `recurrent` with
-    parallel.reshard_per_iteration), each coda block, and the root (embedding = tied head, final norm).
+Sharding follows parallel/fsdp.py and parallel/expert_parallel.py exactly, on the model's own parallel plan:
+  * FSDP units: the plan's `fsdp_units` (each prelude block, `recurrent`, each coda block; with
+    parallel.reshard_per_iteration also `recurrent.block`), and the root (embedding = tied head, final norm).
   * dense parameters are chunked along dim 0 over dp_shard (torch.chunk: ceil(rows / shards) rows each, the last
     ranks get fewer or none); replicated over dp_replicate (HSDP).
   * expert weights [E, ...] are first split over ep (E / ep rows each), then chunked over efsdp on dim 0, or on
     dim 1 when there are fewer local experts than efsdp ranks (`parallel.fsdp.expert_shard_dim`).
+  * under tensor parallelism (sizes['tp'] > 1) a split parameter is first cut tp ways on its `tp_dim`
+    (planner/tensor_parallel.py), and FSDP chunks that local piece; the experts' ep is then parallel.ep x tp.
   * FSDP2 stores each shard padded to ceil(rows / shards) rows (`_sharded_param_data`), and gradients are views
     into the padded reduce-scatter output; AdamW's exp_avg / exp_avg_sq are `zeros_like` of the *unpadded*
     local shard, plus a 4-byte fp32 `step` per parameter.
@@ -17,15 +19,21 @@ changes the gathered copies).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from mythos_train.config import ModelConfig
+from mythos_train.planner.tensor_parallel import tp_split_dim
 from parallel.fsdp import expert_shard_dim
 
+if TYPE_CHECKING:
+    from mythos_train.model import MythosModel, ParallelPlan
+
 FP32 = 4
-EXPERT_PREFIX = "recurrent.block.moe.experts."
+LOOP_PARTS = ("routed experts", "shared experts", "attention")
+"Parts of the looped block a plan reports, largest first; where each is comes from `ParallelPlan.loop_parts`."
 
 
 @dataclass(frozen=True)
@@ -36,30 +44,67 @@ class ParamInfo:
     shape: tuple[int, ...]
     unit: str
     expert: bool
+    loop_part: str | None = None
+    "Its part of the looped block (LOOP_PARTS or 'rest'); None outside the loop."
+    tp_dim: int | None = None
+    "The dimension tensor parallelism splits (None: replicated over tp)."
 
     @property
     def row_numel(self) -> int:
         return math.prod(self.shape[1:])
 
+    def tp_local(self, tp: int) -> ParamInfo:
+        """This parameter as one tp rank holds it."""
+        if tp == 1 or self.tp_dim is None:
+            return self
+        shape = tuple(n // tp if d == self.tp_dim else n for d, n in enumerate(self.shape))
+        return replace(self, shape=shape)
 
-def fsdp_unit(name: str, reshard_per_iteration: bool) -> str:
-    """The FSDP module (parallel/fsdp.py) a parameter belongs to."""
-    parts = name.split(".")
-    if parts[0] in ("prelude", "coda"):
-        return f"{parts[0]}.{parts[1]}"
-    if parts[0] == "recurrent":
-        return "recurrent.block" if reshard_per_iteration and parts[1] == "block" else "recurrent"
-    return "root"
+
+def _within(name: str, module: str) -> bool:
+    """Whether parameter `name` lies inside the module at path `module`."""
+    return name.startswith(module + ".")
+
+
+def fsdp_unit(name: str, plan: ParallelPlan, reshard_per_iteration: bool) -> str:
+    """The FSDP module (parallel/fsdp.py) a parameter belongs to: the innermost unit holding it, else the root."""
+    if reshard_per_iteration and _within(name, plan.loop_block):
+        return plan.loop_block
+    return next((unit for unit in plan.fsdp_units if _within(name, unit)), "root")
+
+
+def loop_part(name: str, plan: ParallelPlan) -> str | None:
+    """ParamInfo.loop_part of parameter `name`."""
+    if not _within(name, plan.loop):
+        return None
+    return next((part for part in LOOP_PARTS if _within(name, plan.loop_parts[part])), "rest")
+
+
+def _meta_model(m: ModelConfig) -> MythosModel:
+    from mythos_train.model import MythosModel  # keeps `plan --help` fast
+
+    with torch.device("meta"):
+        return MythosModel(m)
+
+
+def model_plan(m: ModelConfig) -> ParallelPlan:
+    """The parallel plan of `MythosModel(m)`, built on the meta device (no memory)."""
+    return _meta_model(m).parallel_plan()
 
 
 def model_parameters(m: ModelConfig, reshard_per_iteration: bool = False) -> tuple[list[ParamInfo], int]:
     """Every parameter of `MythosModel(m)` built on the meta device (no memory), and the bytes of its buffers."""
-    from mythos_train.model import MythosModel  # noqa: PLC0415  (keeps `plan --help` fast)
-
-    with torch.device("meta"):
-        model = MythosModel(m)
+    model = _meta_model(m)
+    plan = model.parallel_plan()
     params = [
-        ParamInfo(name, tuple(p.shape), fsdp_unit(name, reshard_per_iteration), name.startswith(EXPERT_PREFIX))
+        ParamInfo(
+            name,
+            tuple(p.shape),
+            fsdp_unit(name, plan, reshard_per_iteration),
+            _within(name, plan.experts),
+            loop_part(name, plan),
+            tp_split_dim(name),
+        )
         for name, p in model.named_parameters()
     ]
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
@@ -75,7 +120,7 @@ def chunk_rows(rows: int, shards: int, shard_rank: int) -> tuple[int, int]:
 def mesh_coords(rank: int, sizes: dict[str, int]) -> dict[str, int]:
     """A global rank's coordinates on parallel/mesh.py's meshes: (dp_replicate, dp_shard) and (dp_replicate, efsdp, ep)."""
     return {
-        "dp_shard": rank % sizes["dp_shard"],
+        "dp_shard": rank // sizes.get("tp", 1) % sizes["dp_shard"],
         "efsdp": (rank // sizes["ep"]) % sizes["efsdp"],
         "ep": rank % sizes["ep"],
     }
@@ -84,6 +129,7 @@ def mesh_coords(rank: int, sizes: dict[str, int]) -> dict[str, int]:
 def shard_layout(p: ParamInfo, sizes: dict[str, int], rank: int) -> tuple[int, int, int]:
     """(local elements, padded elements, shard count) of parameter `p` on global rank `rank`."""
     coords = mesh_coords(rank, sizes)
+    p = p.tp_local(sizes.get("tp", 1))
     if len(p.shape) == 0:
         return 1, 1, 1
     if p.expert and sizes["ep"] > 1:
@@ -134,10 +180,6 @@ def static_memory(params: list[ParamInfo], buffers: int, sizes: dict[str, int], 
     )
 
 
-LOOP_PARTS = {"routed experts": "recurrent.block.moe.experts.", "shared experts": "recurrent.block.moe.shared.",
-              "attention": "recurrent.block.attn."}  # fmt: skip
-
-
 @dataclass
 class UnitSizes:
     """Per FSDP unit: elements of the gathered (unsharded, padded) parameters on one rank, dense and expert part."""
@@ -160,15 +202,14 @@ def unit_sizes(params: list[ParamInfo], sizes: dict[str, int]) -> UnitSizes:
     out = UnitSizes()
     for p in params:
         _, padded, shards = shard_layout(p, sizes, 0)
+        p = p.tp_local(sizes.get("tp", 1))
         gathered = padded * shards
         out.gathered[p.unit] = out.gathered.get(p.unit, 0) + gathered
         rows = p.shape[0] // sizes["ep"] if p.expert and sizes["ep"] > 1 else (p.shape[0] if p.shape else 1)
         out.unsharded[p.unit] = out.unsharded.get(p.unit, 0) + rows * p.row_numel
         out.largest_param[p.unit] = max(out.largest_param.get(p.unit, 0), gathered)
-        if p.unit in ("recurrent", "recurrent.block"):
-            out.loop_parts[
-                next((part for part, prefix in LOOP_PARTS.items() if p.name.startswith(prefix)), "rest")
-            ] += gathered
+        if p.loop_part is not None:
+            out.loop_parts[p.loop_part] += gathered
         part = out.expert_sharded if p.expert and sizes["ep"] > 1 else out.dense_sharded
         part[p.unit] = part.get(p.unit, 0) + padded
     return out
@@ -209,17 +250,20 @@ def working_memory(
     Each input is kept until the next unit's reduce waits for it. So under bf16 / fp32 the loop's gradients cost
     2 + 4 bytes per element at this moment, and more for a group of one rank (`reduce_buffers`).
     """
-    G, U = units.gathered, units.unsharded
-    root = G.get("root", 0)
-    loop_units = [u for u in ("recurrent", "recurrent.block") if u in G]
-    loop_weights = sum(G[u] for u in loop_units)
-    loop_grads = sum(U[u] for u in loop_units) if policy != "none" else max(units.largest_param[u] for u in loop_units)
-    last_coda = G[f"coda.{m.coda_layers - 1}"] if m.coda_layers else loop_weights
-    last_prelude = G.get(f"prelude.{m.prelude_layers - 1}", 0)
+    gathered, unsharded = units.gathered, units.unsharded
+    root = gathered.get("root", 0)
+    loop_units = [u for u in ("recurrent", "recurrent.block") if u in gathered]
+    loop_weights = sum(gathered[u] for u in loop_units)
+    loop_grads = (
+        sum(unsharded[u] for u in loop_units) if policy != "none" else max(units.largest_param[u] for u in loop_units)
+    )
+    last_coda = gathered[f"coda.{m.coda_layers - 1}"] if m.coda_layers else loop_weights
+    last_prelude = gathered.get(f"prelude.{m.prelude_layers - 1}", 0)
     out = {
         "head": phases["head"] + root * param_bytes,
-        "head_grad": phases["head_grad"] + (root + U.get("root", 0) + last_coda) * param_bytes,
-        "loop": phases["loop"] + (root + U.get("root", 0) + loop_weights + loop_grads + last_prelude) * param_bytes,
+        "head_grad": phases["head_grad"] + (root + unsharded.get("root", 0) + last_coda) * param_bytes,
+        "loop": phases["loop"]
+        + (root + unsharded.get("root", 0) + loop_weights + loop_grads + last_prelude) * param_bytes,
     }
     groups = [
         (sum(units.dense_sharded.get(u, 0) for u in loop_units), sizes["dp_shard"]),
@@ -227,13 +271,13 @@ def working_memory(
     ]
     out["loop_reduce"] = (
         phases["loop_reduce"]
-        + (root + U.get("root", 0) + last_prelude) * param_bytes
+        + (root + unsharded.get("root", 0) + last_prelude) * param_bytes
         + reduce_buffers(groups, param_bytes, reduce_bytes, divide=sizes["ep"] > 1)
     )
     if m.prelude_layers:
-        block = G["prelude.0"]
+        block = gathered["prelude.0"]
         out["dense"] = (
-            phases["dense"] + (root + U.get("root", 0) + block + units.largest_param["prelude.0"]) * param_bytes
+            phases["dense"] + (root + unsharded.get("root", 0) + block + units.largest_param["prelude.0"]) * param_bytes
         )
     return out
 
@@ -244,12 +288,15 @@ def reduce_buffers(groups: list[tuple[int, int]], param_bytes: int, reduce_bytes
     groups: (padded shard elements, shard count) per param group; gradients counted at their padded size."""
     worst = 0
     for order in (groups, groups[::-1]):
-        grads = sum(shard * n for shard, n in order) * param_bytes  # every group's unsharded gradients
+        # every group's unsharded gradients
+        grads = sum(shard_numel * shard_count for shard_numel, shard_count in order) * param_bytes
         held = 0  # inputs of the groups already reduced
-        for shard, n in order:
-            full = shard * n * reduce_bytes
+        for shard_numel, shard_count in order:
+            full = shard_numel * shard_count * reduce_bytes
             worst = max(worst, grads + held + full)  # copy-in: gradients and the new input
-            grads -= shard * n * param_bytes
-            worst = max(worst, grads + held + full + shard * reduce_bytes + (full if n == 1 and divide else 0))
+            grads -= shard_numel * shard_count * param_bytes
+            worst = max(
+                worst, grads + held + full + shard_numel * reduce_bytes + (full if shard_count == 1 and divide else 0)
+            )
             held += full
     return worst

@@ -14,7 +14,9 @@ import copy
 import itertools
 from dataclasses import dataclass
 
-from mythos_train.config import ConfigError, JobConfig, mesh_sizes, validate
+from mythos_train.config import ConfigError, JobConfig, validate
+from mythos_train.dtypes import DTYPE_BYTES, resolve_param_dtype
+from mythos_train.model.flops import block_forward_flops_per_token, training_flops_per_token
 from mythos_train.planner.activations import ActivationMemory, micro_batch_activations
 from mythos_train.planner.comm import Collective, exposed_loop_gather_s, step_collectives, time_collectives
 from mythos_train.planner.hardware import (
@@ -31,6 +33,7 @@ from mythos_train.planner.memory import (
     unit_sizes,
     working_memory,
 )
+from mythos_train.planner.tensor_parallel import check_tp, tp_mesh_sizes
 
 GIB = 2**30
 DEPTH_SAMPLES = 2048
@@ -45,13 +48,6 @@ def _model_parameters(cfg: JobConfig):
     if key not in _PARAMS:
         _PARAMS[key] = model_parameters(cfg.model, cfg.parallel.reshard_per_iteration)
     return _PARAMS[key]
-
-
-def resolve_param_dtype(cfg: JobConfig, device: str) -> str:
-    """parallel.param_dtype with 'auto' resolved as parallel/fsdp.py does (bf16 on CUDA, fp32 on CPU)."""
-    if cfg.parallel.param_dtype != "auto":
-        return cfg.parallel.param_dtype
-    return "bfloat16" if device == "cuda" else "float32"
 
 
 @dataclass
@@ -85,23 +81,24 @@ def memory_plan(
     Depth defaults to the worst the sampler draws: k = backprop_depth, with a gradient-free prefix whenever
     max_depth > backprop_depth. `device` picks 'auto' dtypes and the RMSNorm kernel (fused on CUDA)."""
     t, p = cfg.train, cfg.parallel
-    sizes = mesh_sizes(p, world_size)
+    sizes = tp_mesh_sizes(p, world_size)
     params, buffers = _model_parameters(cfg)
     units = unit_sizes(params, sizes)
-    dtype = resolve_param_dtype(cfg, device)
-    a = 2 if dtype == "bfloat16" else 4
+    dtype = resolve_param_dtype(p.param_dtype, device)
+    param_bytes = DTYPE_BYTES[dtype]
     n_grad = t.backprop_depth if n_grad is None else n_grad
     n_nograd = (1 if t.max_depth > t.backprop_depth else 0) if n_nograd is None else n_nograd
     tokens = t.micro_batch_size * t.seq_len
     acts = micro_batch_activations(
-        cfg.model, tokens, n_grad, n_nograd, p.activation_checkpoint, a, device != "cuda", sizes["ep"], not p.reshard_per_iteration,
-        p.shared_expert_chunks,
+        cfg.model, tokens, n_grad, n_nograd, p.activation_checkpoint, param_bytes, device != "cuda", sizes["ep"], not p.reshard_per_iteration,
+        p.shared_expert_chunks, p.tp,
     )  # fmt: skip
-    r = 2 if p.reduce_dtype == "bfloat16" else 4
-    working = working_memory(acts.phases, units, cfg.model, a, p.activation_checkpoint, sizes, r)
+    working = working_memory(
+        acts.phases, units, cfg.model, param_bytes, p.activation_checkpoint, sizes, DTYPE_BYTES[p.reduce_dtype]
+    )
     static = static_memory(params, buffers, sizes, rank)
     phase = max(working, key=working.get)
-    forward_end = acts.saved + units.gathered["root"] * a
+    forward_end = acts.saved + units.gathered["root"] * param_bytes
     return MemoryPlan(static, acts, working, phase, static.total + working[phase], forward_end, dtype, n_grad)
 
 
@@ -123,7 +120,7 @@ _DRAWS: dict[tuple, list[tuple[int, int]]] = {}
 
 def depth_draws(cfg: JobConfig) -> list[tuple[int, int]]:
     """(n_nograd, n_grad) of the run's first DEPTH_SAMPLES steps, cached per depth schedule."""
-    from mythos_train.depth import DepthSampler  # noqa: PLC0415
+    from mythos_train.depth import DepthSampler
 
     t = cfg.train
     key = (t.seed, t.depth_distribution, t.mean_depth, t.min_depth, t.max_depth, t.backprop_depth, t.steps)
@@ -133,24 +130,15 @@ def depth_draws(cfg: JobConfig) -> list[tuple[int, int]]:
     return _DRAWS[key]
 
 
-def dense_block_flops(m, seq_len: int) -> float:
-    """Forward FLOPs per token of one prelude/coda block."""
-    from mythos_train.model.flops import attention_params, attention_score_flops  # noqa: PLC0415
-
-    return 2 * (attention_params(m) + 3 * m.dim * m.ffn_dim) + attention_score_flops(m, seq_len)
-
-
 def depth_stats(cfg: JobConfig, draws: list[tuple[int, int]] | None = None) -> DepthStats:
     """FLOPs and depths over the run's first steps, or over the (n_nograd, n_grad) `draws` given (profile's steps)."""
-    from mythos_train.model.flops import training_flops_per_token  # noqa: PLC0415
-
     m, t = cfg.model, cfg.train
     draws = draws or depth_draws(cfg)
     counts: dict[tuple[int, int], int] = {}
     for draw in draws:
         counts[draw] = counts.get(draw, 0) + 1
-    per_iteration = training_flops_per_token(m, t.seq_len, 1, 0) - training_flops_per_token(m, t.seq_len, 0, 0)
-    dense_block = dense_block_flops(m, t.seq_len)
+    per_iteration = block_forward_flops_per_token(m, t.seq_len, looped=True)
+    dense_block = block_forward_flops_per_token(m, t.seq_len, looped=False)
     mean_k = sum(k for _, k in draws) / len(draws)
     recompute = {"none": 0.0, "loop": mean_k * per_iteration}
     recompute["full"] = recompute["loop"] + (m.prelude_layers + m.coda_layers) * dense_block
@@ -189,6 +177,8 @@ class Plan:
     all_to_all_s: float
     loop_parts: dict[str, int]
     "Looped block part -> its gathered bytes in param_dtype on one rank (memory.UnitSizes.loop_parts)."
+    tp_s: float = 0.0
+    "Tensor parallelism's sequence-parallel gathers / reduce-scatters and loss all-reduces (critical path)."
 
     @property
     def fits(self) -> bool:
@@ -196,7 +186,7 @@ class Plan:
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.exposed_fsdp_s + self.exposed_loop_gather_s + self.all_to_all_s
+        return self.compute_s + self.exposed_fsdp_s + self.exposed_loop_gather_s + self.all_to_all_s + self.tp_s
 
     @property
     def tokens_per_s_per_gpu(self) -> float:
@@ -218,30 +208,37 @@ def build_plan(
     hw = gpu if isinstance(gpu, Accelerator) else get_accelerator(gpu)
     world = nodes * gpus_per_node
     validate(cfg, world)
-    sizes = mesh_sizes(cfg.parallel, world)
+    check_tp(cfg, gpus_per_node)
+    sizes = tp_mesh_sizes(cfg.parallel, world)
     depth = depth or depth_stats(cfg)
     memory = memory_plan(cfg, world, device="cuda")
     params, _ = _model_parameters(cfg)
     units = unit_sizes(params, sizes)
-    a = 2 if memory.param_dtype == "bfloat16" else 4
-    r = 2 if cfg.parallel.reduce_dtype == "bfloat16" else 4
-    collectives = step_collectives(cfg, sizes, units, depth.mean_nograd, depth.mean_grad, a, r)
+    param_bytes, reduce_bytes = DTYPE_BYTES[memory.param_dtype], DTYPE_BYTES[cfg.parallel.reduce_dtype]
+    collectives = step_collectives(cfg, sizes, units, depth.mean_nograd, depth.mean_grad, param_bytes, reduce_bytes)
     time_collectives(collectives, sizes, gpus_per_node, hw)
-    t = cfg.train
-    tokens_per_rank = t.micro_batch_size * t.seq_len * t.grad_accum_steps
+    t, tp = cfg.train, cfg.parallel.tp
+    tokens_per_rank = t.micro_batch_size * t.seq_len * t.grad_accum_steps // tp  # a tp group shares its tokens' work
     flops = (depth.model_flops_per_token + depth.recompute_flops_per_token) * tokens_per_rank
     peak_flops = hw.peak_bf16_tflops * 1e12 * MATMUL_EFFICIENCY
     compute_s = flops / peak_flops
     fsdp_s = sum(c.seconds for c in collectives if c.overlapped)
-    dense_block_s = dense_block_flops(cfg.model, t.seq_len) * t.micro_batch_size * t.seq_len / peak_flops
-    loop_exposed = exposed_loop_gather_s(cfg, sizes, units, a, gpus_per_node, hw, dense_block_s)
+    dense_block_s = (
+        block_forward_flops_per_token(cfg.model, t.seq_len, looped=False)
+        * t.micro_batch_size
+        * t.seq_len
+        / tp
+        / peak_flops
+    )
+    loop_exposed = exposed_loop_gather_s(cfg, sizes, units, param_bytes, gpus_per_node, hw, dense_block_s)
     return Plan(
         nodes=nodes, gpus_per_node=gpus_per_node, gpu=hw, sizes=sizes, params=parameter_counts(params, cfg.model),
         memory=memory, capacity=hw.memory_gib * GIB * USABLE_MEMORY_FRACTION, depth=depth, collectives=collectives,
         tokens_per_step=tokens_per_rank * world, compute_s=compute_s, exposed_fsdp_s=max(0.0, fsdp_s - compute_s),
         exposed_loop_gather_s=loop_exposed,
-        all_to_all_s=sum(c.seconds for c in collectives if not c.overlapped),
-        loop_parts={part: n * a for part, n in units.loop_parts.items()},
+        all_to_all_s=sum(c.seconds for c in collectives if not c.overlapped and c.axis != "tp"),
+        loop_parts={part: n * param_bytes for part, n in units.loop_parts.items()},
+        tp_s=sum(c.seconds for c in collectives if c.axis == "tp"),
     )  # fmt: skip
 
 
@@ -255,7 +252,8 @@ def _divisors(n: int) -> list[int]:
 def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tuple[dict[str, object], int]]:
     """(parallel/train field changes, node count) pairs: AC policy, micro-batch and, as a last resort, sequence
     length (both keep the tokens per step through more accumulation), EP degree, reshard-per-iteration, tiled
-    shared experts, HSDP across nodes, and 2x / 4x / 8x the nodes."""
+    shared experts, HSDP across nodes, tensor parallelism inside a node (powers of two up to gpus_per_node), and
+    2x / 4x / 8x the nodes."""
     t, m = cfg.train, cfg.model
     # 8 chunks: the shared SwiGLU's backward share drops 8x, for one more shared forward per gradient iteration
     chunk_options = (
@@ -265,12 +263,13 @@ def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tu
     micro_options = [t.micro_batch_size // 2**i for i in range(6) if t.micro_batch_size % 2**i == 0]
     seq_options = [t.seq_len // 2**i for i in range(1, 3) if t.seq_len % 2**i == 0 and t.seq_len // 2**i >= 128]
     batch_options = [(micro, t.seq_len) for micro in micro_options] + [(1, seq) for seq in seq_options]
+    tps = [2**i for i in range(4) if gpus_per_node % 2**i == 0]
     for node_count in (nodes, 2 * nodes, 4 * nodes, 8 * nodes):
         world = node_count * gpus_per_node
         replicate_options = {1, node_count} if node_count > 1 else {1}
-        for replicate in sorted(replicate_options):
-            shard = world // replicate
-            eps = [e for e in _divisors(shard) if m.n_experts % e == 0]
+        for replicate, tp in itertools.product(sorted(replicate_options), tps):
+            shard = world // replicate // tp
+            eps = [e for e in _divisors(shard) if m.n_experts % (e * tp) == 0]
             for ep in eps:
                 for policy in ("none", "loop", "full"):
                     for micro, seq in batch_options:
@@ -278,6 +277,7 @@ def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tu
                             change = {
                                 "parallel.activation_checkpoint": policy, "parallel.ep": ep, "parallel.reshard_per_iteration": reshard,
                                 "parallel.shared_expert_chunks": chunks, "parallel.dp_replicate": replicate, "parallel.dp_shard": -1,
+                                "parallel.tp": tp,
                                 "train.micro_batch_size": micro, "train.seq_len": seq,
                                 "train.grad_accum_steps": t.grad_accum_steps * t.micro_batch_size * t.seq_len // (micro * seq),
                             }  # fmt: skip

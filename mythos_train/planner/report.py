@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 from mythos_train.config import JobConfig
+from mythos_train.dtypes import DTYPE_BYTES
 from mythos_train.planner.comm import axis_span
 from mythos_train.planner.hardware import MATMUL_EFFICIENCY, USABLE_MEMORY_FRACTION
+from mythos_train.planner.memory import model_plan
 from mythos_train.planner.plan import GIB, Plan
+from mythos_train.planner.tensor_parallel import routed_expert_options
 from parallel.fsdp import prefetch_chain
 
 
@@ -36,16 +39,20 @@ def render(
 ) -> str:
     m, t, p, mem = cfg.model, cfg.train, cfg.parallel, plan.memory
     s, st, act = plan.sizes, mem.static, mem.activations
+    tp = s.get("tp", 1)
     lines = [
         f"plan: {config_name} on {plan.nodes} x {plan.gpus_per_node} {plan.gpu.name} ({plan.world_size} GPUs)",
         f"model    {plan.params['total'] / 1e9:.2f}B parameters ({plan.params['experts'] / 1e9:.2f}B in {m.n_experts} experts), "
         f"{plan.params['active'] / 1e9:.2f}B active per token per pass",
-        f"mesh     dp_replicate {s['dp_replicate']} x dp_shard {s['dp_shard']}; experts: ep {s['ep']} x efsdp {s['efsdp']}; "
+        f"mesh     dp_replicate {s['dp_replicate']} x dp_shard {s['dp_shard']}"
+        + (f" x tp {tp}; experts: ep {s['ep'] // tp} x tp {tp} = {s['ep']}" if tp > 1 else f"; experts: ep {s['ep']}")
+        + f" x efsdp {s['efsdp']}; "
         f"AC '{p.activation_checkpoint}'; reshard_per_iteration {str(p.reshard_per_iteration).lower()}; "
         f"shared_expert_chunks {p.shared_expert_chunks}; "
         f"param {mem.param_dtype}, reduce {p.reduce_dtype}",
-        f"batch    {t.micro_batch_size} x {t.seq_len} tokens x {t.grad_accum_steps} micro-batches x {plan.world_size} ranks "
-        f"= {plan.tokens_per_step / 1e6:.2f}M tokens/step",
+        f"batch    {t.micro_batch_size} x {t.seq_len} tokens x {t.grad_accum_steps} micro-batches x {plan.world_size // tp} "
+        + ("data ranks (of tp ranks each) " if tp > 1 else "ranks ")
+        + f"= {plan.tokens_per_step / 1e6:.2f}M tokens/step",
         f"depth    {t.depth_distribution}: mean n {plan.depth.mean_nograd:.2f} gradient-free + k {plan.depth.mean_grad:.2f} "
         f"with gradients; memory at k = {mem.n_grad} (largest drawn: {plan.depth.max_grad})",
         "",
@@ -81,11 +88,21 @@ def render(
         f"compute  {flops / 1e9:.2f} GFLOP/token (mean depth) + {plan.depth.recompute_flops_per_token / 1e9:.2f} recomputed; "
         f"{plan.gpu.peak_bf16_tflops:.0f} TFLOP/s peak at {MATMUL_EFFICIENCY:.0%}",
         f"step     {plan.step_s:.2f} s = compute {plan.compute_s:.2f} + all-to-all {plan.all_to_all_s:.2f} "
-        f"+ exposed FSDP {plan.exposed_fsdp_s:.2f} + exposed looped-unit gather {plan.exposed_loop_gather_s:.2f}",
+        f"+ exposed FSDP {plan.exposed_fsdp_s:.2f} + exposed looped-unit gather {plan.exposed_loop_gather_s:.2f}"
+        + (f" + tp {plan.tp_s:.2f}" if tp > 1 else ""),
         f"speed    {plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {plan.mfu:.1%} (model FLOPs / peak)",
     ]
+    if tp > 1:
+        lines.append(f"routed experts under tp {tp} (per rank; per dispatch all-to-all; per gradient iteration):")
+        for option in routed_expert_options(cfg, s, DTYPE_BYTES[mem.param_dtype]):
+            lines.append(
+                f"  {option.name:<24} weights {option.expert_bytes / GIB:6.2f} GiB  all-to-all "
+                f"{option.all_to_all_bytes / 1e9:6.3f} GB  routed activations {option.routed_activation_bytes / GIB:6.2f} GiB  "
+                f"GEMM width {option.expert_hidden}  FLOPs x{option.flops_share * tp:g}/tp"
+                + ("  (modelled)" if option.name == "folded into EP" else "")
+            )
     if s["ep"] > 1:
-        chain = prefetch_chain(m.prelude_layers, m.coda_layers)
+        chain = prefetch_chain(model_plan(m).fsdp_units)
         lines.append("prefetch " + "; ".join(f"{phase} {' -> '.join(_order(pairs))}" for phase, pairs in chain.items()))
     nbytes, seconds, covered = checkpoint_save(plan, cfg, write_gbps)
     lines.append(
@@ -124,8 +141,9 @@ def to_json(plan: Plan, cfg: JobConfig, alts: list[tuple[str, Plan]] | None) -> 
             "tokens_per_step": p.tokens_per_step, "step_seconds": p.step_s, "compute_seconds": p.compute_s,
             "all_to_all_seconds": p.all_to_all_s, "exposed_fsdp_seconds": p.exposed_fsdp_s,
             "exposed_loop_gather_seconds": p.exposed_loop_gather_s,
-            "prefetch": prefetch_chain(cfg.model.prelude_layers, cfg.model.coda_layers) if p.sizes["ep"] > 1 else None,
+            "prefetch": prefetch_chain(model_plan(cfg.model).fsdp_units) if p.sizes["ep"] > 1 else None,
             "tokens_per_s_per_gpu": p.tokens_per_s_per_gpu, "mfu": p.mfu, "loop_block_gathered_bytes": p.loop_parts,
+            **({"tp_seconds": p.tp_s} if p.sizes.get("tp", 1) > 1 else {}),  # tp 1 reads as before TP
         }  # fmt: skip
 
     out = summary(plan)

@@ -9,17 +9,22 @@ the same sum applies). The update runs in an optimizer pre-step hook, in fp32 on
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.profiler import record_function
 
-from parallel.mesh import ParallelDims
+if TYPE_CHECKING:
+    from parallel.mesh import ParallelDims
 
 
 class RouterBiasBalancer:
     def __init__(self, model: nn.Module, dims: ParallelDims | None, rate: float):
-        self.router = model.recurrent.block.moe.router  # the buffer is read through it: to_empty() replaces buffers
+        self.router = model.get_submodule(
+            model.parallel_plan().router
+        )  # read the buffer through it: to_empty() replaces buffers
         self.group = dims.dp_mesh.get_group() if dims is not None else None
         self.rate = rate
         self.counts = torch.zeros_like(self._bias())  # [E] tokens routed to each expert since the last step
