@@ -9,6 +9,11 @@ Expert weights (DTensors over ep after expert parallelism) join the same unit th
 FSDP gives them their own param group over (dp_replicate, efsdp), hooked to the same forward, so they too are
 gathered once per step. Their gradients already hold every ep rank's tokens (the all-to-all backward brought
 them), so they are summed over efsdp x dp_replicate and divided by the whole data-parallel size.
+
+The parameters every iteration uses (loop dynamics, router gate) get no fp32 unit of their own: the loop reads them
+before any of their modules runs (fp32 views, model/recurrent.py), the gate sits inside the compiled block, a nested
+bf16 unit for the block would reduce-scatter once per iteration, and one unit holds one gradient dtype. Their k
+gradients are summed in fp32 through those views instead, rounded once to param_dtype, then reduced in fp32.
 """
 
 from __future__ import annotations

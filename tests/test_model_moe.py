@@ -47,7 +47,7 @@ def test_moe_equals_naive_per_token_computation():
         moe.router.expert_bias.copy_(torch.randn(8) * 0.5)  # large enough to change many selections
     x = torch.randn(3, 10, 32)
     with torch.no_grad():
-        out, tokens_per_expert = moe(x)
+        out, tokens_per_expert, _ = moe(x)
         expected, expected_counts = _naive(moe, x, n_shared=2, shared_width=16 * 3)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens_per_expert, expected_counts)
@@ -69,7 +69,7 @@ def test_expert_bias_moves_selection_not_gates():
 def test_moe_gradients_match_naive():
     moe = _moe(seed=2)
     x = torch.randn(2, 6, 32, requires_grad=True)
-    out, _ = moe(x)
+    out, _, _ = moe(x)
     weight = torch.randn(2, 6, 32)
     (out * weight).sum().backward()
     ours = [p.grad.clone() for p in moe.parameters()] + [x.grad.clone()]
@@ -86,7 +86,7 @@ def test_empty_experts_are_fine():
     with torch.no_grad():
         moe.router.expert_bias[:] = torch.tensor([50.0, 50.0, 50.0, 0, 0, 0, 0, 0])  # only experts 0-2 used
     x = torch.randn(5, 32, requires_grad=True)
-    out, tokens_per_expert = moe(x)
+    out, tokens_per_expert, _ = moe(x)
     assert tokens_per_expert.tolist() == [5, 5, 5, 0, 0, 0, 0, 0]
     out.sum().backward()
     assert moe.experts.w1.grad[3:].abs().sum() == 0 and moe.experts.w1.grad[:3].abs().sum() > 0

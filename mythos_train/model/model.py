@@ -28,16 +28,17 @@ class TransformerBlock(nn.Module):
         self.ffn = None if use_moe else FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, cache: dict | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, T, dim] -> (out [B, T, dim], tokens_per_expert [E] float32 for a MoE block, else None).
+        self, x: torch.Tensor, rope: Rope, cache: dict | None = None, recorded: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """x [B, T, dim] -> (out [B, T, dim], routing), routing = (tokens_per_expert [E] float32, selected experts
+        [B * T, k] int64) for a MoE block, else None.
 
-        cache: this block's KV-cache slot (a dict filled in place) or None.
+        cache: this block's KV-cache slot (a dict filled in place) or None. recorded: experts to route to (`MoE`).
         """
         x = x + self.attn(self.attn_norm(x), rope, cache)
         if self.moe is not None:
-            y, tokens_per_expert = self.moe(self.ffn_norm(x))
-            return x + y, tokens_per_expert
+            y, tokens_per_expert, selected = self.moe(self.ffn_norm(x), recorded)
+            return x + y, (tokens_per_expert, selected)
         return x + self.ffn(self.ffn_norm(x)), None
 
 

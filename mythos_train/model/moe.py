@@ -43,11 +43,19 @@ class Router(nn.Linear):
         nn.init.normal_(self.weight, std=init_std)
         self.expert_bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, dim] -> (gates [N, k] fp32, selected experts [N, k] int64)."""
+    def forward(self, x: torch.Tensor, recorded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, dim] -> (gates [N, k] fp32, selected experts [N, k] int64).
+
+        recorded [N, k] int64: experts to route to, -1 where the router chooses (an activation-checkpoint recompute
+        passes its forward's choice, which rounding, ties or a changed bias could otherwise flip; the forward passes
+        all -1, so that both run one compiled graph). The gates are always this call's.
+        """
         logits = F.linear(x.float(), self.weight.float())  # [N, E] fp32: bf16 logits tie and flip the top-k
         scores = logits.softmax(dim=-1)
-        selected = (logits + self.expert_bias).topk(self.top_k, dim=-1).indices
+        # detached: the choice has no gradient, and a recompute that reuses it saves the same tensors
+        selected = (logits.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
+        if recorded is not None:
+            selected = torch.where(recorded >= 0, recorded, selected)
         gates = scores.gather(-1, selected)
         return gates / gates.sum(dim=-1, keepdim=True), selected
 
@@ -101,11 +109,16 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.dim, cfg.expert_dim, cfg.n_experts)
         self.shared = FeedForward(cfg.dim, cfg.shared_expert_dim) if cfg.shared_expert_dim else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, dim] -> (out [B, T, dim], tokens_per_expert [E] float32)."""
+    def forward(
+        self, x: torch.Tensor, recorded: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, dim] -> (out [B, T, dim], tokens_per_expert [E] float32, selected experts [N, k] int64).
+
+        recorded: experts to route to, -1 where the router chooses (`Router.forward`).
+        """
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, dim]
-        gates, selected = self.router(x)  # [N, k] each
+        gates, selected = self.router(x, recorded)  # [N, k] each
         flat_experts = selected.flatten()  # [N * k], slot i = (token i // k, choice i % k)
         order = flat_experts.argsort(stable=True)  # slots grouped by expert
         tokens_per_expert = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
@@ -115,4 +128,4 @@ class MoE(nn.Module):
         out = torch.bmm(gates.to(routed.dtype).unsqueeze(1), routed.view(-1, self.top_k, shape[-1])).squeeze(1)
         if self.shared is not None:
             out = out + self.shared(x)
-        return out.view(shape), tokens_per_expert.float()
+        return out.view(shape), tokens_per_expert.float(), selected

@@ -9,7 +9,13 @@ iterations run without autograd, the last n_grad with it (truncated backprop thr
 
 Precision: the carried state h and the loop dynamics (norm, LoRA, injection, ACT) are fp32 whatever the parameter
 dtype; only the block runs in the prelude's dtype (bf16 under FSDP's param_dtype). Measured at backprop depth 8
-(tests/test_gpu_precision.py), this lowers the loop parameters' gradient error against fp32 from 1.2% to 0.8%.
+(tests/test_gpu_precision.py), this lowers the loop parameters' gradient error against fp32 from 1.2% to 0.8%. The
+gradients of every parameter used by all iterations (those, plus the router gate) are summed over the k iterations
+in fp32 and rounded once.
+
+Routing under activation checkpointing: each forward records the experts every iteration chose, and a recompute
+routes to those (`Router.forward`), so backward runs on the forward's routing even where rounding, ties or a
+changed bias would make a fresh top-k choose others.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.autograd.profiler import record_function
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from mythos_train.config import ModelConfig
 from mythos_train.model.attention import Rope
@@ -147,8 +154,8 @@ class LoopStats:
 
 WrapIteration = Callable[..., tuple]
 
-LOOP_DYNAMICS = ("injection", "lora", "norm", "act")
-"RecurrentBlock's own submodules: used by every iteration, so their gradients sum over all k of them."
+LOOP_DYNAMICS = ("injection", "lora", "norm", "act", "block.moe.router")
+"Submodules used by every iteration, so their gradients sum over all k of them."
 
 
 @contextmanager
@@ -166,7 +173,7 @@ def swapped_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> I
 
 
 class RecurrentBlock(nn.Module):
-    """Loop driver around `block` (a MoE TransformerBlock returning (out, tokens_per_expert))."""
+    """Loop driver around `block` (a MoE TransformerBlock returning (out, (tokens_per_expert, selected)))."""
 
     def __init__(self, cfg: ModelConfig, block: nn.Module):
         super().__init__()
@@ -180,17 +187,21 @@ class RecurrentBlock(nn.Module):
         self.last_stats: LoopStats | None = None
 
     def loop_dynamics_fp32(self) -> dict[str, torch.Tensor]:
-        """fp32 views of the loop-dynamics parameters, made once per forward.
+        """fp32 views of the LOOP_DYNAMICS parameters, made once per forward.
 
         Every iteration uses the same views, so autograd sums their k gradients in fp32 and rounds once into the
-        parameter's gradient; used directly, bf16 parameters (FSDP's param_dtype) would sum them in bf16.
+        parameter's gradient; used directly, bf16 parameters (FSDP's param_dtype) would sum them in bf16. A
+        parameter still sharded here (a tensor subclass: the router under FSDP's reshard_per_iteration, gathered by
+        the block's own unit each iteration, which also reduces each iteration's gradient in fp32) is left alone.
         """
-        return {
-            f"{prefix}.{name}": p.float()
-            for prefix in LOOP_DYNAMICS
-            if getattr(self, prefix) is not None
-            for name, p in getattr(self, prefix).named_parameters()
-        }
+        views = {}
+        for prefix in LOOP_DYNAMICS:
+            owner, _, leaf = prefix.rpartition(".")
+            module = getattr(self.get_submodule(owner), leaf)
+            for name, p in module.named_parameters() if module is not None else ():
+                if not is_traceable_wrapper_subclass(p):
+                    views[f"{prefix}.{name}"] = p.float()
+        return views
 
     def iteration(
         self,
@@ -201,11 +212,14 @@ class RecurrentBlock(nn.Module):
         rope: Rope,
         kv_cache: dict | None = None,
         dynamics: dict[str, torch.Tensor] | None = None,
+        routing: dict[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One loop step -> (h_next [B, T, dim], tokens_per_expert [E], halting prob [B, T] or None).
 
         The loop dynamics (norm, LoRA, injection, ACT) run in fp32 on `dynamics` (`loop_dynamics_fp32`, passed in
         so that an activation-checkpoint recompute uses the forward's views); the block runs in e's dtype.
+        `routing` (one dict per forward, loop_t -> selected experts [B * T, k]): a checkpointed iteration records
+        its experts there, and its recompute, finding them, routes to the same ones.
         Telemetry is returned, never stored, so activation checkpointing may rerun this freely. The named range
         (`mythos:loop<t>:grad|nograd`) is what `profile` reads; a rerun inside backward is its recompute.
         """
@@ -213,7 +227,12 @@ class RecurrentBlock(nn.Module):
         with record_function(phase), swapped_parameters(self, dynamics or {}):
             emb = loop_index_embedding(loop_t, h.shape[-1], self.loop_dim, h.device)  # [dim] fp32
             x = self.norm(h.float() + emb + e.float()).to(e.dtype)  # the block runs in the prelude's dtype
-            y, tokens_per_expert = self.block(x, rope, cache_slot(kv_cache, f"loop_{loop_t}"))
+            recorded = None if routing is None else routing.get(loop_t)  # recompute: the forward's choice
+            if routing is not None and recorded is None:  # forward: all -1, the router chooses
+                recorded = torch.full((x.shape[:-1].numel(), self.block.moe.top_k), -1, device=x.device)
+            y, (tokens_per_expert, selected) = self.block(x, rope, cache_slot(kv_cache, f"loop_{loop_t}"), recorded)
+            if routing is not None:
+                routing.setdefault(loop_t, selected)
             y = y.float() + self.lora(y.float(), loop_t)
             h_next = self.injection(h, input_term, y)
             return h_next, tokens_per_expert, (self.act(h_next.float()) if self.act is not None else None)
@@ -239,6 +258,7 @@ class RecurrentBlock(nn.Module):
             raise ValueError(f"need n_nograd >= 0, n_grad >= 0 and at least one iteration, got {n_nograd=}, {n_grad=}")
         block_dtype, h = h.dtype, h.float()  # h is carried in fp32 between iterations (issue 13.2's measurement)
         dynamics = self.loop_dynamics_fp32()
+        routing: dict[int, torch.Tensor] = {}  # loop_t -> experts its forward chose, for its recompute
         with swapped_parameters(self, dynamics):
             input_term = self.injection.input_term(e.float())  # [B, T, dim] fp32: its k gradients sum in fp32 too
         if self.act is not None:
@@ -253,7 +273,9 @@ class RecurrentBlock(nn.Module):
                 with torch.no_grad():
                     h, tokens_per_expert, p = self.iteration(h, e, input_term, t, rope, kv_cache, dynamics)
             elif wrap_iteration is not None:
-                h, tokens_per_expert, p = wrap_iteration(self.iteration, h, e, input_term, t, rope, kv_cache, dynamics)
+                h, tokens_per_expert, p = wrap_iteration(
+                    self.iteration, h, e, input_term, t, rope, kv_cache, dynamics, routing
+                )
             else:
                 h, tokens_per_expert, p = self.iteration(h, e, input_term, t, rope, kv_cache, dynamics)
             if self.act is not None:
