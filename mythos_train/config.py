@@ -102,6 +102,8 @@ class ParallelConfig:
     "FSDP shard group size; -1 = world_size // dp_replicate."
     ep: int = 1
     "Expert-parallel degree: experts split over this many ranks of each dp_shard group (must divide dp_shard)."
+    tp: int = 1
+    "Tensor-parallel degree (innermost mesh axis, inside a node): attention heads, dense/shared-expert FFN widths split over this many ranks that see the same tokens; 1 = off."
     activation_checkpoint: Literal["none", "loop", "full"] = "loop"
     "'loop' recomputes each gradient loop iteration in backward; 'full' also each prelude/coda block."
     reshard_per_iteration: bool = False
@@ -428,16 +430,19 @@ def _check(ok: bool, message: str) -> None:
 
 
 def mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
-    """Resolved mesh axis sizes: dp_replicate, dp_shard, ep and efsdp (the experts' own shard axis)."""
-    dp_shard = parallel.dp_shard if parallel.dp_shard != -1 else world_size // max(parallel.dp_replicate, 1)
+    """Resolved mesh axis sizes: dp_replicate, dp_shard, ep, efsdp (the experts' own shard axis) and tp."""
+    _check(parallel.tp >= 1, f"parallel.tp ({parallel.tp}) must be >= 1")
+    dp_world = world_size // parallel.tp
+    dp_shard = parallel.dp_shard if parallel.dp_shard != -1 else dp_world // max(parallel.dp_replicate, 1)
     _check(
         parallel.dp_replicate >= 1 and dp_shard >= 1,
         "parallel.dp_replicate and parallel.dp_shard must be >= 1 (dp_shard may be -1 = auto)",
     )
     _check(
-        parallel.dp_replicate * dp_shard == world_size,
-        f"parallel: mesh dp_replicate({parallel.dp_replicate}) x dp_shard({dp_shard}) = "
-        f"{parallel.dp_replicate * dp_shard} != world size {world_size}",
+        parallel.dp_replicate * dp_shard * parallel.tp == world_size,
+        f"parallel: mesh dp_replicate({parallel.dp_replicate}) x dp_shard({dp_shard})"
+        + (f" x tp({parallel.tp})" if parallel.tp > 1 else "")
+        + f" = {parallel.dp_replicate * dp_shard * parallel.tp} != world size {world_size}",
     )
     _check(
         parallel.ep >= 1 and dp_shard % parallel.ep == 0,
@@ -448,7 +453,19 @@ def mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
         "dp_shard": dp_shard,
         "ep": parallel.ep,
         "efsdp": dp_shard // parallel.ep,
+        "tp": parallel.tp,
     }
+
+
+def check_tensor_parallel(m: ModelConfig, tp: int) -> None:
+    """Every width tensor parallelism splits must divide by tp (names the field)."""
+    widths = {"n_heads": m.n_heads, "dense_ffn_dim (ffn_dim)": m.ffn_dim, "vocab_size": m.vocab_size}
+    if m.attn_type == "gqa":
+        widths["n_kv_heads"] = m.n_kv_heads
+    if m.shared_expert_dim:
+        widths["shared_expert_dim (expert_dim * n_experts_per_tok * n_shared_experts)"] = m.shared_expert_dim
+    for name, width in widths.items():
+        _check(width % tp == 0, f"model.{name} ({width}) must be divisible by parallel.tp ({tp})")
 
 
 def validate(cfg: JobConfig, world_size: int = 1) -> None:
@@ -493,6 +510,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     _check(p.shared_expert_chunks >= 1, f"parallel.shared_expert_chunks ({p.shared_expert_chunks}) must be >= 1")
     _check(m.n_experts % p.ep == 0, f"model.n_experts ({m.n_experts}) must be divisible by parallel.ep ({p.ep})")
     mesh_sizes(p, world_size)
+    check_tensor_parallel(m, p.tp)
 
     _check(
         t.steps >= 0 and t.seq_len > 0 and t.micro_batch_size > 0 and t.grad_accum_steps > 0,

@@ -1,0 +1,57 @@
+"""Tensor parallelism from torch's DTensor styles (`parallelize_module`), driven by the model's plan.
+
+The plan (mythos_train/model/tp_plan.py) names a layout per submodule; each becomes a torch style here:
+- colwise: `ColwiseParallel`, weight Shard(0): this rank's heads / hidden units; the replicated input's
+  gradient is all-reduced in backward (Megatron's f);
+- rowwise: `RowwiseParallel`, weight Shard(1); the output is all-reduced to Replicate (Megatron's g);
+- replicated_input: `PrepareModuleInput` turning a module's input into a Replicate DTensor, so that its colwise
+  projections (q/k/v, or w1/w3) add their input gradients as one Partial and all-reduce once, not once each;
+- heads: `PrepareModuleInputOutput` around MLA's rope-key broadcast: a Replicate input expanded to all heads,
+  then split over heads (a local slice); in backward the head-split gradient is all-gathered and summed over
+  every head, so the shared key (and kv_down) get the full gradient.
+Parameters outside the plan stay plain tensors: each tp rank holds and updates the same copy (FSDP shards them
+over the data-parallel mesh only). Collectives per transformer block: forward 2 all-reduces, backward 2
+(GQA) or 4 all-reduces + 1 all-gather (MLA: its three up-projections have different inputs).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    parallelize_module,
+)
+
+
+def _style(layout: str, module: nn.Module) -> ParallelStyle:
+    if layout == "colwise":
+        return ColwiseParallel()
+    if layout == "rowwise":
+        return RowwiseParallel()
+    if layout == "replicated_input":  # attention takes (x, rope, cache), an FFN (x,): only x is a tensor to lay out
+        n_args = 3 if hasattr(module, "wo") else 1
+        layouts = (Replicate(),) + (None,) * (n_args - 1)
+        return PrepareModuleInput(input_layouts=layouts, desired_input_layouts=layouts, use_local_output=False)
+    if layout == "heads":  # [B, S, heads, rope]: dim 2 is the head dim
+        return PrepareModuleInputOutput(
+            input_layouts=(Replicate(),),
+            desired_input_layouts=(Replicate(),),
+            output_layouts=(Replicate(),),
+            desired_output_layouts=(Shard(2),),
+            use_local_input=False,
+            use_local_output=True,
+        )
+    raise ValueError(f"unknown tensor-parallel layout {layout!r}")
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str]) -> None:
+    """Split every submodule `plan` names over `tp_mesh` (in place, before AC, compile and FSDP)."""
+    parallelize_module(
+        model, tp_mesh, {path: _style(layout, model.get_submodule(path)) for path, layout in plan.items()}
+    )

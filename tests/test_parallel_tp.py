@@ -1,0 +1,100 @@
+"""Tensor parallelism (DTensor styles) against a single-process model on the same tokens.
+
+Every rank builds the same seeded model twice: a plain reference fed the whole global batch, and a parallel copy
+(tp ranks see the same tokens, data-parallel ranks their slice). Logits, every parameter's full gradient
+(`DTensor.full_tensor()`) and the parameters after a few AdamW steps must agree within fp32 tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_parallel_fsdp_ep import full, global_batch, lm_loss, tiny_config
+
+from mythos_train.config import ConfigError, validate
+from mythos_train.depth import DepthSampler
+from mythos_train.model import MythosModel
+from parallel import build_mesh, clip_grad_norm_, parallelize
+from parallel.testing import run_distributed
+
+STEPS = 3
+TP_MODEL = dict(n_heads=4, n_kv_heads=2)  # both split over tp 2: GQA keeps 2 query heads per kv head per rank
+
+
+def tp_config(attn_type: str, **parallel):
+    cfg = tiny_config(**parallel)
+    cfg.model.attn_type = attn_type
+    for key, value in TP_MODEL.items():
+        setattr(cfg.model, key, value)
+    return cfg
+
+
+def check_tp(rank: int, world: int, attn_type: str, overrides: dict) -> dict:
+    """Max errors of logits, loss, full grads, clipped norm and params after STEPS steps vs the reference."""
+    cfg = tp_config(attn_type, **overrides)
+    validate(cfg, world)
+    torch.manual_seed(0)
+    ref = MythosModel(cfg.model)
+    model = copy.deepcopy(ref)
+    dims = build_mesh(cfg.parallel, world, "cpu")
+    wrap = parallelize(model, dims, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
+    sampler = DepthSampler(cfg.train)
+    err = {"logits": 0.0, "loss": 0.0, "grad": 0.0, "norm": 0.0, "param": 0.0}
+    for step in range(STEPS):
+        n, k = sampler.sample(step)
+        tokens = global_batch(step, dims.dp_size)
+        mine = tokens.chunk(dims.dp_size)[dims.dp_rank]
+        with torch.no_grad():
+            logits, ref_logits = model(mine[:, :-1], n_nograd=n, n_grad=k), ref(mine[:, :-1], n_nograd=n, n_grad=k)
+        err["logits"] = max(err["logits"], (full(logits) - ref_logits).abs().max().item())
+        loss = lm_loss(model, mine, n, k, wrap)
+        loss.backward()
+        ref_loss = lm_loss(ref, tokens, n, k)
+        ref_loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)  # every tp rank holds its data-parallel slice's loss
+        err["loss"] = max(err["loss"], abs(mean_loss.item() / world - ref_loss.item()))
+        for (name, p), (ref_name, rp) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+            assert name == ref_name, (name, ref_name)
+            scale = rp.grad.abs().max().item() + 1e-6
+            err["grad"] = max(err["grad"], (full(p.grad) - rp.grad).abs().max().item() / scale)
+        norm = clip_grad_norm_(model.parameters(), 0.5, dims)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        err["norm"] = max(err["norm"], abs(norm.item() - ref_norm.item()) / ref_norm.item())
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    for p, rp in zip(model.parameters(), ref.parameters(), strict=True):
+        err["param"] = max(err["param"], (full(p.detach()) - rp.detach()).abs().max().item())
+    err["wo_placements"] = str(model.prelude[0].attn.wo.weight.placements)
+    return err
+
+
+def assert_close(errors: list[dict]) -> None:
+    for err in errors:
+        assert err["logits"] < 1e-5 and err["loss"] < 1e-5, err
+        assert err["grad"] < 1e-4 and err["norm"] < 1e-4 and err["param"] < 1e-4, err
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_tp2_matches_one_process(attn_type):
+    """tp 2 alone (no FSDP sharding: dp_shard 1), GQA and MLA."""
+    errors = run_distributed(check_tp, 2, attn_type, {"tp": 2}, timeout=600)
+    assert "Shard(dim=1)" in errors[0]["wo_placements"], errors[0]
+    assert_close(errors)
+
+
+def test_tp_sizes_must_divide_split_widths():
+    cfg = tp_config("gqa", tp=4)
+    cfg.model.dense_ffn_dim = 48
+    with pytest.raises(ConfigError, match="model.n_kv_heads .2. must be divisible by parallel.tp .4."):
+        validate(cfg, 4)
+    cfg = tp_config("gqa", tp=3)
+    with pytest.raises(ConfigError, match="model.n_heads .4. must be divisible by parallel.tp .3."):
+        validate(cfg, 3)
