@@ -4,5 +4,7 @@ from parallel.clip_grad import clip_grad_norm_
 from parallel.mesh import ParallelDims, all_ranks_agree, build_mesh
 from parallel.parallelize import parallelize
 from parallel.router_bias import RouterBiasBalancer
+from parallel.tensor_parallel import loss_context
 
-__all__ = ["ParallelDims", "RouterBiasBalancer", "all_ranks_agree", "build_mesh", "clip_grad_norm_", "parallelize"]
+__all__ = ["ParallelDims", "RouterBiasBalancer", "all_ranks_agree", "build_mesh", "clip_grad_norm_", "loss_context",
+           "parallelize"]  # fmt: skip

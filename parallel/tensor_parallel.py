@@ -8,13 +8,19 @@ The plan (mythos_train/model/tp_plan.py) names a layout per submodule; each beco
   projections (q/k/v, or w1/w3) add their input gradients as one Partial and all-reduce once, not once each;
 - heads: `PrepareModuleInputOutput` around MLA's rope-key broadcast: a Replicate input expanded to all heads,
   then split over heads (a local slice); in backward the head-split gradient is all-gathered and summed over
-  every head, so the shared key (and kv_down) get the full gradient.
+  every head, so the shared key (and kv_down) get the full gradient;
+- vocab_embedding: `RowwiseParallel` on the embedding, weight Shard(0) over the vocabulary, lookup all-reduced;
+- vocab_head_input: `PrepareModuleOutput` making the final norm's output a Replicate DTensor, so the tied head
+  `F.linear(norm(h), tok_embeddings.weight)` runs on the vocabulary shard and returns Shard(-1) logits; the
+  loss then needs `loss_context` (torch's `loss_parallel`) around forward and backward.
 Parameters outside the plan stay plain tensors: each tp rank holds and updates the same copy (FSDP shards them
 over the data-parallel mesh only). Collectives per transformer block: forward 2 all-reduces, backward 2
 (GQA) or 4 all-reduces + 1 all-gather (MLA: its three up-projections have different inputs).
 """
 
 from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -24,9 +30,13 @@ from torch.distributed.tensor.parallel import (
     ParallelStyle,
     PrepareModuleInput,
     PrepareModuleInputOutput,
+    PrepareModuleOutput,
     RowwiseParallel,
+    loss_parallel,
     parallelize_module,
 )
+
+from parallel.mesh import ParallelDims
 
 
 def _style(layout: str, module: nn.Module) -> ParallelStyle:
@@ -47,6 +57,12 @@ def _style(layout: str, module: nn.Module) -> ParallelStyle:
             use_local_input=False,
             use_local_output=True,
         )
+    if layout == "vocab_embedding":
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if layout == "vocab_head_input":
+        return PrepareModuleOutput(
+            output_layouts=Replicate(), desired_output_layouts=Replicate(), use_local_output=False
+        )
     raise ValueError(f"unknown tensor-parallel layout {layout!r}")
 
 
@@ -55,3 +71,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str,
     parallelize_module(
         model, tp_mesh, {path: _style(layout, model.get_submodule(path)) for path, layout in plan.items()}
     )
+
+
+def loss_context(dims: ParallelDims) -> AbstractContextManager:
+    """Around a forward and its backward: vocabulary-parallel cross-entropy on Shard(-1) logits under TP.
+
+    torch's `loss_parallel` swaps DTensor's log-softmax / nll-loss ops for ones that reduce over the vocabulary
+    shards; the backward needs them too. Not reentrant: enter it once, around both.
+    """
+    return loss_parallel() if dims.tp_enabled else nullcontext()

@@ -16,8 +16,9 @@ from test_parallel_fsdp_ep import full, global_batch, lm_loss, tiny_config
 
 from mythos_train.config import ConfigError, validate
 from mythos_train.depth import DepthSampler
+from mythos_train.loss import cross_entropy_sum
 from mythos_train.model import MythosModel
-from parallel import build_mesh, clip_grad_norm_, parallelize
+from parallel import build_mesh, clip_grad_norm_, loss_context, parallelize
 from parallel.testing import run_distributed
 
 STEPS = 3
@@ -52,8 +53,10 @@ def check_tp(rank: int, world: int, attn_type: str, overrides: dict) -> dict:
         with torch.no_grad():
             logits, ref_logits = model(mine[:, :-1], n_nograd=n, n_grad=k), ref(mine[:, :-1], n_nograd=n, n_grad=k)
         err["logits"] = max(err["logits"], (full(logits) - ref_logits).abs().max().item())
-        loss = lm_loss(model, mine, n, k, wrap)
-        loss.backward()
+        with loss_context(dims):  # vocabulary-parallel logits: torch's loss_parallel, forward and backward
+            logits = model(mine[:, :-1], n_nograd=n, n_grad=k, wrap_iteration=wrap)
+            loss = cross_entropy_sum(logits, mine[:, 1:]) / mine[:, 1:].numel()
+            loss.backward()
         ref_loss = lm_loss(ref, tokens, n, k)
         ref_loss.backward()
         mean_loss = loss.detach().clone()
@@ -73,6 +76,8 @@ def check_tp(rank: int, world: int, attn_type: str, overrides: dict) -> dict:
     for p, rp in zip(model.parameters(), ref.parameters(), strict=True):
         err["param"] = max(err["param"], (full(p.detach()) - rp.detach()).abs().max().item())
     err["wo_placements"] = str(model.prelude[0].attn.wo.weight.placements)
+    err["logits_placements"] = str(logits.placements)
+    err["embedding_placements"] = str(model.tok_embeddings.weight.placements)
     return err
 
 
@@ -87,6 +92,8 @@ def test_tp2_matches_one_process(attn_type):
     """tp 2 alone (no FSDP sharding: dp_shard 1), GQA and MLA."""
     errors = run_distributed(check_tp, 2, attn_type, {"tp": 2}, timeout=600)
     assert "Shard(dim=1)" in errors[0]["wo_placements"], errors[0]
+    assert "Shard(dim=2)" in errors[0]["logits_placements"], errors[0]  # vocabulary-parallel logits
+    assert "Shard(dim=0)" in errors[0]["embedding_placements"], errors[0]
     assert_close(errors)
 
 

@@ -2,7 +2,9 @@
 maps each name to one of torch's DTensor styles; the model itself never imports torch.distributed).
 
 Megatron's layout: a colwise projection splits its output features (heads, FFN hidden units), the rowwise one
-after it splits its input features and all-reduces its output. Everything else (norms, the loop's injection,
+after it splits its input features and all-reduces its output. The tied embedding / LM head is split over the
+vocabulary: the lookup all-reduces, the head's logits stay split over the vocabulary (a DTensor, Shard(-1)) for
+torch's vocabulary-parallel cross-entropy (`loss_parallel`). Everything else (norms, the loop's injection,
 LoRA, ACT, the router, the routed experts, MLA's low-rank down-projections) stays replicated: every tp rank
 computes it on the same tokens. Kept here until the model's parallel plan (model/parallel_plan.py) takes it.
 """
@@ -30,4 +32,7 @@ def tensor_parallel_plan(model: nn.Module) -> dict[str, str]:
     blocks = {f"prelude.{i}": FFN for i in range(len(model.prelude))}
     blocks["recurrent.block"] = SHARED_EXPERTS if model.recurrent.block.moe.shared is not None else {}
     blocks.update({f"coda.{i}": FFN for i in range(len(model.coda))})
-    return {f"{block}.{path}": layout for block, ffn in blocks.items() for path, layout in {**attention, **ffn}.items()}
+    plan = {"tok_embeddings": "vocab_embedding", "norm": "vocab_head_input"}
+    for block, ffn in blocks.items():
+        plan.update({f"{block}.{path}": layout for path, layout in {**attention, **ffn}.items()})
+    return plan
