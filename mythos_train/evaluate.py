@@ -124,8 +124,11 @@ class Evaluator:
             for cpu_batch in batches:
                 batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
                 labels = loss_labels(batch)
-                logits = self.model(batch["input_ids"], n_nograd=0, n_grad=loops, doc_starts=batch.get("doc_starts"))
-                total[0] += cross_entropy_sum(logits, labels)
+                with parallel.loss_context(self.dims):  # vocabulary-parallel logits under TP
+                    logits = self.model(
+                        batch["input_ids"], n_nograd=0, n_grad=loops, doc_starts=batch.get("doc_starts")
+                    )
+                    total[0] += cross_entropy_sum(logits, labels)
                 total[1] += token_count(labels)
             all_reduce_sum(total)
             results[loops] = float(total[0] / total[1].clamp(min=1))

@@ -150,7 +150,7 @@ class Trainer:
         peak = f"{self.peak_flops / 1e12:.1f} TFLOP/s peak" if self.peak_flops else "peak unknown (no MFU)"
         self.metrics.console(
             f"model {n_params / 1e6:.2f}M params | {dist_info.world_size} ranks on {self.device.type} (dp_replicate "
-            f"{self.dims.dp_replicate} x dp_shard {self.dims.dp_shard}, ep {self.dims.ep}) | "
+            f"{self.dims.dp_replicate} x dp_shard {self.dims.dp_shard}, ep {self.dims.ep}, tp {self.dims.tp}) | "
             f"{self.tokens_per_step:,} tokens/step | {peak}"
         )
 
@@ -191,30 +191,32 @@ class Trainer:
         # Global token count first (one all-reduce, no host sync): each micro-batch's loss is its share of the
         # step's mean. FSDP averages gradients over the data-parallel ranks, hence the factor dp_size.
         local_tokens = sum(token_count(loss_labels(mb)) for mb in micro_batches).float()
-        global_tokens = all_reduce_sum(local_tokens.reshape(1))[0]
+        dp_group = self.dims.dp_mesh.get_group()  # tp ranks share their tokens: count them once
+        global_tokens = all_reduce_sum(local_tokens.reshape(1), dp_group)[0]
         scale = self.dims.dp_size / global_tokens.clamp(min=1)  # a step whose every label is masked: loss 0
         loss_sum = torch.zeros((), device=self.device)
         t0 = self._clock()
         for mb in micro_batches:
             # No name holds the logits [B, S, vocab]: the loss keeps what its backward needs, nothing more.
-            ce = cross_entropy_sum(
-                self.model(
-                    mb["input_ids"],
-                    n_nograd=n_nograd,
-                    n_grad=n_grad,
-                    wrap_iteration=self.wrap_iteration,
-                    doc_starts=mb.get("doc_starts"),
-                ),
-                loss_labels(mb),
-            )
-            with record_function("mythos:backward"):  # named ranges: what `python -m mythos_train profile` reads
-                (ce * scale).backward()
+            with parallel.loss_context(self.dims):  # vocabulary-parallel cross-entropy under TP, else nothing
+                ce = cross_entropy_sum(
+                    self.model(
+                        mb["input_ids"],
+                        n_nograd=n_nograd,
+                        n_grad=n_grad,
+                        wrap_iteration=self.wrap_iteration,
+                        doc_starts=mb.get("doc_starts"),
+                    ),
+                    loss_labels(mb),
+                )
+                with record_function("mythos:backward"):  # named ranges: what `python -m mythos_train profile` reads
+                    (ce * scale).backward()
             loss_sum += ce.detach()
             self.balancer.accumulate(self.model.recurrent.last_stats)
         t1 = self._clock()
         with record_function("mythos:clip_grad"):
             grad_norm = parallel.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm, self.dims)
-        loss = all_reduce_sum(loss_sum.reshape(1))[0] / global_tokens.clamp(min=1)
+        loss = all_reduce_sum(loss_sum.reshape(1), dp_group)[0] / global_tokens.clamp(min=1)
         # the step's one host sync
         loss_value, norm_value, loss_tokens = torch.stack([loss, grad_norm.to(loss), global_tokens.to(loss)]).tolist()
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))

@@ -78,6 +78,7 @@ def check_tp(rank: int, world: int, attn_type: str, overrides: dict) -> dict:
     err["wo_placements"] = str(model.prelude[0].attn.wo.weight.placements)
     err["logits_placements"] = str(logits.placements)
     err["embedding_placements"] = str(model.tok_embeddings.weight.placements)
+    err["experts"] = type(model.recurrent.block.moe.experts).__name__
     return err
 
 
@@ -105,3 +106,11 @@ def test_tp_sizes_must_divide_split_widths():
     cfg = tp_config("gqa", tp=3)
     with pytest.raises(ConfigError, match="model.n_heads .4. must be divisible by parallel.tp .3."):
         validate(cfg, 3)
+
+
+@pytest.mark.parametrize("attn_type,ep", [("gqa", 1), ("mla", 2)])
+def test_fsdp2_x_tp2_matches_one_process(attn_type, ep):
+    """4 processes, dp_shard 2 x tp 2 (FSDP2 over 2D DTensors), without and with expert parallelism (ep 2)."""
+    errors = run_distributed(check_tp, 4, attn_type, {"tp": 2, "ep": ep}, timeout=900)
+    assert errors[0]["experts"] == ("ExpertParallel" if ep > 1 else "GroupedExperts"), errors[0]
+    assert_close(errors)
