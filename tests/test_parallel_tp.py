@@ -13,13 +13,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_parallel_fsdp_ep import full, global_batch, lm_loss, tiny_config
+from torch.distributed.tensor import DTensor
 
 from mythos_train.config import ConfigError, validate
 from mythos_train.depth import DepthSampler
 from mythos_train.loss import cross_entropy_sum
 from mythos_train.model import MythosModel
 from parallel import build_mesh, clip_grad_norm_, loss_context, parallelize
-from parallel.testing import run_distributed
+from parallel.testing import CollectiveCounter, run_distributed
 
 STEPS = 3
 TP_MODEL = dict(n_heads=4, n_kv_heads=2)  # both split over tp 2: GQA keeps 2 query heads per kv head per rank
@@ -114,3 +115,54 @@ def test_fsdp2_x_tp2_matches_one_process(attn_type, ep):
     errors = run_distributed(check_tp, 4, attn_type, {"tp": 2, "ep": ep}, timeout=900)
     assert errors[0]["experts"] == ("ExpertParallel" if ep > 1 else "GroupedExperts"), errors[0]
     assert_close(errors)
+
+
+class DTensorCollectiveCounter(CollectiveCounter):
+    """CollectiveCounter that also sees DTensor's collectives: declining DTensor ops (as torch's CommDebugMode
+    does) lets DTensor run and issue its functional collectives, which then pass through this mode."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+DEPTHS = [(0, 2), (3, 2), (0, 3)]  # (gradient-free n, gradient k)
+
+
+def count_by_depth(rank: int, world: int, overrides: dict) -> dict:
+    """Collectives (by op) of one forward + backward at each depth in DEPTHS, for GQA and MLA."""
+    counts = {}
+    for attn_type in ("gqa", "mla"):
+        cfg = tp_config(attn_type, **overrides)
+        torch.manual_seed(0)
+        model = MythosModel(cfg.model)
+        dims = build_mesh(cfg.parallel, world, "cpu")
+        wrap = parallelize(model, dims, cfg)
+        tokens = global_batch(0, 1)
+        for n, k in [DEPTHS[0], *DEPTHS]:  # the first run initialises FSDP's lazy state outside the count
+            with DTensorCollectiveCounter() as counter, loss_context(dims):
+                logits = model(tokens[:, :-1], n_nograd=n, n_grad=k, wrap_iteration=wrap)
+                cross_entropy_sum(logits, tokens[:, 1:]).backward()
+            counts[attn_type, n, k] = dict(counter.counts)
+    return counts
+
+
+def test_tp_collectives_per_loop_iteration():
+    """fsdp 2 x tp 2, per-loop AC: each loop iteration adds a fixed number of TP collectives, FSDP's stay constant.
+
+    Per iteration: gradient-free 2 all-reduces (attention's wo, the shared experts' w2); with gradients 2 forward
+    + 2 recomputed + the input-gradient all-reduces (GQA 2: attention and shared-expert inputs; MLA 4: q_up_nope,
+    q_up_rope, kv_up, shared experts) and, for MLA, 1 all-gather (the rope key's gradient over heads).
+    """
+    counts = run_distributed(count_by_depth, 4, {"tp": 2}, timeout=900)[0]
+    per_grad_iteration = {"gqa": {"all_reduce": 6}, "mla": {"all_reduce": 8, "all_gather_into_tensor": 1}}
+    for attn_type, grad_iteration in per_grad_iteration.items():
+        base, deeper_nograd, deeper_grad = (counts[attn_type, n, k] for n, k in DEPTHS)
+        tp_ops = {"all_reduce", "all_gather_into_tensor"}  # DTensor's functional collectives
+        fsdp = {op: c for op, c in base.items() if op not in tp_ops}
+        assert fsdp and all(op.endswith("_") for op in fsdp), base  # c10d ops: FSDP's gathers / reduce-scatters
+        for deeper, n_more, per_iteration in ((deeper_nograd, 3, {"all_reduce": 2}), (deeper_grad, 1, grad_iteration)):
+            assert {op: c for op, c in deeper.items() if op not in tp_ops} == fsdp, (attn_type, base, deeper)
+            for op in tp_ops:
+                assert deeper.get(op, 0) - base.get(op, 0) == n_more * per_iteration.get(op, 0), (attn_type, op, counts)
