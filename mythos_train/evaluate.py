@@ -147,7 +147,7 @@ class Evaluator:
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         # Eager even when the blocks are compiled: every decode step changes the cache shapes the blocks (all one
         # code object) guard on, so a few tokens would exceed dynamo's recompile limit, a hard error under fullgraph.
-        with torch.compiler.set_stance("force_eager"):
+        with torch.compiler.set_stance("force_eager"), parallel.full_logits(self.model):
             out = self.model.generate(prompt, max_new_tokens=new_tokens, n_loops=e.sample_loops, greedy=True)
         return e.sample_prompt + tokenizer.decode(out[0, len(prompt_ids) :].tolist())
 
@@ -168,7 +168,8 @@ class Evaluator:
 
     def canary_accuracy(self, step: int) -> dict:
         """Answer accuracy by hops x loops (collective), logged and saved on the main rank."""
-        accuracy, delta = answer_accuracy(self.model, self.canary_batches(), self.cfg.eval.loop_counts, self.device)
+        with parallel.full_logits(self.model):
+            accuracy, delta = answer_accuracy(self.model, self.canary_batches(), self.cfg.eval.loop_counts, self.device)
         record = {
             "step": step,
             "accuracy": {str(h): {str(n): a for n, a in row.items()} for h, row in accuracy.items()},

@@ -20,11 +20,12 @@ over the data-parallel mesh only). Collectives per transformer block: forward 2 
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -80,3 +81,14 @@ def loss_context(dims: ParallelDims) -> AbstractContextManager:
     shards; the backward needs them too. Not reentrant: enter it once, around both.
     """
     return loss_parallel() if dims.tp_enabled else nullcontext()
+
+
+@contextmanager
+def full_logits(model: nn.Module) -> Iterator[None]:
+    """Inside: the model returns plain logits over the whole vocabulary (all-gathered under TP), for the callers
+    that read them rather than take a loss (generation, canary accuracy). A no-op without TP."""
+    handle = model.register_forward_hook(lambda _m, _a, out: out.full_tensor() if isinstance(out, DTensor) else out)
+    try:
+        yield
+    finally:
+        handle.remove()

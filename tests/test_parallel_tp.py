@@ -15,6 +15,7 @@ import torch.distributed as dist
 from test_parallel_fsdp_ep import full, global_batch, lm_loss, tiny_config
 from torch.distributed.tensor import DTensor
 
+import parallel
 from mythos_train.config import ConfigError, validate
 from mythos_train.depth import DepthSampler
 from mythos_train.loss import cross_entropy_sum
@@ -76,6 +77,9 @@ def check_tp(rank: int, world: int, attn_type: str, overrides: dict) -> dict:
         ref_opt.zero_grad()
     for p, rp in zip(model.parameters(), ref.parameters(), strict=True):
         err["param"] = max(err["param"], (full(p.detach()) - rp.detach()).abs().max().item())
+    with parallel.full_logits(model):  # generation reads whole-vocabulary logits
+        prompt = global_batch(STEPS, 1)[:1, :4]
+        err["generate"] = torch.equal(model.generate(prompt, 4, n_loops=2), ref.generate(prompt, 4, n_loops=2))
     err["wo_placements"] = str(model.prelude[0].attn.wo.weight.placements)
     err["logits_placements"] = str(logits.placements)
     err["embedding_placements"] = str(model.tok_embeddings.weight.placements)
@@ -85,7 +89,7 @@ def check_tp(rank: int, world: int, attn_type: str, overrides: dict) -> dict:
 
 def assert_close(errors: list[dict]) -> None:
     for err in errors:
-        assert err["logits"] < 1e-5 and err["loss"] < 1e-5, err
+        assert err["logits"] < 1e-5 and err["loss"] < 1e-5 and err["generate"], err
         assert err["grad"] < 1e-4 and err["norm"] < 1e-4 and err["param"] < 1e-4, err
 
 
