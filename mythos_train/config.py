@@ -511,6 +511,11 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     _check(m.n_experts % p.ep == 0, f"model.n_experts ({m.n_experts}) must be divisible by parallel.ep ({p.ep})")
     mesh_sizes(p, world_size)
     check_tensor_parallel(m, p.tp)
+    _check(
+        not (p.compile and p.tp > 1),
+        f"parallel.compile with parallel.tp ({p.tp}) > 1 is not supported yet: compiled blocks under DTensor tensor "
+        "parallelism gave wrong gradients (docs/design.md, Tensor parallelism); set parallel.compile = false",
+    )
 
     _check(
         t.steps >= 0 and t.seq_len > 0 and t.micro_batch_size > 0 and t.grad_accum_steps > 0,
