@@ -1,6 +1,7 @@
 """The trainer under tensor parallelism: a 20-step loss curve equal at tp 1 and tp 2 (same data-parallel size, so
 the same tokens), and a checkpoint saved at tp 2 resumed at tp 1 (DCP reshards the DTensors) continuing the data
-stream exactly: its losses are the uninterrupted tp 1 run's, and its loader ends where that run's did."""
+stream exactly: its losses are the uninterrupted tp 1 run's, and its loader ends where that run's did (and back:
+a tp 1 checkpoint resumed at tp 2)."""
 
 from __future__ import annotations
 
@@ -55,11 +56,14 @@ def runs(tmp_path_factory):
     resumed = run_distributed(
         train_job, 1, config, [f"--train.run_dir={runs_dir / 'tp2'}", "--checkpoint.load_step=10"], timeout=900
     )[0]
-    return tp1, tp2, resumed
+    back = run_distributed(
+        train_job, 2, config, [f"--train.run_dir={runs_dir / 'tp1'}", "--checkpoint.load_step=10", "--parallel.tp=2"]
+    )
+    return tp1, tp2, resumed, back
 
 
 def test_loss_curve_equal_at_tp1_and_tp2(runs):
-    tp1, tp2, _ = runs
+    tp1, tp2, *_ = runs
     assert len(tp1["losses"]) == STEPS
     assert [rank["tp"] for rank in tp2] == [2, 2] and "Shard(dim=0)" in tp2[0]["embedding"], tp2[0]
     for rank in tp2:
@@ -67,8 +71,10 @@ def test_loss_curve_equal_at_tp1_and_tp2(runs):
         assert rank["last_eval"] == pytest.approx(tp1["last_eval"], rel=1e-4)
 
 
-def test_tp2_checkpoint_resumes_at_tp1_with_the_data_stream_continuing(runs):
-    tp1, _, resumed = runs
-    assert len(resumed["losses"]) == STEPS - 10
-    assert resumed["losses"] == pytest.approx(tp1["losses"][10:], rel=1e-4), (tp1["losses"], resumed["losses"])
-    assert resumed["loader"] == tp1["loader"]
+def test_checkpoints_reshard_from_tp2_to_tp1_and_back_with_the_data_stream_continuing(runs):
+    tp1, _, resumed, back = runs
+    for run in (resumed, *back):
+        assert len(run["losses"]) == STEPS - 10
+        assert run["losses"] == pytest.approx(tp1["losses"][10:], rel=1e-4), (tp1["losses"], run["losses"])
+        assert run["loader"] == tp1["loader"]
+    assert resumed["tp"] == 1 and [rank["tp"] for rank in back] == [2, 2]
