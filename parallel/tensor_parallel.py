@@ -4,8 +4,8 @@ The plan (mythos_train/model/tp_plan.py) names a layout per submodule; each beco
 - colwise: `ColwiseParallel`, weight Shard(0): this rank's heads / hidden units; the replicated input's
   gradient is all-reduced in backward (Megatron's f);
 - rowwise: `RowwiseParallel`, weight Shard(1); the output is all-reduced to Replicate (Megatron's g);
-- replicated_input: `PrepareModuleInput` turning a module's input into a Replicate DTensor, so that its colwise
-  projections (q/k/v, or w1/w3) add their input gradients as one Partial and all-reduce once, not once each;
+- attention_input / ffn_input: `PrepareModuleInput` turning the module's input x into a Replicate DTensor, so
+  that its colwise projections (q/k/v, or w1/w3) add their input gradients as one Partial and all-reduce once;
 - heads: `PrepareModuleInputOutput` around MLA's rope-key broadcast: a Replicate input expanded to all heads,
   then split over heads (a local slice); in backward the head-split gradient is all-gathered and summed over
   every head, so the shared key (and kv_down) get the full gradient;
@@ -40,14 +40,13 @@ from torch.distributed.tensor.parallel import (
 from parallel.mesh import ParallelDims
 
 
-def _style(layout: str, module: nn.Module) -> ParallelStyle:
+def _style(layout: str) -> ParallelStyle:
     if layout == "colwise":
         return ColwiseParallel()
     if layout == "rowwise":
         return RowwiseParallel()
-    if layout == "replicated_input":  # attention takes (x, rope, cache), an FFN (x,): only x is a tensor to lay out
-        n_args = 3 if hasattr(module, "wo") else 1
-        layouts = (Replicate(),) + (None,) * (n_args - 1)
+    if layout in ("attention_input", "ffn_input"):  # attention takes (x, rope, cache), an FFN (x,)
+        layouts = (Replicate(), None, None) if layout == "attention_input" else (Replicate(),)
         return PrepareModuleInput(input_layouts=layouts, desired_input_layouts=layouts, use_local_output=False)
     if layout == "heads":  # [B, S, heads, rope]: dim 2 is the head dim
         return PrepareModuleInputOutput(
@@ -69,9 +68,7 @@ def _style(layout: str, module: nn.Module) -> ParallelStyle:
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str]) -> None:
     """Split every submodule `plan` names over `tp_mesh` (in place, before AC, compile and FSDP)."""
-    parallelize_module(
-        model, tp_mesh, {path: _style(layout, model.get_submodule(path)) for path, layout in plan.items()}
-    )
+    parallelize_module(model, tp_mesh, {path: _style(layout) for path, layout in plan.items()})
 
 
 def loss_context(dims: ParallelDims) -> AbstractContextManager:

@@ -14,15 +14,15 @@ from __future__ import annotations
 from torch import nn
 
 ATTENTION = {
-    "gqa": {"attn": "replicated_input", "attn.wq": "colwise", "attn.wk": "colwise", "attn.wv": "colwise",
+    "gqa": {"attn": "attention_input", "attn.wq": "colwise", "attn.wk": "colwise", "attn.wv": "colwise",
             "attn.wo": "rowwise"},
     # MLA: q_down/q_norm/kv_down/kv_norm stay replicated (their outputs feed every head); the up-projections are
     # per head. The shared rope key is split over heads by `rope_key_heads` (its gradient sums every head's).
     "mla": {"attn.q_up_nope": "colwise", "attn.q_up_rope": "colwise", "attn.kv_up": "colwise",
             "attn.rope_key_heads": "heads", "attn.wo": "rowwise"},
 }  # fmt: skip
-FFN = {"ffn": "replicated_input", "ffn.w1": "colwise", "ffn.w3": "colwise", "ffn.w2": "rowwise"}
-SHARED_EXPERTS = {f"moe.shared{name}": layout for name, layout in {"": "replicated_input", ".w1": "colwise",
+FFN = {"ffn": "ffn_input", "ffn.w1": "colwise", "ffn.w3": "colwise", "ffn.w2": "rowwise"}
+SHARED_EXPERTS = {f"moe.shared{name}": layout for name, layout in {"": "ffn_input", ".w1": "colwise",
                   ".w3": "colwise", ".w2": "rowwise"}.items()}  # fmt: skip
 
 
