@@ -395,6 +395,17 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
+    """Every width tensor parallelism splits must divide by tp (names the field)."""
+    widths = {"n_heads": model.n_heads, "dense_ffn_dim (ffn_dim)": model.ffn_dim, "vocab_size": model.vocab_size}
+    if model.attn_type == "gqa":
+        widths["n_kv_heads"] = model.n_kv_heads
+    if model.shared_expert_dim:
+        widths["shared_expert_dim (expert_dim * n_experts_per_tok * n_shared_experts)"] = model.shared_expert_dim
+    for name, width in widths.items():
+        _check(width % tp == 0, f"model.{name} ({width}) must be divisible by parallel.tp ({tp})")
+
+
 def validate(cfg: JobConfig, world_size: int = 1) -> None:
     """Every cross-field rule, raised as ConfigError naming the field(s), before any process group exists."""
     model, train, parallel = cfg.model, cfg.train, cfg.parallel
@@ -452,6 +463,12 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         f"model.n_experts ({model.n_experts}) must be divisible by parallel.ep ({parallel.ep})",
     )
     mesh_sizes(parallel, world_size)
+    check_tensor_parallel(model, parallel.tp)
+    _check(
+        not (parallel.compile and parallel.tp > 1),
+        f"parallel.compile with parallel.tp ({parallel.tp}) > 1 is not supported yet: compiled blocks under DTensor "
+        "tensor parallelism gave wrong gradients (docs/design.md, Tensor parallelism); set parallel.compile = false",
+    )
 
     _check(
         train.steps >= 0 and train.seq_len > 0 and train.micro_batch_size > 0 and train.grad_accum_steps > 0,

@@ -124,8 +124,11 @@ class Evaluator:
             for cpu_batch in batches:
                 batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
                 labels = loss_labels(batch)
-                logits = self.model(batch["input_ids"], n_nograd=0, n_grad=loops, doc_starts=batch.get("doc_starts"))
-                total[0] += cross_entropy_sum(logits, labels)
+                with parallel.loss_context(self.dims):  # vocabulary-parallel logits under TP
+                    logits = self.model(
+                        batch["input_ids"], n_nograd=0, n_grad=loops, doc_starts=batch.get("doc_starts")
+                    )
+                    total[0] += cross_entropy_sum(logits, labels)
                 total[1] += token_count(labels)
             all_reduce_sum(total)
             results[loops] = float(total[0] / total[1].clamp(min=1))
@@ -144,7 +147,7 @@ class Evaluator:
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         # Eager even when the blocks are compiled: every decode step changes the cache shapes the blocks (all one
         # code object) guard on, so a few tokens would exceed dynamo's recompile limit, a hard error under fullgraph.
-        with torch.compiler.set_stance("force_eager"):
+        with torch.compiler.set_stance("force_eager"), parallel.full_logits(self.model):
             out = self.model.generate(prompt, max_new_tokens=new_tokens, n_loops=e.sample_loops, greedy=True)
         return e.sample_prompt + tokenizer.decode(out[0, len(prompt_ids) :].tolist())
 
@@ -165,7 +168,8 @@ class Evaluator:
 
     def canary_accuracy(self, step: int) -> dict:
         """Answer accuracy by hops x loops (collective), logged and saved on the main rank."""
-        accuracy, delta = answer_accuracy(self.model, self.canary_batches(), self.cfg.eval.loop_counts, self.device)
+        with parallel.full_logits(self.model):
+            accuracy, delta = answer_accuracy(self.model, self.canary_batches(), self.cfg.eval.loop_counts, self.device)
         record = {
             "step": step,
             "accuracy": {str(h): {str(n): a for n, a in row.items()} for h, row in accuracy.items()},

@@ -5,17 +5,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.autograd.profiler import record_function
+from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
 "Label value that contributes no loss and no token count."
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed token cross-entropy in fp32: logits [B, S, V], labels [B, S] -> []."""
+    """Summed token cross-entropy in fp32: logits [B, S, V], labels [B, S] -> [].
+
+    Vocabulary-parallel logits (a DTensor, under tensor parallelism) need `parallel.loss_context`; their loss is
+    a replicated DTensor, returned as the plain tensor every tp rank holds.
+    """
     with record_function("mythos:loss"):
-        return F.cross_entropy(
+        loss = F.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
         )
+        return loss.to_local() if isinstance(loss, DTensor) else loss
 
 
 def batch_keys(document_masking: bool) -> tuple[str, ...]:

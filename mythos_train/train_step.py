@@ -85,6 +85,10 @@ class TrainStep:
     marks: tuple = ()
     "Time marks of the last step: start of forward, end of backward, end of the optimizer (see time_mark)."
 
+    def _data_group(self):
+        """The data-parallel ranks: tp ranks see the same tokens, so tokens and losses are counted once per tp group."""
+        return self.dims.dp_mesh.get_group() if self.dims is not None else None
+
     def forward_backward(
         self, micro_batches: list[dict[str, torch.Tensor]], n_nograd: int, n_grad: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,16 +96,17 @@ class TrainStep:
         # Global token count first (one all-reduce, no host sync): each micro-batch's loss is its share of the
         # step's mean.
         local_tokens = sum(token_count(loss_labels(mb)) for mb in micro_batches).float()
-        global_tokens = all_reduce_sum(local_tokens.reshape(1))[0]
+        global_tokens = all_reduce_sum(local_tokens.reshape(1), self._data_group())[0]
         dp_size = self.dims.dp_size if self.dims is not None else 1
         scale = dp_size / global_tokens.clamp(min=1)  # a step whose every label is masked: loss 0
         loss_sum = torch.zeros((), device=local_tokens.device)
         start = time_mark(local_tokens.device)
         for mb in micro_batches:
             # No name holds the logits [B, S, vocab]: the loss keeps what its backward needs, nothing more.
-            ce = cross_entropy_sum(self.forward(mb, n_nograd, n_grad), loss_labels(mb))
-            with record_function("mythos:backward"):  # named ranges: what `python -m mythos_train profile` reads
-                (ce * scale).backward()
+            with parallel.loss_context(self.dims):  # vocabulary-parallel cross-entropy under TP, else nothing
+                ce = cross_entropy_sum(self.forward(mb, n_nograd, n_grad), loss_labels(mb))
+                with record_function("mythos:backward"):  # named ranges: what `python -m mythos_train profile` reads
+                    (ce * scale).backward()
             loss_sum += ce.detach()
             if self.balancer is not None:
                 self.balancer.accumulate(self.model.recurrent.last_stats)
@@ -114,7 +119,7 @@ class TrainStep:
         loss_sum, global_tokens = self.forward_backward(micro_batches, n_nograd, n_grad)
         with record_function("mythos:clip_grad"):
             grad_norm = parallel.clip_grad_norm_(self.model.parameters(), self.max_grad_norm, self.dims)
-        loss = all_reduce_sum(loss_sum.reshape(1))[0] / global_tokens.clamp(min=1)
+        loss = all_reduce_sum(loss_sum.reshape(1), self._data_group())[0] / global_tokens.clamp(min=1)
         # the step's one host sync
         loss_value, norm_value, loss_tokens = torch.stack([loss, grad_norm.to(loss), global_tokens.to(loss)]).tolist()
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))

@@ -129,7 +129,7 @@ class Trainer:
         peak = f"{self.peak_flops / 1e12:.1f} TFLOP/s peak" if self.peak_flops else "peak unknown (no MFU)"
         self.metrics.console(
             f"model {n_params / 1e6:.2f}M params | {dist_info.world_size} ranks on {self.device.type} (dp_replicate "
-            f"{self.dims.dp_replicate} x dp_shard {self.dims.dp_shard}, ep {self.dims.ep}) | "
+            f"{self.dims.dp_replicate} x dp_shard {self.dims.dp_shard}, ep {self.dims.ep}, tp {self.dims.tp}) | "
             f"{self.tokens_per_step:,} tokens/step | {peak}"
         )
 

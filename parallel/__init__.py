@@ -10,6 +10,8 @@ _EXPORTS = {
     "ParallelDims": "parallel.mesh",
     "build_mesh": "parallel.mesh",
     "clip_grad_norm_": "parallel.clip_grad",
+    "full_logits": "parallel.tensor_parallel",
+    "loss_context": "parallel.tensor_parallel",
     "parallelize": "parallel.parallelize",
 }
 __all__ = sorted(_EXPORTS)

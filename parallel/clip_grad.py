@@ -19,12 +19,18 @@ from torch.distributed.tensor import DTensor
 
 
 def _copies(grad: torch.Tensor, world_size: int) -> int:
-    """Ranks holding the same local values as this one: replicated mesh axes, or every rank for a plain tensor."""
+    """Ranks holding the same local values as this one: replicated mesh axes, or every rank for a plain tensor.
+
+    A mesh spanning part of the world (the data-parallel mesh under tensor parallelism) is replicated over the
+    ranks it leaves out (the tp ranks of a parameter tensor parallelism does not split).
+    """
     if not isinstance(grad, DTensor):
         return world_size
-    if grad.device_mesh.size() != world_size:
-        raise ValueError(f"clip_grad_norm_: gradient mesh {grad.device_mesh} does not span all {world_size} ranks")
-    return math.prod(size for size, p in zip(grad.device_mesh.shape, grad.placements) if p.is_replicate())
+    mesh = grad.device_mesh
+    if world_size % mesh.size():
+        raise ValueError(f"clip_grad_norm_: gradient mesh {mesh} does not tile all {world_size} ranks")
+    replicated = math.prod(size for size, p in zip(mesh.shape, grad.placements) if p.is_replicate())
+    return replicated * world_size // mesh.size()
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ class ParallelConfig:
     ep: int = 1
     "Expert-parallel degree: experts split over this many ranks of each dp_shard group (must divide dp_shard)."
     tp: int = 1
-    "Tensor-parallel degree (inside a node): attention heads, FFN hidden and vocabulary split across tp ranks."
+    "Tensor-parallel degree (innermost mesh axis, inside a node): attention heads, dense/shared-expert FFN widths and the vocabulary split over this many ranks that see the same tokens; 1 = off."
     activation_checkpoint: Literal["none", "loop", "full"] = "loop"
     "'loop' recomputes each gradient loop iteration in backward; 'full' also each prelude/coda block."
     reshard_per_iteration: bool = False
@@ -44,14 +44,18 @@ class ParallelConfig:
 
 
 def mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
-    """Resolved mesh axis sizes: dp_replicate, dp_shard, ep and efsdp (the experts' own shard axis)."""
-    dp_shard = parallel.dp_shard if parallel.dp_shard != -1 else world_size // max(parallel.dp_replicate, 1)
+    """Resolved mesh axis sizes: dp_replicate, dp_shard, ep, efsdp (the experts' own shard axis) and tp."""
+    if parallel.tp < 1:
+        raise ConfigError(f"parallel.tp ({parallel.tp}) must be >= 1")
+    data_world = world_size // parallel.tp
+    dp_shard = parallel.dp_shard if parallel.dp_shard != -1 else data_world // max(parallel.dp_replicate, 1)
     if parallel.dp_replicate < 1 or dp_shard < 1:
         raise ConfigError("parallel.dp_replicate and parallel.dp_shard must be >= 1 (dp_shard may be -1 = auto)")
-    if parallel.dp_replicate * dp_shard != world_size:
+    if parallel.dp_replicate * dp_shard * parallel.tp != world_size:
         raise ConfigError(
-            f"parallel: mesh dp_replicate({parallel.dp_replicate}) x dp_shard({dp_shard}) = "
-            f"{parallel.dp_replicate * dp_shard} != world size {world_size}"
+            f"parallel: mesh dp_replicate({parallel.dp_replicate}) x dp_shard({dp_shard})"
+            + (f" x tp({parallel.tp})" if parallel.tp > 1 else "")
+            + f" = {parallel.dp_replicate * dp_shard * parallel.tp} != world size {world_size}"
         )
     if parallel.ep < 1 or dp_shard % parallel.ep:
         raise ConfigError(f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dp_shard})")
@@ -60,4 +64,5 @@ def mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
         "dp_shard": dp_shard,
         "ep": parallel.ep,
         "efsdp": dp_shard // parallel.ep,
+        "tp": parallel.tp,
     }

@@ -5,6 +5,9 @@ Dense weights see (dp_replicate, dp_shard): HSDP across nodes, FSDP inside. Expe
 on the fastest links) and `efsdp = dp_shard / ep` is what is left over to shard each expert group with FSDP.
 Both views are `_unflatten`s of the same 1-D world mesh, so DTensors on them share a root mesh (FSDP and DCP
 need that to combine the ep sharding with the efsdp sharding).
+With tensor parallelism, `tp` is the innermost axis of both views (HSDP x FSDP x TP, tp inside a node); the
+data-parallel ranks are then the world with tp folded out, and EP/FSDP collectives run between ranks with the
+same tp index.
 """
 
 from __future__ import annotations
@@ -38,23 +41,32 @@ class ParallelDims:
     "Expert weights' own data-parallel mesh: (efsdp,) or (dp_replicate, efsdp)."
     ep_mesh: DeviceMesh | None
     "Expert-parallel mesh; None when ep == 1."
+    tp: int = 1
+    tp_mesh: DeviceMesh | None = None
+    "Tensor-parallel mesh (innermost ranks); None when tp == 1."
+    data_mesh: DeviceMesh | None = None
+    "(dp_replicate x dp_shard) flattened when tp > 1; None = the world mesh is the data-parallel mesh."
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard
+        return self.dp_replicate * self.dp_shard * self.tp
 
     @property
     def dp_mesh(self) -> DeviceMesh:
         """Ranks that see different tokens (dp_replicate x dp_shard flattened): data loader rank/world."""
-        return self.world_mesh
+        return self.data_mesh if self.data_mesh is not None else self.world_mesh
 
     @property
     def dp_rank(self) -> int:
-        return self.world_mesh.get_local_rank()
+        return self.dp_mesh.get_local_rank()
 
     @property
     def dp_size(self) -> int:
-        return self.world_mesh.size()
+        return self.dp_mesh.size()
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
 
     @property
     def ep_enabled(self) -> bool:
@@ -84,18 +96,25 @@ def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "au
         init_process_group(parallel, device)
     if dist.get_world_size() != world_size:
         raise ConfigError(f"build_mesh: world_size {world_size} != process group size {dist.get_world_size()}")
-    r, s, ep, f = sizes["dp_replicate"], sizes["dp_shard"], sizes["ep"], sizes["efsdp"]
+    replicate, shard, ep, efsdp, tp = (sizes[name] for name in ("dp_replicate", "dp_shard", "ep", "efsdp", "tp"))
     world = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
-    dense = world._unflatten(0, (r, s), ("dp_replicate", "dp_shard"))
-    sparse = world._unflatten(0, (r, f, ep), ("dp_replicate", "efsdp", "ep"))
+    if tp > 1:
+        dense = world._unflatten(0, (replicate, shard, tp), ("dp_replicate", "dp_shard", "tp"))
+        sparse = world._unflatten(0, (replicate, efsdp, ep, tp), ("dp_replicate", "efsdp", "ep", "tp"))
+        tp_dims = {"tp": tp, "tp_mesh": dense["tp"], "data_mesh": dense["dp_replicate", "dp_shard"]._flatten("data")}
+    else:
+        dense = world._unflatten(0, (replicate, shard), ("dp_replicate", "dp_shard"))
+        sparse = world._unflatten(0, (replicate, efsdp, ep), ("dp_replicate", "efsdp", "ep"))
+        tp_dims = {}
     return ParallelDims(
-        dp_replicate=r,
-        dp_shard=s,
+        dp_replicate=replicate,
+        dp_shard=shard,
         ep=ep,
-        efsdp=f,
+        efsdp=efsdp,
         device_type=device_type,
         world_mesh=world,
-        fsdp_mesh=dense if r > 1 else dense["dp_shard"],
-        efsdp_mesh=sparse["dp_replicate", "efsdp"] if r > 1 else sparse["efsdp"],
+        fsdp_mesh=dense["dp_replicate", "dp_shard"] if replicate > 1 else dense["dp_shard"],
+        efsdp_mesh=sparse["dp_replicate", "efsdp"] if replicate > 1 else sparse["efsdp"],
         ep_mesh=sparse["ep"] if ep > 1 else None,
+        **tp_dims,
     )

@@ -1,4 +1,4 @@
-"""Apply every parallelism to a model, in torchtitan's order: EP (swaps modules) -> AC -> compile -> FSDP."""
+"""Apply every parallelism to a model, in torchtitan's order: TP -> EP (swaps modules) -> AC -> compile -> FSDP."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from parallel.expert_kernel import check_expert_kernel
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fsdp import apply_fsdp, mixed_precision_policy
 from parallel.mesh import ParallelDims
+from parallel.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Callable | None:
@@ -20,6 +21,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Callable | None:
     parallel = cfg.parallel
     compute_dtype = mixed_precision_policy(parallel, dims.device_type).param_dtype
     check_expert_kernel(dims.device_type, compute_dtype, parallel.allow_slow_experts)
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, dims.tp_mesh, model.parallel_plan().tensor_parallel)
     apply_expert_parallel(model, dims)
     wrap_iteration = apply_activation_checkpointing(
         model,

@@ -99,4 +99,6 @@ def test_semantic_conflicts(overrides, world, message):
 
 def test_mesh_sizes_hsdp_and_ep():
     cfg = load_config(overrides=["--parallel.dp_replicate=2", "--parallel.ep=2"])
-    assert mesh_sizes(cfg.parallel, 8) == {"dp_replicate": 2, "dp_shard": 4, "ep": 2, "efsdp": 2}
+    assert mesh_sizes(cfg.parallel, 8) == {"dp_replicate": 2, "dp_shard": 4, "ep": 2, "efsdp": 2, "tp": 1}
+    cfg = load_config(overrides=["--parallel.dp_replicate=2", "--parallel.ep=2", "--parallel.tp=2"])
+    assert mesh_sizes(cfg.parallel, 16) == {"dp_replicate": 2, "dp_shard": 4, "ep": 2, "efsdp": 2, "tp": 2}

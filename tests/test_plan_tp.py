@@ -107,9 +107,9 @@ def test_tp_collectives_grow_linearly_with_depth(policy: str, per_grad_iteration
 
 
 def test_tp_stays_inside_a_node_and_divides_heads():
-    cfg = load_config(DEBUG, ["--parallel.tp=4", "--parallel.ep=1"])
+    cfg = load_config(DEBUG, ["--parallel.tp=2", "--parallel.ep=1"])
     with pytest.raises(ConfigError, match="gpus-per-node"):
-        build_plan(cfg, 2, 2, "h100")
+        build_plan(cfg, 2, 1, "h100")
     cfg = load_config(DEBUG, ["--parallel.tp=8", "--parallel.ep=1", "--model.n_heads=4"])
     with pytest.raises(ConfigError, match="n_heads"):
         build_plan(cfg, 1, 8, "h100")

@@ -83,14 +83,14 @@ class MLAttention(nn.Module):
         self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
         self.kv_up = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
+        self.rope_key_heads = HeadBroadcast(cfg.n_heads)
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        H = self.n_heads
         cos, sin = rope.cos, rope.sin
         c_q = self.q_norm(self.q_down(x))  # [B, T, q_lora_rank]
-        q_nope = self.q_up_nope(c_q).view(B, T, H, self.nope_dim)
-        q_rope = apply_rope(self.q_up_rope(c_q).view(B, T, H, self.rope_dim), cos, sin)
+        q_nope = self.q_up_nope(c_q).view(B, T, -1, self.nope_dim)  # [B, T, H, nope]; H = this rank's heads
+        q_rope = apply_rope(self.q_up_rope(c_q).view(B, T, -1, self.rope_dim), cos, sin)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, nope + rope]
 
         c_kv, k_rope = self.kv_down(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -98,11 +98,26 @@ class MLAttention(nn.Module):
         past, (c_kv, k_rope) = _update_cache(cache, c_kv=c_kv, k_rope=k_rope)
         S = c_kv.shape[1]
 
-        kv = self.kv_up(self.kv_norm(c_kv)).view(B, S, H, self.nope_dim + self.v_dim)
+        kv = self.kv_up(self.kv_norm(c_kv)).view(B, S, -1, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(B, S, H, self.rope_dim)], dim=-1).transpose(1, 2)  # [B, H, S, nope + rope]
+        k = torch.cat([k_nope, self.rope_key_heads(k_rope)], dim=-1).transpose(1, 2)  # [B, H, S, nope + rope]
         out = causal_sdpa(q, k, v.transpose(1, 2), self.scale, past, doc_mask=rope.doc_mask)  # [B, H, T, v]
-        return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class HeadBroadcast(nn.Module):
+    """The rope key every MLA head shares, k_rope [B, S, 1, rope] -> [B, S, n_heads, rope] (a view, no weights).
+
+    A module so that tensor parallelism can give it a layout: each rank keeps its own heads' slice, and the
+    key's gradient is the sum over all heads, not only the local ones.
+    """
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, k_rope: torch.Tensor) -> torch.Tensor:
+        return k_rope.expand(-1, -1, self.n_heads, -1)
 
 
 class GQAttention(nn.Module):
@@ -123,9 +138,10 @@ class GQAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope, cache: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         cos, sin = rope.cos, rope.sin
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # -1 heads: under tensor parallelism each rank holds n_heads / tp query and n_kv_heads / tp kv heads
+        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin)  # [B, T, H, head_dim]
+        k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), cos, sin)  # [B, T, Hkv, head_dim]
+        v = self.wv(x).view(B, T, -1, self.head_dim)
         past, (k, v) = _update_cache(cache, k=k, v=v)
         out = causal_sdpa(
             q.transpose(1, 2),

@@ -33,7 +33,7 @@ class ParallelPlan:
     loop_parts: dict[str, str]
     "Planner part name -> path of that part of the loop block (the planner reports their gathered bytes)."
     tensor_parallel: dict[str, str] = field(default_factory=dict)
-    "Module path -> tensor-parallel style name (e.g. 'colwise', 'rowwise'); filled by tensor parallelism, empty: none."
+    "Module path -> tensor-parallel layout name (parallel/tensor_parallel.py maps each to a DTensor style); empty: none."
 
     @property
     def blocks(self) -> tuple[str, ...]:
@@ -60,4 +60,35 @@ def mythos_parallel_plan(model: MythosModel) -> ParallelPlan:
             "shared experts": f"{moe}.shared",
             "attention": "recurrent.block.attn",
         },
+        tensor_parallel=tensor_parallel_plan(model),
     )
+
+
+# Tensor parallelism, Megatron's layout: a colwise projection splits its output features (heads, FFN hidden units),
+# the rowwise one after it splits its input features and all-reduces its output. The tied embedding / LM head is
+# split over the vocabulary: the lookup all-reduces, the logits stay split (Shard(-1)) for torch's vocabulary-parallel
+# cross-entropy (`loss_parallel`). Everything else (norms, the loop's injection, LoRA, ACT, the router, the routed
+# experts, MLA's low-rank down-projections) is replicated: every tp rank computes it on the same tokens.
+ATTENTION = {
+    "gqa": {"attn": "attention_input", "attn.wq": "colwise", "attn.wk": "colwise", "attn.wv": "colwise",
+            "attn.wo": "rowwise"},
+    # MLA: q_down/q_norm/kv_down/kv_norm stay replicated (their outputs feed every head); the up-projections are
+    # per head. The shared rope key is split over heads by `rope_key_heads` (its gradient sums every head's).
+    "mla": {"attn.q_up_nope": "colwise", "attn.q_up_rope": "colwise", "attn.kv_up": "colwise",
+            "attn.rope_key_heads": "heads", "attn.wo": "rowwise"},
+}  # fmt: skip
+FFN = {"ffn": "ffn_input", "ffn.w1": "colwise", "ffn.w3": "colwise", "ffn.w2": "rowwise"}
+SHARED_EXPERTS = {f"moe.shared{name}": layout for name, layout in {"": "ffn_input", ".w1": "colwise",
+                  ".w3": "colwise", ".w2": "rowwise"}.items()}  # fmt: skip
+
+
+def tensor_parallel_plan(model: MythosModel) -> dict[str, str]:
+    """Every split submodule of a MythosModel by its full path (prelude/coda dense blocks, the looped block)."""
+    attention = ATTENTION[model.cfg.attn_type]
+    blocks = {f"prelude.{i}": FFN for i in range(len(model.prelude))}
+    blocks["recurrent.block"] = SHARED_EXPERTS if model.recurrent.block.moe.shared is not None else {}
+    blocks.update({f"coda.{i}": FFN for i in range(len(model.coda))})
+    plan = {"tok_embeddings": "vocab_embedding", "norm": "vocab_head_input"}
+    for block, ffn in blocks.items():
+        plan.update({f"{block}.{path}": layout for path, layout in {**attention, **ffn}.items()})
+    return plan

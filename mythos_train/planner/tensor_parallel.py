@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mythos_train.config import ConfigError, JobConfig, ParallelConfig, mesh_sizes
+from mythos_train.config import ConfigError, JobConfig, ParallelConfig, check_tensor_parallel, mesh_sizes
 
 COLWISE = (
     "attn.wq.", "attn.wk.", "attn.wv.", "attn.q_up_nope.", "attn.q_up_rope.", "attn.kv_up.",
@@ -56,23 +56,17 @@ def tp_mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
 
 
 def check_tp(cfg: JobConfig, gpus_per_node: int) -> None:
-    """ConfigError naming the field when tp does not divide what it splits, or leaves the node."""
-    m, t, tp = cfg.model, cfg.train, cfg.parallel.tp
+    """ConfigError naming the field when tp leaves the node or does not divide what it splits (config's widths,
+    plus what the planned layout adds: sequence-parallel tokens and the experts TP folds into EP)."""
+    model, tp = cfg.model, cfg.parallel.tp
     if tp == 1:
         return
+    check_tensor_parallel(model, tp)
     splits = {
         "--gpus-per-node": gpus_per_node,
-        "model.n_heads": m.n_heads,
-        "model.vocab_size": m.vocab_size,
-        "train.seq_len (sequence parallelism)": t.seq_len,
-        "model.n_experts / parallel.ep": m.n_experts // cfg.parallel.ep,
+        "train.seq_len (sequence parallelism)": cfg.train.seq_len,
+        "model.n_experts / parallel.ep": model.n_experts // cfg.parallel.ep,
     }
-    if m.attn_type == "gqa":
-        splits["model.n_kv_heads"] = m.n_kv_heads
-    if m.prelude_layers + m.coda_layers:
-        splits["model.ffn_dim"] = m.ffn_dim
-    if m.shared_expert_dim:
-        splits["model.shared_expert_dim"] = m.shared_expert_dim
     for field, value in splits.items():
         if value % tp:
             raise ConfigError(f"parallel.tp ({tp}) must divide {field} ({value}): TP stays inside a node")
