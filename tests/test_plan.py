@@ -99,7 +99,7 @@ def test_cli_json_1b_on_one_node(capsys):
     rc = main(["--config", "configs/mythos_1b.toml", "--nodes", "1", "--gpus-per-node", "8", "--gpu", "h200", "--json"])
     plan = json.loads(capsys.readouterr().out)
     assert rc == 0 and plan["fits"]
-    assert plan["mesh"] == {"dp_replicate": 1, "dp_shard": 8, "ep": 8, "efsdp": 1, "tp": 1}
+    assert plan["mesh"] == {"dp_replicate": 1, "dp_shard": 8, "ep": 8, "efsdp": 1}
     assert 0 < plan["mfu"] < 1 and plan["memory"]["peak_bytes"] < plan["capacity_bytes"]
     assert all(alt["fits"] for alt in plan["alternatives"])
 
