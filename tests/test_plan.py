@@ -20,7 +20,7 @@ from mythos_train.config import JobConfig, load_config, mesh_sizes
 from mythos_train.model import MythosModel
 from mythos_train.planner.cli import main
 from mythos_train.planner.comm import step_collectives
-from mythos_train.planner.memory import ParamInfo, chunk_rows, model_parameters, static_memory, unit_sizes
+from mythos_train.planner.memory import ParamInfo, chunk_rows, model_parameters, model_plan, static_memory, unit_sizes
 from mythos_train.planner.plan import build_plan, memory_plan
 
 DEBUG = "configs/debug.toml"
@@ -51,7 +51,7 @@ def test_experts_split_over_ep_then_efsdp():
     """16 experts, ep 2 x efsdp 2: 8 local experts, 4 per efsdp shard; the meta model has the real one's shapes."""
     cfg = load_config(DEBUG)
     params, _ = model_parameters(cfg.model)
-    units = unit_sizes(params, mesh_sizes(cfg.parallel, 4))
+    units = unit_sizes(params, mesh_sizes(cfg.parallel, 4), model_plan(cfg.model))
     experts = [p for p in params if p.expert]
     assert {p.name.rsplit(".", 1)[1] for p in experts} == {"w1", "w2", "w3"}
     assert units.expert_sharded["recurrent"] == sum(4 * p.row_numel for p in experts)
@@ -91,7 +91,7 @@ def test_looped_block_parts_by_hand():
     assert plan.loop_parts["shared experts"] == 3 * m.dim * shared_width * 2  # w1, w2, w3 in bf16
     assert plan.loop_parts["routed experts"] == m.n_experts // 8 * 3 * m.dim * m.expert_dim * 2  # this rank's E / ep
     params, _ = model_parameters(m)
-    gathered = unit_sizes(params, mesh_sizes(cfg.parallel, 512)).gathered["recurrent"]
+    gathered = unit_sizes(params, mesh_sizes(cfg.parallel, 512), model_plan(m)).gathered["recurrent"]
     assert sum(plan.loop_parts.values()) == gathered * 2 and plan.loop_parts["rest"] > 0
 
 
@@ -193,7 +193,7 @@ def test_plan_matches_sharded_step(world: int, monkeypatch):
             assert got["peak"] == pytest.approx(working, rel=0.25), report[-1]
             assert got["rss_growth"] == pytest.approx(working, rel=0.25), report[-1]
             calls = {"all-gather": 0, "reduce-scatter": 0, "all-reduce": 0, "all-to-all": 0}
-            for c in step_collectives(cfg, sizes, unit_sizes(params, sizes), n, k, 4, 4):
+            for c in step_collectives(cfg, sizes, unit_sizes(params, sizes, model_plan(cfg.model)), n, k, 4, 4):
                 calls[c.name] += c.calls
                 payload[c.name] -= c.payload
             for op in calls:

@@ -13,7 +13,7 @@ from mythos_train.model import MythosModel
 from mythos_train.model.attention import GQAttention, MLAttention
 from mythos_train.model.moe import FeedForward, GroupedExperts
 from mythos_train.planner.comm import step_collectives
-from mythos_train.planner.memory import model_parameters, static_memory, unit_sizes
+from mythos_train.planner.memory import model_parameters, model_plan, static_memory, unit_sizes
 from mythos_train.planner.plan import alternatives, build_plan, memory_plan
 from mythos_train.planner.tensor_parallel import tp_mesh_sizes
 
@@ -76,7 +76,7 @@ def test_tp_halves_the_split_weights():
 def tp_calls_per_micro_batch(cfg, n: int, k: int, name: str) -> int:
     sizes = tp_mesh_sizes(cfg.parallel, 4)
     params, _ = model_parameters(cfg.model)
-    collectives = step_collectives(cfg, sizes, unit_sizes(params, sizes), n, k, 2, 4)
+    collectives = step_collectives(cfg, sizes, unit_sizes(params, sizes, model_plan(cfg.model)), n, k, 2, 4)
     return sum(c.calls for c in collectives if c.axis == "tp" and c.name == name) // cfg.train.grad_accum_steps
 
 
@@ -98,7 +98,7 @@ def test_tp_collectives_grow_linearly_with_depth(policy: str, per_grad_iteration
     fsdp = [
         sum(
             c.calls
-            for c in step_collectives(cfg, sizes, unit_sizes(params, sizes), 2, k, 2, 4)
+            for c in step_collectives(cfg, sizes, unit_sizes(params, sizes, model_plan(cfg.model)), 2, k, 2, 4)
             if c.axis in ("dp_shard", "efsdp")
         )
         for k in (1, 4)

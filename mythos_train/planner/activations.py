@@ -2,8 +2,8 @@
 
 Each count below is one tensor autograd keeps for backward in mythos_train/model as written (listed with
 `torch.autograd.graph.saved_tensors_hooks` and checked by tests/test_plan_activations.py, which fails when the
-model changes under this formula). Units are elements per token, at the activation dtype `a` (the FSDP
-param_dtype) unless marked fp32 (`F`) or int64 (`I`). Weights are never counted: FSDP frees the gathered
+model changes under this formula). Units are elements per token, at the activation dtype `a` (`act_bytes` in the
+code: the FSDP param_dtype) unless marked fp32 (`F`) or int64 (`I`). Weights are never counted: FSDP frees the gathered
 copies that autograd references, and recomputes nothing to get them back.
 
 RMSNorm: the fused CUDA kernel saves its input and the fp32 rstd; the CPU composite also saves x * rstd
@@ -52,76 +52,85 @@ from mythos_train.config import ModelConfig
 FP32, INT64 = 4, 8
 
 
-def _norm(width: int, a: int, cpu: bool) -> int:
+def _norm(width: int, act_bytes: int, cpu: bool) -> int:
     """Bytes RMSNorm itself saves (its input and output are counted where they are made)."""
-    return FP32 + (width * a if cpu else 0)
+    return FP32 + (width * act_bytes if cpu else 0)
 
 
-def attention_bytes(m: ModelConfig, a: int, cpu: bool) -> int:
+def attention_bytes(m: ModelConfig, act_bytes: int, cpu: bool) -> int:
     """Per-token bytes saved by attn_norm + attention (the block input itself not included)."""
-    total = _norm(m.dim, a, cpu) + m.dim * a  # attn_norm, its output
-    H = m.n_heads
+    total = _norm(m.dim, act_bytes, cpu) + m.dim * act_bytes  # attn_norm, its output
+    heads = m.n_heads
     if m.attn_type == "mla":
-        qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
-        P = max(qk, v)
-        total += m.q_lora_rank * a + _norm(m.q_lora_rank, a, cpu) + m.q_lora_rank * a  # q_down out, q_norm, c_q
-        total += (m.kv_lora_rank + m.qk_rope_head_dim) * a + _norm(m.kv_lora_rank, a, cpu) + m.kv_lora_rank * a
-        total += 3 * H * P * a  # q, k, out
-        total += (H * (m.qk_nope_head_dim + v) if v >= qk else H * P) * a  # v: kv_up's output viewed, or padded
+        qk_head_dim, v_head_dim = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+        padded_head_dim = max(qk_head_dim, v_head_dim)
+        # q_down out, q_norm, c_q; kv_down out (kv_lora + rope), kv_norm, its output
+        total += 2 * m.q_lora_rank * act_bytes + _norm(m.q_lora_rank, act_bytes, cpu)
+        total += (2 * m.kv_lora_rank + m.qk_rope_head_dim) * act_bytes + _norm(m.kv_lora_rank, act_bytes, cpu)
+        total += 3 * heads * padded_head_dim * act_bytes  # q, k, out
+        # v: kv_up's output viewed, or padded
+        v_width = heads * (m.qk_nope_head_dim + v_head_dim) if v_head_dim >= qk_head_dim else heads * padded_head_dim
         # wo's input is a copy when the output was sliced, or (CPU flash kernel) laid out from padded q
-        total += (H * v * a if v < P or (cpu and v > qk) else 0) + H * FP32  # ... ; log-sum-exp
+        sliced = v_head_dim < padded_head_dim or (cpu and v_head_dim > qk_head_dim)
+        wo_input_width = heads * v_head_dim if sliced else 0
+        total += (v_width + wo_input_width) * act_bytes + heads * FP32  # v, wo's input; log-sum-exp
     else:
-        hd = m.dim // H
-        total += (2 * H * hd + 2 * m.n_kv_heads * hd) * a + H * FP32  # q, out, k, v; log-sum-exp
+        head_dim = m.dim // heads
+        q_out_k_v = 2 * heads * head_dim + 2 * m.n_kv_heads * head_dim
+        total += q_out_k_v * act_bytes + heads * FP32  # q, out, k, v; log-sum-exp
     return total
 
 
-def dense_block_bytes(m: ModelConfig, a: int, cpu: bool) -> int:
+def dense_block_bytes(m: ModelConfig, act_bytes: int, cpu: bool) -> int:
     """Per-token bytes one prelude/coda block saves, including its input."""
-    ffn = m.dim * a + attention_bytes(m, a, cpu) + m.dim * a  # input, attention, x + attn
-    return ffn + _norm(m.dim, a, cpu) + m.dim * a + 4 * m.ffn_dim * a  # ffn_norm, its output, SwiGLU
+    ffn = m.dim * act_bytes + attention_bytes(m, act_bytes, cpu) + m.dim * act_bytes  # input, attention, x + attn
+    # ffn_norm, its output, SwiGLU
+    return ffn + _norm(m.dim, act_bytes, cpu) + m.dim * act_bytes + 4 * m.ffn_dim * act_bytes
 
 
-def moe_bytes(m: ModelConfig, a: int, ep: int, shared_chunks: int = 1) -> int:
+def moe_bytes(m: ModelConfig, act_bytes: int, ep: int, shared_chunks: int = 1) -> int:
     """Per-token bytes the MoE saves (router, sort indices, routed and shared SwiGLUs); routing assumed balanced."""
-    k = m.n_experts_per_tok
-    router = FP32 * (m.n_experts + 2 * k + 1) + INT64 * k + (k * a if a != FP32 else 0)
-    routed_rows = (3 if ep > 1 else 2) * k * m.dim * a + (INT64 * 2 * k if ep > 1 else 0)
-    shared = 4 * m.shared_expert_dim * a if shared_chunks == 1 else 0
-    return router + INT64 * 3 * k + routed_rows + 4 * k * m.expert_dim * a + shared
+    top_k = m.n_experts_per_tok
+    router = FP32 * (m.n_experts + 2 * top_k + 1) + INT64 * top_k + (top_k * act_bytes if act_bytes != FP32 else 0)
+    routed_rows = (3 if ep > 1 else 2) * top_k * m.dim * act_bytes + (INT64 * 2 * top_k if ep > 1 else 0)
+    shared = 4 * m.shared_expert_dim * act_bytes if shared_chunks == 1 else 0
+    return router + INT64 * 3 * top_k + routed_rows + 4 * top_k * m.expert_dim * act_bytes + shared
 
 
-def loop_step_bytes(m: ModelConfig, a: int, cpu: bool, ep: int, shared_chunks: int = 1) -> int:
+def loop_step_bytes(m: ModelConfig, act_bytes: int, cpu: bool, ep: int, shared_chunks: int = 1) -> int:
     """Per-token bytes one gradient loop iteration saves without checkpointing, including its input h."""
-    step = m.dim * FP32 + _norm(m.dim, FP32, cpu) + m.dim * a  # h + loop_emb + e, loop norm (fp32), x
-    step += attention_bytes(m, a, cpu) + m.dim * a  # attention, x + attn
-    step += _norm(m.dim, a, cpu) + m.dim * a + moe_bytes(m, a, ep, shared_chunks)  # ffn_norm, its output, MoE
+    step = m.dim * FP32 + _norm(m.dim, FP32, cpu) + m.dim * act_bytes  # h + loop_emb + e, loop norm (fp32), x
+    step += attention_bytes(m, act_bytes, cpu) + m.dim * act_bytes  # attention, x + attn
+    # ffn_norm, its output, MoE
+    step += _norm(m.dim, act_bytes, cpu) + m.dim * act_bytes + moe_bytes(m, act_bytes, ep, shared_chunks)
     step += m.dim * FP32 + 2 * m.lora_rank * FP32 + m.dim * FP32  # block output (LoRA input), LoRA, h: fp32
     if m.use_act:
         step += 4 * FP32  # halting probability, its weight and the running masks (small)
     return step
 
 
-def gathered_attention_bytes(m: ModelConfig, a: int, cpu: bool) -> int:
+def gathered_attention_bytes(m: ModelConfig, act_bytes: int, cpu: bool) -> int:
     """Per-token bytes of attn_norm + attention that every tp rank holds whole: the gathered input, MLA's down chain."""
-    total = m.dim * a
+    total = m.dim * act_bytes
     if m.attn_type == "mla":
-        total += 2 * m.q_lora_rank * a + _norm(m.q_lora_rank, a, cpu)  # q_down out, q_norm, c_q
-        total += (2 * m.kv_lora_rank + m.qk_rope_head_dim) * a + _norm(m.kv_lora_rank, a, cpu)  # kv_down out, norm
+        total += 2 * m.q_lora_rank * act_bytes + _norm(m.q_lora_rank, act_bytes, cpu)  # q_down out, q_norm, c_q
+        # kv_down out, kv_norm, its output
+        total += (2 * m.kv_lora_rank + m.qk_rope_head_dim) * act_bytes + _norm(m.kv_lora_rank, act_bytes, cpu)
     return total
 
 
-def gathered_step_bytes(m: ModelConfig, a: int, cpu: bool) -> tuple[int, int]:
+def gathered_step_bytes(m: ModelConfig, act_bytes: int, cpu: bool) -> tuple[int, int]:
     """(loop step, dense block) per-token bytes held whole under TP: attention's, the FFN/MoE input D, the router."""
-    ffn = gathered_attention_bytes(m, a, cpu) + m.dim * a
-    k = m.n_experts_per_tok
-    router = FP32 * (m.n_experts + 2 * k + 1) + INT64 * k + (k * a if a != FP32 else 0)
+    ffn = gathered_attention_bytes(m, act_bytes, cpu) + m.dim * act_bytes
+    top_k = m.n_experts_per_tok
+    router = FP32 * (m.n_experts + 2 * top_k + 1) + INT64 * top_k + (top_k * act_bytes if act_bytes != FP32 else 0)
     return ffn + router, ffn
 
 
-def head_bytes(m: ModelConfig, a: int, cpu: bool) -> int:
+def head_bytes(m: ModelConfig, act_bytes: int, cpu: bool) -> int:
     """Per-token bytes of the final norm, the tied head's logits (kept by the caller) and the log-softmax."""
-    return m.dim * a + _norm(m.dim, a, cpu) + m.dim * a + m.vocab_size * a + m.vocab_size * FP32
+    norm_input_output_logits = (2 * m.dim + m.vocab_size) * act_bytes
+    return norm_input_output_logits + _norm(m.dim, act_bytes, cpu) + m.vocab_size * FP32
 
 
 @dataclass
@@ -142,7 +151,7 @@ def micro_batch_activations(
     n_grad: int,
     n_nograd: int,
     policy: str,
-    a: int,
+    act_bytes: int,
     cpu: bool,
     ep: int = 1,
     keep_all_to_all: bool = True,
@@ -163,33 +172,37 @@ def micro_batch_activations(
       loop_reduce  prelude + logits once the loop's backward is done (its unit's reduce-scatter copy-in)
     Under tp each moment is (all of it + (tp - 1) x its gathered part) / tp: the gathered part is held whole.
     """
-    D = m.dim
     step, dense, head = (
-        loop_step_bytes(m, a, cpu, ep, shared_chunks),
-        dense_block_bytes(m, a, cpu),
-        head_bytes(m, a, cpu),
+        loop_step_bytes(m, act_bytes, cpu, ep, shared_chunks),
+        dense_block_bytes(m, act_bytes, cpu),
+        head_bytes(m, act_bytes, cpu),
     )
-    k = m.n_experts_per_tok
-    step_grads = (2 * k * m.expert_dim + k * D) * a + (
-        6 * m.shared_expert_dim * a // shared_chunks if shared_chunks > 1 else 0
+    top_k = m.n_experts_per_tok
+    step_grads = (2 * top_k * m.expert_dim + top_k * m.dim) * act_bytes + (
+        6 * m.shared_expert_dim * act_bytes // shared_chunks if shared_chunks > 1 else 0
     )
-    dense_grads = 2 * m.ffn_dim * a
+    dense_grads = 2 * m.ffn_dim * act_bytes
     if policy == "none":
         loop_saved, pre_saved, coda_saved = n_grad * step, m.prelude_layers * dense, m.coda_layers * dense
     elif policy == "loop":
-        loop_saved, pre_saved, coda_saved = (n_grad + 1) * D * FP32, m.prelude_layers * dense, m.coda_layers * dense
+        loop_saved, pre_saved, coda_saved = (n_grad + 1) * m.dim * FP32, m.prelude_layers * dense, m.coda_layers * dense
     elif policy == "full":
-        loop_saved, pre_saved, coda_saved = (n_grad + 1) * D * FP32, m.prelude_layers * D * a, m.coda_layers * D * a
+        block_input = m.dim * act_bytes
+        loop_saved, pre_saved, coda_saved = (
+            (n_grad + 1) * m.dim * FP32,
+            m.prelude_layers * block_input,
+            m.coda_layers * block_input,
+        )
     else:
         raise ValueError(f"parallel.activation_checkpoint: unknown policy {policy!r}")
     if ep > 1 and policy != "none" and keep_all_to_all:
-        loop_saved += n_grad * 2 * k * D * a  # the step's two all-to-all outputs (module doc)
+        loop_saved += n_grad * 2 * top_k * m.dim * act_bytes  # the step's two all-to-all outputs (module doc)
     if n_nograd > 0:
-        loop_saved += D * a  # e (the loop's input injection) is then not the first gradient step's input
+        loop_saved += m.dim * act_bytes  # e (the loop's input injection) is then not the first gradient step's input
     if m.use_act:
-        loop_saved += D * FP32  # the fp32 halting-weighted output accumulator
+        loop_saved += m.dim * FP32  # the fp32 halting-weighted output accumulator
     saved = pre_saved + loop_saved + coda_saved + head
-    logits = m.vocab_size * a
+    logits = m.vocab_size * act_bytes
     recompute = policy != "none"
     phases = {
         "head": saved + 2 * FP32 * m.vocab_size,
@@ -198,15 +211,15 @@ def micro_batch_activations(
         "dense": pre_saved + logits + (dense if policy == "full" else 0) + dense_grads if m.prelude_layers else 0,
         "loop_reduce": pre_saved + logits,
     }
-    phases = {k_: v * tokens for k_, v in phases.items()}
+    phases = {phase: held * tokens for phase, held in phases.items()}
     if shared_chunks > 1:  # not per token: each chunk's backward makes whole weight gradients (module docstring)
-        phases["loop"] += 2 * D * m.shared_expert_dim * a
+        phases["loop"] += 2 * m.dim * m.shared_expert_dim * act_bytes
     if tp == 1:
         return ActivationMemory(saved * tokens, phases, step * tokens)
-    g_step, g_dense = gathered_step_bytes(m, a, cpu)
+    g_step, g_dense = gathered_step_bytes(m, act_bytes, cpu)
     g_pre, g_coda = (m.prelude_layers * g_dense, m.coda_layers * g_dense) if policy != "full" else (0, 0)
     g_loop = n_grad * g_step if policy == "none" else 0
-    g_saved = g_pre + g_loop + g_coda + m.dim * a  # the head's gathered input
+    g_saved = g_pre + g_loop + g_coda + m.dim * act_bytes  # the head's gathered input
     gathered = {
         "head": g_saved,
         "head_grad": g_saved,
@@ -220,6 +233,6 @@ def micro_batch_activations(
 
     return ActivationMemory(
         per_rank(saved * tokens, g_saved),
-        {k_: per_rank(v, gathered[k_]) for k_, v in phases.items()},
+        {phase: per_rank(held, gathered[phase]) for phase, held in phases.items()},
         per_rank(step * tokens, g_step),
     )

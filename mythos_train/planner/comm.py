@@ -65,7 +65,7 @@ def exposed_loop_gather_s(
     """  # fmt: skip
     if sizes["ep"] == 1:
         return 0.0
-    loop = [u for u in ("recurrent", "recurrent.block") if u in units.gathered]
+    loop = units.loop_units
     gathers = [
         Collective("all-gather", axis, 1, 0, (sizes[axis] - 1) * sum(shard.get(u, 0) for u in loop) * param_bytes)
         for shard, axis in ((units.dense_sharded, "dp_shard"), (units.expert_sharded, "efsdp"))
@@ -73,8 +73,8 @@ def exposed_loop_gather_s(
     ]
     time_collectives(gathers, sizes, gpus_per_node, hw)
     gather_s = sum(g.seconds for g in gathers)
-    forward = max(0.0, gather_s - (dense_block_s if cfg.model.prelude_layers else 0.0))
-    backward = max(0.0, gather_s - (2 * dense_block_s if cfg.model.coda_layers else 0.0))
+    forward = max(0.0, gather_s - (dense_block_s if units.blocks_before_loop else 0.0))
+    backward = max(0.0, gather_s - (2 * dense_block_s if units.blocks_after_loop else 0.0))
     return cfg.train.grad_accum_steps * (forward + backward)
 
 
@@ -119,18 +119,19 @@ def step_collectives(
             )
 
     for shard, axis in ((units.dense_sharded, "dp_shard"), (units.expert_sharded, "efsdp")):
-        w = groups[axis]
+        group = groups[axis]
         for unit, numel in shard.items():
             if unit == "root":
                 gathers = 1
-            elif unit == "recurrent.block":
+            elif unit == units.loop_block:  # a unit of its own only with reshard_per_iteration
                 gathers = n_nograd + 2 * n_grad
             else:
                 gathers = 2
-            add("all-gather", axis, gathers, numel * param_bytes, (w - 1) * numel * param_bytes)
-            add("reduce-scatter", axis, 1, w * numel * reduce_bytes, (w - 1) * numel * reduce_bytes)
-            r = groups["dp_replicate"]
-            add("all-reduce", "dp_replicate", 1, numel * reduce_bytes, 2 * (r - 1) / r * numel * reduce_bytes)
+            add("all-gather", axis, gathers, numel * param_bytes, (group - 1) * numel * param_bytes)
+            add("reduce-scatter", axis, 1, group * numel * reduce_bytes, (group - 1) * numel * reduce_bytes)
+            replicas = groups["dp_replicate"]
+            sent = 2 * (replicas - 1) / replicas * numel * reduce_bytes
+            add("all-reduce", "dp_replicate", 1, numel * reduce_bytes, sent)
     if sizes["ep"] > 1:
         ep = sizes["ep"]
         # routed (token, choice) slots per rank; under tp each rank routes its seq_len / tp tokens

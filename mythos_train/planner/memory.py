@@ -7,8 +7,9 @@ Sharding follows parallel/fsdp.py and parallel/expert_parallel.py exactly, on th
     ranks get fewer or none); replicated over dp_replicate (HSDP).
   * expert weights [E, ...] are first split over ep (E / ep rows each), then chunked over efsdp on dim 0, or on
     dim 1 when there are fewer local experts than efsdp ranks (`parallel.fsdp.expert_shard_dim`).
-  * under tensor parallelism (sizes['tp'] > 1) a split parameter is first cut tp ways on its `tp_dim`
-    (planner/tensor_parallel.py), and FSDP chunks that local piece; the experts' ep is then parallel.ep x tp.
+  * under tensor parallelism (sizes['tp'] > 1) a split parameter is first cut tp ways on its `tp_dim` (the layout
+    the plan's `tensor_parallel` gives its module: planner/tensor_parallel.py's `tp_split_dim`), and FSDP chunks
+    that local piece; the experts' ep is then parallel.ep x tp.
   * FSDP2 stores each shard padded to ceil(rows / shards) rows (`_sharded_param_data`), and gradients are views
     into the padded reduce-scatter output; AdamW's exp_avg / exp_avg_sq are `zeros_like` of the *unpadded*
     local shard, plus a 4-byte fp32 `step` per parameter.
@@ -103,7 +104,7 @@ def model_parameters(m: ModelConfig, reshard_per_iteration: bool = False) -> tup
             fsdp_unit(name, plan, reshard_per_iteration),
             _within(name, plan.experts),
             loop_part(name, plan),
-            tp_split_dim(name),
+            tp_split_dim(name, plan.tensor_parallel),
         )
         for name, p in model.named_parameters()
     ]
@@ -182,8 +183,17 @@ def static_memory(params: list[ParamInfo], buffers: int, sizes: dict[str, int], 
 
 @dataclass
 class UnitSizes:
-    """Per FSDP unit: elements of the gathered (unsharded, padded) parameters on one rank, dense and expert part."""
+    """Per FSDP unit: elements of the gathered (unsharded, padded) parameters on one rank, dense and expert part;
+    and where each unit sits in the model's plan, which the comm and working-memory counts read."""
 
+    loop: str
+    "The plan's loop unit: gathered once per step at any depth."
+    loop_block: str
+    "The plan's loop block: with reshard_per_iteration a unit of its own, gathered once per iteration."
+    blocks_before_loop: tuple[str, ...]
+    "The plan's dense blocks the forward runs before the loop (prelude), in forward order."
+    blocks_after_loop: tuple[str, ...]
+    "The plan's dense blocks after the loop (coda), in forward order."
     gathered: dict[str, int] = field(default_factory=dict)
     "Unit -> elements of its all-gather outputs, padded (experts: only this rank's E / ep experts)."
     unsharded: dict[str, int] = field(default_factory=dict)
@@ -197,9 +207,16 @@ class UnitSizes:
     loop_parts: dict[str, int] = field(default_factory=lambda: dict.fromkeys([*LOOP_PARTS, "rest"], 0))
     "Gathered elements of the looped block by part (LOOP_PARTS, then the rest: norms, router, injection, LoRA), so a plan can say which part to shrink."
 
+    @property
+    def loop_units(self) -> list[str]:
+        """The loop's unit, and its block when that is a unit of its own (reshard_per_iteration)."""
+        return [unit for unit in (self.loop, self.loop_block) if unit in self.gathered]
 
-def unit_sizes(params: list[ParamInfo], sizes: dict[str, int]) -> UnitSizes:
-    out = UnitSizes()
+
+def unit_sizes(params: list[ParamInfo], sizes: dict[str, int], plan: ParallelPlan) -> UnitSizes:
+    """UnitSizes of `params` (model_parameters) on the mesh `sizes`, their units placed by the model's `plan`."""
+    loop_index = plan.fsdp_units.index(plan.loop)
+    out = UnitSizes(plan.loop, plan.loop_block, plan.fsdp_units[:loop_index], plan.fsdp_units[loop_index + 1 :])
     for p in params:
         _, padded, shards = shard_layout(p, sizes, 0)
         p = p.tp_local(sizes.get("tp", 1))
@@ -226,7 +243,6 @@ def parameter_counts(params: list[ParamInfo], m: ModelConfig) -> dict[str, int]:
 def working_memory(
     phases: dict[str, int],
     units: UnitSizes,
-    m: ModelConfig,
     param_bytes: int,
     policy: str,
     sizes: dict[str, int],
@@ -252,18 +268,19 @@ def working_memory(
     """
     gathered, unsharded = units.gathered, units.unsharded
     root = gathered.get("root", 0)
-    loop_units = [u for u in ("recurrent", "recurrent.block") if u in gathered]
+    loop_units = units.loop_units
     loop_weights = sum(gathered[u] for u in loop_units)
     loop_grads = (
         sum(unsharded[u] for u in loop_units) if policy != "none" else max(units.largest_param[u] for u in loop_units)
     )
-    last_coda = gathered[f"coda.{m.coda_layers - 1}"] if m.coda_layers else loop_weights
-    last_prelude = gathered.get(f"prelude.{m.prelude_layers - 1}", 0)
+    before, after = units.blocks_before_loop, units.blocks_after_loop
+    last_block = gathered[after[-1]] if after else loop_weights  # the first unit backward gathers
+    last_block_before_loop = gathered[before[-1]] if before else 0  # prefetched during the loop's backward
     out = {
         "head": phases["head"] + root * param_bytes,
-        "head_grad": phases["head_grad"] + (root + unsharded.get("root", 0) + last_coda) * param_bytes,
+        "head_grad": phases["head_grad"] + (root + unsharded.get("root", 0) + last_block) * param_bytes,
         "loop": phases["loop"]
-        + (root + unsharded.get("root", 0) + loop_weights + loop_grads + last_prelude) * param_bytes,
+        + (root + unsharded.get("root", 0) + loop_weights + loop_grads + last_block_before_loop) * param_bytes,
     }
     groups = [
         (sum(units.dense_sharded.get(u, 0) for u in loop_units), sizes["dp_shard"]),
@@ -271,13 +288,14 @@ def working_memory(
     ]
     out["loop_reduce"] = (
         phases["loop_reduce"]
-        + (root + unsharded.get("root", 0) + last_prelude) * param_bytes
+        + (root + unsharded.get("root", 0) + last_block_before_loop) * param_bytes
         + reduce_buffers(groups, param_bytes, reduce_bytes, divide=sizes["ep"] > 1)
     )
-    if m.prelude_layers:
-        block = gathered["prelude.0"]
+    if before:  # a dense block before the loop being differentiated (they are all alike)
+        block = before[0]
         out["dense"] = (
-            phases["dense"] + (root + unsharded.get("root", 0) + block + units.largest_param["prelude.0"]) * param_bytes
+            phases["dense"]
+            + (root + unsharded.get("root", 0) + gathered[block] + units.largest_param[block]) * param_bytes
         )
     return out
 

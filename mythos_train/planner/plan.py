@@ -28,6 +28,7 @@ from mythos_train.planner.hardware import (
 from mythos_train.planner.memory import (
     StaticMemory,
     model_parameters,
+    model_plan,
     parameter_counts,
     static_memory,
     unit_sizes,
@@ -43,10 +44,11 @@ _PARAMS: dict[tuple[str, bool], tuple] = {}
 
 
 def _model_parameters(cfg: JobConfig):
-    """model_parameters, cached per (model config, reshard_per_iteration): the alternatives search reuses it."""
+    """model_parameters and the model's plan, cached per (model config, reshard_per_iteration): the alternatives
+    search reuses them."""
     key = (repr(cfg.model), cfg.parallel.reshard_per_iteration)
     if key not in _PARAMS:
-        _PARAMS[key] = model_parameters(cfg.model, cfg.parallel.reshard_per_iteration)
+        _PARAMS[key] = (*model_parameters(cfg.model, cfg.parallel.reshard_per_iteration), model_plan(cfg.model))
     return _PARAMS[key]
 
 
@@ -82,8 +84,8 @@ def memory_plan(
     max_depth > backprop_depth. `device` picks 'auto' dtypes and the RMSNorm kernel (fused on CUDA)."""
     t, p = cfg.train, cfg.parallel
     sizes = tp_mesh_sizes(p, world_size)
-    params, buffers = _model_parameters(cfg)
-    units = unit_sizes(params, sizes)
+    params, buffers, parallel_plan = _model_parameters(cfg)
+    units = unit_sizes(params, sizes, parallel_plan)
     dtype = resolve_param_dtype(p.param_dtype, device)
     param_bytes = DTYPE_BYTES[dtype]
     n_grad = t.backprop_depth if n_grad is None else n_grad
@@ -94,7 +96,7 @@ def memory_plan(
         p.shared_expert_chunks, p.tp,
     )  # fmt: skip
     working = working_memory(
-        acts.phases, units, cfg.model, param_bytes, p.activation_checkpoint, sizes, DTYPE_BYTES[p.reduce_dtype]
+        acts.phases, units, param_bytes, p.activation_checkpoint, sizes, DTYPE_BYTES[p.reduce_dtype]
     )
     static = static_memory(params, buffers, sizes, rank)
     phase = max(working, key=working.get)
@@ -212,8 +214,8 @@ def build_plan(
     sizes = tp_mesh_sizes(cfg.parallel, world)
     depth = depth or depth_stats(cfg)
     memory = memory_plan(cfg, world, device="cuda")
-    params, _ = _model_parameters(cfg)
-    units = unit_sizes(params, sizes)
+    params, _, parallel_plan = _model_parameters(cfg)
+    units = unit_sizes(params, sizes, parallel_plan)
     param_bytes, reduce_bytes = DTYPE_BYTES[memory.param_dtype], DTYPE_BYTES[cfg.parallel.reduce_dtype]
     collectives = step_collectives(cfg, sizes, units, depth.mean_nograd, depth.mean_grad, param_bytes, reduce_bytes)
     time_collectives(collectives, sizes, gpus_per_node, hw)

@@ -22,24 +22,20 @@ from dataclasses import dataclass
 
 from mythos_train.config import ConfigError, JobConfig, ParallelConfig, check_tensor_parallel, mesh_sizes
 
-COLWISE = (
-    "attn.wq.", "attn.wk.", "attn.wv.", "attn.q_up_nope.", "attn.q_up_rope.", "attn.kv_up.",
-    "ffn.w1.", "ffn.w3.", "shared.w1.", "shared.w3.",
-)  # fmt: skip
-"Parameter name parts of the column-parallel linears (output features, dim 0, split over tp)."
-ROWWISE = ("attn.wo.", "ffn.w2.", "shared.w2.")
-"Row-parallel linears (input features, dim 1, split over tp; their outputs reduce-scattered)."
-VOCAB_PARALLEL = ("tok_embeddings.",)
-"The embedding = tied head: vocabulary rows split over tp."
+SPLIT_DIM = {"colwise": 0, "vocab_embedding": 0, "rowwise": 1}
+"""Layout (ParallelPlan.tensor_parallel) -> the dim of its module's weight tp splits, as parallel/tensor_parallel.py's
+styles shard it: colwise output features, the embedding's vocabulary rows, rowwise input features. The other
+layouts only place activations: their modules' weights are replicated."""
 
 
-def tp_split_dim(name: str) -> int | None:
-    """The dimension tensor parallelism splits parameter `name` on, or None when it is replicated."""
-    if any(part in name for part in COLWISE) or name.startswith(VOCAB_PARALLEL):
-        return 0
-    if any(part in name for part in ROWWISE):
-        return 1
-    return None
+def tp_split_dim(name: str, tensor_parallel: dict[str, str]) -> int | None:
+    """The dimension tensor parallelism splits parameter `name` on, or None when it is replicated.
+
+    tensor_parallel: the model's plan, module path -> layout (`ParallelPlan.tensor_parallel`)."""
+    module, _, attribute = name.rpartition(".")
+    if attribute != "weight":
+        return None
+    return SPLIT_DIM.get(tensor_parallel.get(module, ""))
 
 
 def tp_mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
@@ -130,16 +126,16 @@ def routed_expert_options(cfg: JobConfig, sizes: dict[str, int], param_bytes: in
     the data ranks): E / ep whole experts on every tp rank, each routing the whole sequence: tp times the weights
     (and their gradients), the routed activations and the routed FLOPs."""
     m, t, tp = cfg.model, cfg.train, sizes.get("tp", 1)
-    tokens, k, ep_data = t.micro_batch_size * t.seq_len, m.n_experts_per_tok, sizes["ep"] // tp
+    tokens, top_k, ep_data = t.micro_batch_size * t.seq_len, m.n_experts_per_tok, sizes["ep"] // tp
     weights = m.n_experts * 3 * m.dim * m.expert_dim * param_bytes // (ep_data * tp)
 
     def rows_per_token(group: int) -> int:  # routed rows (+ the all-to-all's output)
-        return (3 if group > 1 else 2) * k * m.dim * param_bytes
+        return (3 if group > 1 else 2) * top_k * m.dim * param_bytes
 
-    hidden_per_token = 4 * k * m.expert_dim * param_bytes
+    hidden_per_token = 4 * top_k * m.expert_dim * param_bytes
 
     def sent(group: int, routed_tokens: int) -> int:
-        return routed_tokens * k * m.dim * param_bytes * (group - 1) // group
+        return routed_tokens * top_k * m.dim * param_bytes * (group - 1) // group
 
     return [
         RoutedExpertOption(
