@@ -7,6 +7,7 @@ checkpointing and shared-expert tiling where its plan says, and trains exactly l
 from __future__ import annotations
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -15,9 +16,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from mythos_train.config import ModelConfig
+from mythos_train.config import ModelConfig, load_config
 from mythos_train.model import ParallelPlan
-from mythos_train.planner.memory import fsdp_unit, model_plan
+from mythos_train.planner.comm import step_collectives
+from mythos_train.planner.memory import fsdp_unit, model_plan, parameter_infos, unit_sizes, working_memory
 from parallel import build_mesh, parallelize
 from parallel.config import ParallelConfig
 
@@ -137,3 +139,34 @@ def test_planner_units_follow_the_models_plan():
     assert fsdp_unit("stem.weight", plan, True) == "root"
     mythos = model_plan(ModelConfig(prelude_layers=1, coda_layers=2))
     assert mythos.fsdp_units == ("prelude.0", "recurrent", "coda.0", "coda.1")
+
+
+def test_planner_counts_follow_the_models_plan():
+    """The planner's loop, per-iteration unit, dense blocks and TP split dims come from the plan, whatever the names:
+    the toy's cell (with reshard_per_iteration a unit of its own) is gathered once per iteration, its trunk is the
+    loop whose weights and gradients the 'loop' moment holds, and its plan's layouts say which weights tp splits."""
+    plan = dataclasses.replace(
+        Toy().parallel_plan(),
+        loop_parts={"routed experts": "trunk.cell.mix", "shared experts": "trunk.cell.side", "attention": "x"},
+        tensor_parallel={"stem": "vocab_embedding", "before.0.proj": "colwise", "trunk.cell.mix": "rowwise",
+                         "trunk.cell": "ffn_input"},
+    )  # fmt: skip
+    params = parameter_infos(Toy(), plan, reshard_per_iteration=True)
+    split = {p.name: p.tp_dim for p in params if p.tp_dim is not None}
+    assert split == {"stem.weight": 0, "before.0.proj.weight": 0, "trunk.cell.mix.weight": 1}
+    sizes = {"dp_replicate": 1, "dp_shard": 2, "ep": 1, "efsdp": 2}
+    units = unit_sizes(params, sizes, plan)
+    assert units.loop_units == ["trunk.cell"]  # the trunk holds no parameter of its own
+    assert (units.blocks_before_loop, units.blocks_after_loop) == (("before.0", "before.1"), ("after.0",))
+    # Elements by hand (dp_shard 2 pads a 2-row gate weight to 1 row per rank: no padding here).
+    linear, gate = DIM * DIM + DIM, 2 * DIM + 2  # nn.Linear(DIM, DIM), nn.Linear(DIM, 2), with biases
+    cell = gate + 2 * linear  # gate, mix, side
+    phases = dict.fromkeys(("head", "head_grad", "loop", "loop_reduce", "dense"), 0)
+    working = working_memory(phases, units, 2, "loop", sizes)
+    # root (stem) gathered and its gradient, the cell's weights and gradients, before.1 being prefetched
+    assert working["loop"] == (2 * linear + 2 * cell + linear) * 2
+    assert working["head_grad"] == (2 * linear + linear) * 2  # + after.0, the first unit backward gathers
+    assert working["dense"] == (2 * linear + linear + DIM * DIM) * 2  # before.0, its largest gradient (proj.weight)
+    cfg = load_config("configs/debug.toml", ["--train.grad_accum_steps=1"])
+    gathers = sum(c.calls for c in step_collectives(cfg, sizes, units, 1, 2, 2, 4) if c.name == "all-gather")
+    assert gathers == 1 + 2 + 2 + (1 + 2 * 2) + 2  # root once; blocks twice; the cell n + 2k

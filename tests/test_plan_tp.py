@@ -7,6 +7,9 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 from mythos_train.config import ConfigError, load_config
 from mythos_train.model import MythosModel
@@ -16,6 +19,7 @@ from mythos_train.planner.comm import step_collectives
 from mythos_train.planner.memory import model_parameters, model_plan, static_memory, unit_sizes
 from mythos_train.planner.plan import alternatives, build_plan, memory_plan
 from mythos_train.planner.tensor_parallel import tp_mesh_sizes
+from parallel.tensor_parallel import apply_tensor_parallel
 
 DEBUG = "configs/debug.toml"
 SPLITS = {  # module type -> {linear attribute: dim of its weight that tensor parallelism cuts}
@@ -58,6 +62,29 @@ def test_weights_per_rank_by_hand(attn: str, tp: int, world: int):
     params, _ = model_parameters(cfg.model)
     sizes = tp_mesh_sizes(cfg.parallel, world)
     assert static_memory(params, 0, sizes, 0).param_numel == numel_by_hand(cfg, tp, world // tp)
+
+
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+def test_split_dims_are_the_ones_the_tp_styles_shard(attn: str):
+    """Each parameter's tp_dim, read off the model's plan, is the dim parallel/'s DTensor styles shard it on (a
+    one-rank tp mesh keeps the placements), and None exactly where they leave a plain replicated tensor."""
+    cfg = load_config(DEBUG, [f"--model.attn_type={attn}"])
+    params, _ = model_parameters(cfg.model)
+    model = MythosModel(cfg.model)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        apply_tensor_parallel(
+            model, init_device_mesh("cpu", (1,), mesh_dim_names=("tp",)), model.parallel_plan().tensor_parallel
+        )
+        sharded = {
+            name: next(placement.dim for placement in p.placements if isinstance(placement, Shard))
+            for name, p in model.named_parameters()
+            if isinstance(p, DTensor)
+        }
+    finally:
+        dist.destroy_process_group()
+    assert {p.name: p.tp_dim for p in params if p.tp_dim is not None} == sharded
+    assert len(sharded) > 10
 
 
 def test_tp_halves_the_split_weights():

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from mythos_train.config import ModelConfig
 from mythos_train.planner.tensor_parallel import tp_split_dim
@@ -93,11 +94,9 @@ def model_plan(m: ModelConfig) -> ParallelPlan:
     return _meta_model(m).parallel_plan()
 
 
-def model_parameters(m: ModelConfig, reshard_per_iteration: bool = False) -> tuple[list[ParamInfo], int]:
-    """Every parameter of `MythosModel(m)` built on the meta device (no memory), and the bytes of its buffers."""
-    model = _meta_model(m)
-    plan = model.parallel_plan()
-    params = [
+def parameter_infos(model: nn.Module, plan: ParallelPlan, reshard_per_iteration: bool = False) -> list[ParamInfo]:
+    """ParamInfo of every parameter of `model`, placed (FSDP unit, experts, loop part, TP split) by its `plan`."""
+    return [
         ParamInfo(
             name,
             tuple(p.shape),
@@ -108,8 +107,13 @@ def model_parameters(m: ModelConfig, reshard_per_iteration: bool = False) -> tup
         )
         for name, p in model.named_parameters()
     ]
+
+
+def model_parameters(m: ModelConfig, reshard_per_iteration: bool = False) -> tuple[list[ParamInfo], int]:
+    """Every parameter of `MythosModel(m)` built on the meta device (no memory), and the bytes of its buffers."""
+    model = _meta_model(m)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return params, buffers
+    return parameter_infos(model, model.parallel_plan(), reshard_per_iteration), buffers
 
 
 def chunk_rows(rows: int, shards: int, shard_rank: int) -> tuple[int, int]:
