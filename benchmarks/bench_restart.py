@@ -30,11 +30,12 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # trainer_testing: the tests' tiny job
 
-from trainer_testing import config_file, prepare_tiny_data  # noqa: E402  (the tests' tiny job, one definition)
+from trainer_testing import config_file, prepare_tiny_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 STEP = re.compile(r"^step +(\d+)/")
 ATTEMPT = re.compile(r"torchrun attempt: restart (\d+)")

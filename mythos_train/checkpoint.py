@@ -42,7 +42,6 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -167,11 +166,6 @@ def load_model_weights(model: nn.Module, path: Path) -> dict:
     dcp_load(state, path)
     set_model_state_dict(model, state["model"])
     return read_train_state(path)
-
-
-def consolidated_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full, unsharded model state dict on CPU (collective under FSDP: call on every rank)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # --------------------------------------------------------------------------- manager

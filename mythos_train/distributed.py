@@ -62,13 +62,12 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-def resolve_device(cfg: JobConfig, local_rank: int) -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is requested or available ('auto'), else cpu."""
-    want = cfg.train.device
+def local_device(want: str = "auto") -> torch.device:
+    """This process's device: cuda:LOCAL_RANK when CUDA is requested or available ('auto'), else cpu."""
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device = 'cuda' but torch.cuda.is_available() is False")
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
@@ -125,7 +124,7 @@ def attempt_store(rank: int, timeout: timedelta) -> dist.Store:
 
 
 def init_process_group(parallel: ParallelConfig, device: torch.device) -> None:
-    """Start the default process group: the one place that does (init_distributed and parallel/mesh.build_mesh call it).
+    """Start the default process group (through start_process_group): the one call of dist.init_process_group.
 
     Under torchrun (MASTER_ADDR set): env://, or a fresh store of this attempt's own when torchrun's store is
     shared across restarts (`attempt_store`). A plain process: a world-size-1 group on an in-memory HashStore.
@@ -159,14 +158,20 @@ def init_process_group(parallel: ParallelConfig, device: torch.device) -> None:
     )
 
 
-def init_distributed(cfg: JobConfig) -> DistInfo:
-    """Start (or join) the default process group and bind this process to its device."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(cfg, local_rank)
+def start_process_group(parallel: ParallelConfig, device: torch.device) -> None:
+    """Bind this process to `device` (local_device) and start the default process group unless it runs: the one
+    place that does both (init_distributed and parallel/mesh.build_mesh call it)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        init_process_group(cfg.parallel, device)
+        init_process_group(parallel, device)
+
+
+def init_distributed(cfg: JobConfig) -> DistInfo:
+    """Start (or join) the default process group and bind this process to its device (train.device)."""
+    device = local_device(cfg.train.device)
+    start_process_group(cfg.parallel, device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 

@@ -82,7 +82,7 @@ def profiled_steps(trainer, steps: int, folder: Path) -> tuple[dict, list[float]
             trainer.step += 1
     path = folder / f"rank{trainer.dist.rank}.json"
     prof.export_chrome_trace(str(path))
-    return read_trace(path).to_dict() | {"trace": str(path)}, measured, depths
+    return read_trace(path, trainer.model.parallel_plan()).to_dict() | {"trace": str(path)}, measured, depths
 
 
 def planner_prediction(cfg: JobConfig, trainer, depths: list[tuple[int, int]], gpu: str | None) -> dict:

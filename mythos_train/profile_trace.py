@@ -11,8 +11,8 @@ has none) and is not a dependency here. The reading follows the named ranges the
   sequence number); a loop range entered during backward is that iteration's activation-checkpoint recompute.
 - Communication: time inside a collective op, a `wait_tensor`, or FSDP's all-gather / reduce-scatter ranges is
   *exposed* communication of that kind: the training thread waited instead of computing. FSDP's hooks run outside
-  the block they serve, so they count for it by their unit name (`(coda.0)` -> coda; `(recurrent)` -> `loop`, the
-  loop as a whole). The collectives
+  the block they serve, so they count for it by their unit name, read off the model's parallel plan (`(coda.0)` ->
+  coda; the loop unit `(recurrent)` -> `loop`, the loop as a whole). The collectives
   themselves run on gloo's threads (`gloo:*` events); the part of that which ran while the training thread computed
   is *overlapped*.
 - Device reading (traces with GPU kernels): a kernel takes the phase of the host op that launched it (correlation
@@ -28,6 +28,10 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mythos_train.model.parallel_plan import ParallelPlan
 
 STEP_RANGE = "mythos:step"
 _LOOP = re.compile(r"mythos:loop(\d+):(grad|nograd)")
@@ -42,10 +46,17 @@ _FSDP_KINDS = (
 _OP_KINDS = (("all_to_all", "all_to_all"), ("alltoall", "all_to_all"), ("all_gather", "all_gather"),
              ("allgather", "all_gather"), ("reduce_scatter", "reduce_scatter"), ("allreduce", "all_reduce"),
              ("all_reduce", "all_reduce"), ("sendrecv", "all_to_all"), ("broadcast", "broadcast"))  # fmt: skip
-_FSDP_UNIT = re.compile(r"\((prelude|coda|recurrent)[.)]")
-_FSDP_PHASES = {"prelude": "prelude", "coda": "coda", "recurrent": "loop"}
+_FSDP_UNIT = re.compile(r"\(([^()]+)\)$")
 "FSDP2 names its hooks' ranges after the unit, e.g. 'FSDP::pre_forward (coda.0)': its traffic is that phase's."
 COMM_KINDS = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce", "broadcast", "other")
+
+
+def fsdp_unit_phases(plan: ParallelPlan) -> dict[str, str]:
+    """FSDP unit path (the model's plan) -> the phase its hooks' traffic counts for: the loop unit and the loop block
+    (a unit of its own under parallel.reshard_per_iteration) -> 'loop'; a dense block -> the range its container
+    records (`coda.0` -> coda, as the model's `mythos:coda`)."""
+    phases = {unit: unit.split(".")[0] for unit in plan.blocks}
+    return phases | {plan.loop: "loop", plan.loop_block: "loop"}
 
 
 def comm_kind(name: str, last_kind: str | None = None) -> str | None:
@@ -146,7 +157,8 @@ class TraceReading:
 
 
 class _Reader:
-    def __init__(self) -> None:
+    def __init__(self, unit_phases: dict[str, str]) -> None:
+        self.unit_phases = unit_phases
         self.phases: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.occurrences: dict[str, int] = defaultdict(int)
         self.seq_phase: dict[int, str] = {}
@@ -176,8 +188,8 @@ class _Reader:
         elif name.startswith("autograd::engine::evaluate_function"):
             backward = True
             phase = self.seq_phase.get(args.get("Sequence number", -1), "other") + " bwd"
-        elif name.startswith("FSDP::") and (unit := _FSDP_UNIT.search(name)):
-            phase = _FSDP_PHASES.get(unit.group(1), phase) + (" bwd" if backward else "")
+        elif name.startswith("FSDP::") and (unit := _FSDP_UNIT.search(name)) and unit[1] in self.unit_phases:
+            phase = self.unit_phases[unit[1]] + (" bwd" if backward else "")
         elif not backward and "Sequence number" in args:
             # ops read the next sequence number without taking it: the last one to carry it created the node
             self.seq_phase[args["Sequence number"]] = phase
@@ -200,8 +212,9 @@ class _Reader:
                 cursor = max(cursor, child.end)
 
 
-def read_trace(trace: dict | str | Path) -> TraceReading:
-    """Read one rank's exported Chrome trace (dict or path) into a TraceReading; see the module docstring."""
+def read_trace(trace: dict | str | Path, plan: ParallelPlan) -> TraceReading:
+    """Read one rank's exported Chrome trace (dict or path) of the model whose parallel plan is `plan` into a
+    TraceReading; see the module docstring."""
     if not isinstance(trace, dict):
         trace = json.loads(Path(trace).read_text())
     events = trace["traceEvents"]
@@ -215,7 +228,7 @@ def read_trace(trace: dict | str | Path) -> TraceReading:
     for e in complete:
         if e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver", "python_function"):
             by_thread[e["tid"]].append(e)
-    reader = _Reader()
+    reader = _Reader(fsdp_unit_phases(plan))
     for root in _forest(by_thread.pop(main_tid)):
         if root.event["name"] == STEP_RANGE:
             reader.visit(root, "other", False, None, record=True)

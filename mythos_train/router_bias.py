@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 class RouterBiasBalancer:
     def __init__(self, model: nn.Module, dims: ParallelDims | None, rate: float):
-        self.router = model.get_submodule(
-            model.parallel_plan().router
-        )  # read the buffer through it: to_empty() replaces buffers
+        plan = model.parallel_plan()
+        self.router = model.get_submodule(plan.router)  # read the buffer through it: to_empty() replaces buffers
+        self.loop = model.get_submodule(plan.loop)  # its `last_stats` holds the last forward's expert loads
         self.group = dims.dp_mesh.get_group() if dims is not None else None
         self.rate = rate
         self.counts = torch.zeros_like(self._bias())  # [E] tokens routed to each expert since the last step
@@ -35,9 +35,9 @@ class RouterBiasBalancer:
             raise TypeError(f"router expert_bias must stay float32, got {bias.dtype}")
         return bias
 
-    def accumulate(self, stats) -> None:
-        """Add one forward's `LoopStats.tokens_per_expert` [n_iters, E]."""
-        self.counts += stats.tokens_per_expert.sum(0).to(self.counts)
+    def accumulate(self) -> None:
+        """Add the last forward's expert loads (the loop's `LoopStats.tokens_per_expert` [n_iters, E])."""
+        self.counts += self.loop.last_stats.tokens_per_expert.sum(0).to(self.counts)
 
     def reset(self) -> None:
         """Drop the counts (e.g. after a skipped, non-finite step)."""

@@ -109,7 +109,7 @@ class TrainStep:
                     (ce * scale).backward()
             loss_sum += ce.detach()
             if self.balancer is not None:
-                self.balancer.accumulate(self.model.recurrent.last_stats)
+                self.balancer.accumulate()
         self.marks = (start, time_mark(local_tokens.device))
         return loss_sum, global_tokens
 

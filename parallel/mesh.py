@@ -12,14 +12,12 @@ same tp index.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from mythos_train.distributed import init_process_group
+from mythos_train.distributed import local_device, start_process_group
 from mythos_train.errors import ConfigError
 from parallel.config import ParallelConfig, mesh_sizes
 
@@ -73,31 +71,20 @@ class ParallelDims:
         return self.ep > 1
 
 
-def resolve_device_type(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "auto") -> ParallelDims:
     """Validate the axis sizes (ConfigError before any collective), init the process group if needed, build meshes.
 
-    The process group is started here when the caller has not (mythos_train/distributed.init_process_group: torchrun
+    The process group is started here when the caller has not (mythos_train/distributed.start_process_group: torchrun
     env vars, or an in-memory store for a lone process).
     """
     sizes = mesh_sizes(parallel, world_size)
-    device_type = resolve_device_type(device_type)
+    device = local_device(device_type)
     if not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        init_process_group(parallel, device)
+        start_process_group(parallel, device)
     if dist.get_world_size() != world_size:
         raise ConfigError(f"build_mesh: world_size {world_size} != process group size {dist.get_world_size()}")
     replicate, shard, ep, efsdp, tp = (sizes[name] for name in ("dp_replicate", "dp_shard", "ep", "efsdp", "tp"))
-    world = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
+    world = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
     if tp > 1:
         dense = world._unflatten(0, (replicate, shard, tp), ("dp_replicate", "dp_shard", "tp"))
         sparse = world._unflatten(0, (replicate, efsdp, ep, tp), ("dp_replicate", "efsdp", "ep", "tp"))
@@ -111,7 +98,7 @@ def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "au
         dp_shard=shard,
         ep=ep,
         efsdp=efsdp,
-        device_type=device_type,
+        device_type=device.type,
         world_mesh=world,
         fsdp_mesh=dense["dp_replicate", "dp_shard"] if replicate > 1 else dense["dp_shard"],
         efsdp_mesh=sparse["dp_replicate", "efsdp"] if replicate > 1 else sparse["efsdp"],

@@ -37,10 +37,16 @@ TINY_MODEL = dict(
     lora_rank=4,
 )
 
-# dim 32 with the attention sizes and sequence scaled down with it (head dim 8, MLA head dims 4)
-DIM32 = dict(
-    dim=32, max_seq_len=16, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4
-)
+# dim 32: TINY_MODEL's width, sequence and MLA ranks halved (head dim 8, MLA head dims 4)
+DIM32 = {
+    key: TINY_MODEL[key] // 2 for key in ("dim", "max_seq_len", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim")
+}
+DIM32 |= dict(q_lora_rank=16, v_head_dim=4)
+
+
+def tiny_model_flags(**overrides) -> list[str]:
+    """TINY_MODEL (fields replaced by `overrides`) as `--model.field=value` flags over a TOML config's [model]."""
+    return [f"--model.{key}={value}" for key, value in (TINY_MODEL | overrides).items()]
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

@@ -4,13 +4,16 @@ measured peak memory responding to gradient depth and checkpointing the way the 
 
 import pytest
 import torch
+from model_testing import DIM32, TINY_MODEL, tiny_model_flags
 
 from mythos_train.bench import throughput as bench
 from mythos_train.bench.sweep import TimedStep
 from mythos_train.config import load_config
 from mythos_train.distributed import destroy_distributed, init_distributed
 
-TINY = ["--model.dim=32", "--model.vocab_size=256", "--data.vocab_size=256", "--train.seq_len=16", "--model.n_experts=4",
+# the tiny test model at dim 32 with 4 experts over configs/debug.toml's [model] (MLA, depths up to 8)
+MODEL = TINY_MODEL | DIM32 | dict(n_experts=4, max_loop_iters=8)
+TINY = [*tiny_model_flags(**MODEL), f"--data.vocab_size={MODEL['vocab_size']}", f"--train.seq_len={MODEL['max_seq_len']}",
         "--parallel.compile=false", "--train.device=cpu"]  # fmt: skip
 
 

@@ -10,9 +10,15 @@ import shutil
 
 import pytest
 import torch
-from trainer_testing import StoppingTrainer, prepare_tiny_data, tiny_config, train_in_process
+from trainer_testing import (
+    StoppingTrainer,
+    consolidated_model_state,
+    prepare_tiny_data,
+    tiny_config,
+    train_in_process,
+)
 
-from mythos_train.checkpoint import MARKER, checkpoint_dirs, consolidated_model_state, find_latest
+from mythos_train.checkpoint import MARKER, checkpoint_dirs, find_latest
 from mythos_train.checkpoint_safety import SafeFileSystemReader
 from mythos_train.distributed import init_distributed
 

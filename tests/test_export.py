@@ -8,9 +8,8 @@ import torch
 from model_testing import open_mythos_reference
 from safetensors import safe_open
 from safetensors.torch import load_file
-from trainer_testing import prepare_tiny_data, tiny_config
+from trainer_testing import consolidated_model_state, prepare_tiny_data, tiny_config
 
-from mythos_train.checkpoint import consolidated_model_state
 from mythos_train.distributed import init_distributed
 from mythos_train.export import export_checkpoint, load_exported
 from mythos_train.model.open_mythos_compat import open_mythos_config_kwargs

@@ -56,17 +56,23 @@ def lm_loss(model, tokens, n, k, wrap=None) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def check_equivalence(rank: int, world: int, overrides: dict) -> dict:
-    """Loss, per-parameter grads, clipped norm and params after STEPS AdamW steps vs the single-process reference."""
-    cfg = tiny_config(**overrides)
+def parallel_and_reference(cfg: JobConfig, world: int):
+    """(model parallelized on this rank, its single-process reference with the same init, dims, the iteration
+    wrapper, an AdamW for each)."""
     validate(cfg, world)
     torch.manual_seed(0)
     ref = MythosModel(cfg.model)
     model = copy.deepcopy(ref)
     dims = build_mesh(cfg.parallel, world, "cpu")
     wrap = parallelize(model, dims, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
+    opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, foreach=True) for m in (model, ref))
+    return model, ref, dims, wrap, opt, ref_opt
+
+
+def check_equivalence(rank: int, world: int, overrides: dict) -> dict:
+    """Loss, per-parameter grads, clipped norm and params after STEPS AdamW steps vs the single-process reference."""
+    cfg = tiny_config(**overrides)
+    model, ref, dims, wrap, opt, ref_opt = parallel_and_reference(cfg, world)
     sampler = DepthSampler(cfg.train)
     err = {"loss": 0.0, "grad": 0.0, "norm": 0.0, "param": 0.0}
     for step in range(STEPS):
@@ -132,7 +138,7 @@ def router_bias(rank: int, world: int) -> dict:
         tokens = global_batch(step, world)
         for _micro in range(2):  # two micro-batches per step
             lm_loss(model, tokens.chunk(world)[rank], 1, 2, wrap).backward()
-            balancer.accumulate(model.recurrent.last_stats)
+            balancer.accumulate()
         if step == 0:  # reference: global batch on one process, both micro-batches, all 3 iterations
             with torch.no_grad():
                 lm_loss(ref, tokens, 1, 2)

@@ -34,7 +34,7 @@ def test_bad_mesh_is_a_config_error_before_any_process_group(parallel, world, ma
 
 
 def test_build_mesh_starts_the_group_through_the_one_process_group_owner(monkeypatch):
-    """build_mesh without a group goes through distributed.init_process_group (as the trainer's start does): a
+    """build_mesh without a group goes through distributed.start_process_group (as the trainer's start does): a
     multi-process world without torchrun's MASTER_ADDR is refused there, with parallel.timeout_s applied otherwise."""
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")

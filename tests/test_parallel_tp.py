@@ -7,13 +7,11 @@ Every rank builds the same seeded model twice: a plain reference fed the whole g
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.distributed as dist
 from distributed_testing import CollectiveCounter, run_distributed
-from test_parallel_fsdp_ep import full, global_batch, lm_loss, tiny_config
+from test_parallel_fsdp_ep import full, global_batch, lm_loss, parallel_and_reference, tiny_config
 from torch.distributed.tensor import DTensor
 
 import parallel
@@ -38,14 +36,7 @@ def tp_config(attn_type: str, **parallel):
 def check_tp(rank: int, world: int, attn_type: str, overrides: dict) -> dict:
     """Max errors of logits, loss, full grads, clipped norm and params after STEPS steps vs the reference."""
     cfg = tp_config(attn_type, **overrides)
-    validate(cfg, world)
-    torch.manual_seed(0)
-    ref = MythosModel(cfg.model)
-    model = copy.deepcopy(ref)
-    dims = build_mesh(cfg.parallel, world, "cpu")
-    wrap = parallelize(model, dims, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
+    model, ref, dims, wrap, opt, ref_opt = parallel_and_reference(cfg, world)
     sampler = DepthSampler(cfg.train)
     err = {"logits": 0.0, "loss": 0.0, "grad": 0.0, "norm": 0.0, "param": 0.0}
     for step in range(STEPS):

@@ -15,10 +15,16 @@ import torch
 
 from mythos_train.__main__ import main
 from mythos_train.depth import DepthSampler
+from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
+from mythos_train.model.parallel_plan import ParallelPlan
 from mythos_train.profile_report import part_table
 from mythos_train.profile_trace import read_trace
+from tests.model_testing import tiny_model_config
 from tests.trainer_testing import config_file, prepare_tiny_data, tiny_config
+
+with torch.device("meta"):
+    PLAN = MythosModel(tiny_model_config()).parallel_plan()
 
 STEP_TOLERANCE = (0.05, 2.0)
 "Phases vs perf_counter step time: within 5% or 2 ms (the profiler's own range bookkeeping and a clock read)."
@@ -72,7 +78,7 @@ EXPECTED_MS = {
 
 
 def test_reading_of_a_hand_timed_trace():
-    reading = read_trace(hand_timed_trace())
+    reading = read_trace(hand_timed_trace(), PLAN)
     phases = {p: {k: round(v, 6) for k, v in times.items()} for p, times in reading.phases.items()}
     assert phases == {p: {k: round(v, 6) for k, v in t.items()} for p, t in EXPECTED_MS.items()}
     assert reading.step_ms == [1.0]
@@ -105,7 +111,7 @@ def test_device_reading_of_a_hand_timed_gpu_trace():
             kernel("multi_tensor_apply_kernel", 600, 100, 3),
         ]
     }
-    reading = read_trace(trace)
+    reading = read_trace(trace, PLAN)
     assert reading.reading == "device"
     assert reading.phases == {
         "loop0": {"compute": 0.3, "all_gather": 0.1},
@@ -113,6 +119,43 @@ def test_device_reading_of_a_hand_timed_gpu_trace():
         "idle": {"compute": pytest.approx(1.0 - 0.5)},
     }
     assert (reading.in_flight_ms, reading.exposed_ms, reading.overlapped_ms) == pytest.approx((0.15, 0.1, 0.05))
+
+
+def test_fsdp_ranges_count_for_the_units_the_plan_names():
+    """FSDP2 names its hooks' ranges after the unit; the reader maps units to phases from the plan it is given (here
+    a model whose modules have none of MythosModel's names), not from names it knows."""
+    plan = ParallelPlan(
+        fsdp_units=("stem.0", "trunk", "tail.0"),
+        loop="trunk",
+        loop_block="trunk.cell",
+        experts="trunk.cell.moe.experts",
+        router="trunk.cell.moe.router",
+        shared_experts=None,
+        loop_parts={},
+    )
+    ann = "user_annotation"
+    trace = {
+        "traceEvents": [
+            _x("mythos:step", 0, 1000, cat=ann),
+            _x("FSDP::pre_forward (stem.0)", 0, 100),  # -> stem, all_gather
+            _x("FSDP::pre_forward (trunk)", 100, 100),  # -> loop
+            _x("FSDP::pre_forward (trunk.cell)", 200, 100),  # the loop block (reshard per iteration) -> loop
+            _x("FSDP::pre_forward ()", 300, 100),  # the root: no unit of the plan -> the phase around it
+            _x("FSDP::pre_forward (prelude.0)", 400, 100),  # not a unit of this plan
+            _x("mythos:backward", 500, 500, cat=ann),
+            _x("FSDP::post_backward_reduce (tail.0)", 500, 100),  # -> tail bwd, reduce_scatter
+            _x("FSDP::post_backward_reduce (trunk)", 600, 100),  # -> loop bwd
+        ]
+    }
+    phases = {p: {k: round(v, 6) for k, v in times.items()} for p, times in read_trace(trace, plan).phases.items()}
+    assert phases == {
+        "stem": {"all_gather": 0.1},
+        "loop": {"all_gather": 0.2},
+        "other": {"all_gather": 0.2},
+        "tail bwd": {"reduce_scatter": 0.1},
+        "loop bwd": {"reduce_scatter": 0.1},
+        "other bwd": {"compute": 0.3},
+    }
 
 
 def test_phase_flops_add_up_to_the_step_model_flops(tmp_path):

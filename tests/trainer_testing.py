@@ -11,7 +11,10 @@ import inspect
 import json
 from pathlib import Path
 
+import torch
 from model_testing import TINY_MODEL
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from data_pipeline import DataConfig, prepare
 from mythos_train.config import JobConfig, load_config
@@ -184,3 +187,8 @@ def train_in_process(cfg: JobConfig, stop_after: int | None = None) -> Trainer:
             trainer.close()
         destroy_distributed()
     return trainer
+
+
+def consolidated_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full, unsharded model state dict on CPU (collective under FSDP: call on every rank)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 import parallel
 from mythos_train.config import ConfigError, JobConfig, load_config, validate
 from mythos_train.depth import DepthSampler
-from mythos_train.distributed import env_world_size, init_distributed
+from mythos_train.distributed import destroy_distributed, env_world_size, init_distributed
 from mythos_train.metrics import peak_flops
 from mythos_train.model.flops import training_flops_per_token
 from mythos_train.train_step import build_train_step
@@ -155,7 +155,7 @@ def run_sweep(
         return rows
     finally:
         if created:
-            dist.destroy_process_group()
+            destroy_distributed()
 
 
 def _ints(text: str) -> list[int]:

@@ -158,7 +158,7 @@ def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: 
     trace = f"{args.profile}.trace.json"
     prof.export_chrome_trace(trace)
     job = JobConfig(model=cfg, train=TrainConfig(seq_len=args.seq, micro_batch_size=args.batch, grad_accum_steps=1))
-    report = read_trace(trace).to_dict() | {
+    report = read_trace(trace, model.parallel_plan()).to_dict() | {
         "rank": 0,
         "measured_step_ms": [measured],
         "depths": [(0, args.loops)],
