@@ -1,14 +1,12 @@
 """Tensor (+ sequence) parallelism in the planner: which weights tp splits, the mesh with a tp axis, TP's collectives.
 
-The layout is Megatron-LM's with sequence parallelism, as torchtitan applies it with DTensor's styles:
-  * attention heads split: GQA's wq, wk, wv and MLA's q_up_nope, q_up_rope, kv_up colwise (dim 0), wo rowwise
-    (dim 1). MLA's down-projections q_down, kv_down and their norms q_norm, kv_norm are replicated: their outputs
-    (q_lora_rank, kv_lora_rank + rope wide) feed every head, so splitting them would cost one more collective per
-    attention to save q_lora_rank x dim weights (0.2% of a 100B looped block's FLOPs);
-  * dense FFNs (prelude, coda) and the shared experts: w1, w3 colwise, w2 rowwise;
-  * the embedding (= tied head) split over the vocabulary; the cross-entropy is computed vocabulary-parallel;
-  * norms, router, loop injection, depth LoRA, loop embedding and ACT replicated, in sequence-parallel regions
-    (each rank holds seq_len / tp tokens of the residual stream and of the loop state h);
+Which weights tp splits, and on which dim, is the model's plan (`ParallelPlan.tensor_parallel`,
+mythos_train/model/parallel_plan.py: Megatron-LM's layout, heads and FFN hidden units colwise then rowwise, the
+embedding = tied head over the vocabulary, the rest replicated), read by `tp_split_dim`. What the planner adds:
+  * why MLA's down-projections may stay replicated, as the plan has them: splitting them would cost one more
+    collective per attention to save q_lora_rank x dim weights (0.2% of a 100B looped block's FLOPs);
+  * the replicated modules (norms, router, loop injection, depth LoRA, loop embedding, ACT) run in sequence-parallel
+    regions (each rank holds seq_len / tp tokens of the residual stream and of the loop state h);
   * routed experts whole, the TP ranks folded into EP: experts split over parallel.ep x tp ranks (`routed_expert_options`
     has the numbers against TP inside each expert).
 Mesh: world = dp_replicate x dp_shard x tp, tp innermost (tp consecutive ranks, inside one node); parallel.ep
