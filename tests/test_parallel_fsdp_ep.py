@@ -69,6 +69,24 @@ def parallel_and_reference(cfg: JobConfig, world: int):
     return model, ref, dims, wrap, opt, ref_opt
 
 
+def clip_and_step(model, ref, opt, ref_opt, dims, err: dict) -> None:
+    """Clip both models' gradients (recording the norm's relative error) and take one AdamW step each."""
+    norm = clip_grad_norm_(model.parameters(), 0.5, dims)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    err["norm"] = max(err["norm"], abs(norm.item() - ref_norm.item()) / ref_norm.item())
+    for optimizer in (opt, ref_opt):
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def param_error(model, ref) -> float:
+    """Largest absolute difference between the (gathered) parameters and the reference's."""
+    return max(
+        (full(p.detach()) - rp.detach()).abs().max().item()
+        for p, rp in zip(model.parameters(), ref.parameters(), strict=True)
+    )
+
+
 def check_equivalence(rank: int, world: int, overrides: dict) -> dict:
     """Loss, per-parameter grads, clipped norm and params after STEPS AdamW steps vs the single-process reference."""
     cfg = tiny_config(**overrides)
@@ -89,15 +107,8 @@ def check_equivalence(rank: int, world: int, overrides: dict) -> dict:
             assert name == ref_name, (name, ref_name)
             scale = rp.grad.abs().max().item() + 1e-6
             err["grad"] = max(err["grad"], (full(p.grad) - rp.grad).abs().max().item() / scale)
-        norm = clip_grad_norm_(model.parameters(), 0.5, dims)
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-        err["norm"] = max(err["norm"], abs(norm.item() - ref_norm.item()) / ref_norm.item())
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad()
-        ref_opt.zero_grad()
-    for p, rp in zip(model.parameters(), ref.parameters(), strict=True):
-        err["param"] = max(err["param"], (full(p.detach()) - rp.detach()).abs().max().item())
+        clip_and_step(model, ref, opt, ref_opt, dims, err)
+    err["param"] = param_error(model, ref)
     err["expert_placements"] = str(model.recurrent.block.moe.experts.w1.placements)
     return err
 

@@ -11,7 +11,15 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_testing import CollectiveCounter, run_distributed
-from test_parallel_fsdp_ep import full, global_batch, lm_loss, parallel_and_reference, tiny_config
+from test_parallel_fsdp_ep import (
+    clip_and_step,
+    full,
+    global_batch,
+    lm_loss,
+    parallel_and_reference,
+    param_error,
+    tiny_config,
+)
 from torch.distributed.tensor import DTensor
 
 import parallel
@@ -19,7 +27,7 @@ from mythos_train.config import ConfigError, validate
 from mythos_train.depth import DepthSampler
 from mythos_train.loss import cross_entropy_sum
 from mythos_train.model import MythosModel
-from parallel import build_mesh, clip_grad_norm_, loss_context, parallelize
+from parallel import build_mesh, loss_context, parallelize
 
 STEPS = 3
 TP_MODEL = dict(n_heads=4, n_kv_heads=2)  # both split over tp 2: GQA keeps 2 query heads per kv head per rank
@@ -61,15 +69,8 @@ def check_tp(rank: int, world: int, attn_type: str, overrides: dict) -> dict:
             grad_err = (full(p.grad) - rp.grad).abs().max().item() / scale
             if grad_err > err["grad"]:
                 err["grad"], err["worst_grad"] = grad_err, f"{name} at step {step}"
-        norm = clip_grad_norm_(model.parameters(), 0.5, dims)
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-        err["norm"] = max(err["norm"], abs(norm.item() - ref_norm.item()) / ref_norm.item())
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad()
-        ref_opt.zero_grad()
-    for p, rp in zip(model.parameters(), ref.parameters(), strict=True):
-        err["param"] = max(err["param"], (full(p.detach()) - rp.detach()).abs().max().item())
+        clip_and_step(model, ref, opt, ref_opt, dims, err)
+    err["param"] = param_error(model, ref)
     with parallel.full_logits(model):  # generation reads whole-vocabulary logits
         prompt = global_batch(STEPS, 1)[:1, :4]
         err["generate"] = torch.equal(model.generate(prompt, 4, n_loops=2), ref.generate(prompt, 4, n_loops=2))
