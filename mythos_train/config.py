@@ -228,7 +228,7 @@ class EvalConfig:
 class CanaryConfig:
     """The depth canary (`python -m mythos_train canary`): chained assignments whose answer needs exactly d hops."""
 
-    dir: str = "data/canary/text"
+    dir: str = "data/canary_text"
     "Where the canary command writes the training text (programs.parquet) and the evaluation set (eval.jsonl)."
     programs: int = 200_000
     "Training programs written (prepare holds out data.val_fraction of them)."
