@@ -14,13 +14,15 @@ from __future__ import annotations
 import collections
 import math
 import re
+from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.profiler import ProfilerActivity, profile
 
 from mythos_train.bench.sweep import allocation_curve, tensor_bytes
 from mythos_train.config import JobConfig
+from mythos_train.loss import cross_entropy_sum
 from mythos_train.optim import build_optimizer
 from mythos_train.trainer import build_model
 from parallel import build_mesh
@@ -71,7 +73,7 @@ class StepUnderTest:
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(tokens[:, :-1], n_nograd=self.depth[0], n_grad=self.depth[1], wrap_iteration=self.wrap)
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
+        return logits, cross_entropy_sum(logits, tokens[:, 1:])
 
 
 def rss_growth(step: StepUnderTest) -> int:
@@ -114,10 +116,16 @@ def measure_cases(rank: int, world: int, cases: list[tuple[JobConfig, int, int]]
     """For each (cfg, n_nograd, n_grad), in one process (spawning costs seconds): measure_step, and rss_growth
     first for all of them, before any profiling (its many small buffers, once freed, leave holes in glibc's heap
     that later steps fill without growing RSS)."""
-    rss = [rss_growth(StepUnderTest(rank, world, cfg, n, k)) for cfg, n, k in cases]
-    return [
-        measure_step(StepUnderTest(rank, world, cfg, n, k)) | {"rss_growth": r} for (cfg, n, k), r in zip(cases, rss)
-    ]
+    rss = [_measured(rss_growth, rank, world, case) for case in cases]
+    return [_measured(measure_step, rank, world, case) | {"rss_growth": r} for case, r in zip(cases, rss)]
+
+
+def _measured(measure, rank: int, world: int, case: tuple[JobConfig, int, int]):
+    """`measure(StepUnderTest(...))`, under TP inside torch's `loss_parallel` (vocabulary-parallel logits: the
+    trainer's `parallel.loss_context`, entered once around every forward and backward of the step)."""
+    cfg, n, k = case
+    with loss_parallel() if cfg.parallel.tp > 1 else nullcontext():
+        return measure(StepUnderTest(rank, world, cfg, n, k))
 
 
 COLLECTIVE_EVENTS = {
@@ -137,7 +145,7 @@ def count_traffic(model, wrap, tokens: torch.Tensor, n_nograd: int, n_grad: int,
     """
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         logits = model(tokens[:, :-1], n_nograd=n_nograd, n_grad=n_grad, wrap_iteration=wrap)
-        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").backward()
+        cross_entropy_sum(logits, tokens[:, 1:]).backward()
     calls: collections.Counter = collections.Counter()
     payload: collections.Counter = collections.Counter()
     for event in prof.events():
