@@ -16,6 +16,7 @@ import math
 import re
 from contextlib import nullcontext
 
+import pytest
 import torch
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.profiler import ProfilerActivity, profile
@@ -164,3 +165,20 @@ def count_traffic(model, wrap, tokens: torch.Tensor, n_nograd: int, n_grad: int,
     payload["all-reduce"] = payload.pop("gloo all-reduce", 0) - payload.get("reduce-scatter", 0)
     calls.pop("gloo all-reduce", None)
     return {"calls": dict(calls), "payload": dict(payload)}
+
+
+def assert_memory_matches(got: dict, plan, label: str) -> str:
+    """One rank's measure_step against its MemoryPlan: static bytes exactly (unpadded numel and padded storage),
+    the activations saved at the end of forward and the micro-batch peak (allocator and RSS) within 25%.
+    Returns the line for the test's report."""
+    st = plan.static
+    assert got["params"] == (st.param_numel * 4, st.params), label
+    assert got["grads"] == (st.param_numel * 4, st.grads), label
+    assert got["optimizer"][1] == st.optimizer and got["buffers"][1] == st.buffers, label
+    working = plan.peak - st.total
+    line = (f"{label}: forward end {got['saved']} vs {plan.forward_end}, peak {got['peak']} (RSS growth "
+            f"{got['rss_growth']}) vs {working} ({plan.peak_phase})")  # fmt: skip
+    assert got["saved"] == pytest.approx(plan.forward_end, rel=0.25), line
+    assert got["peak"] == pytest.approx(working, rel=0.25), line
+    assert got["rss_growth"] == pytest.approx(working, rel=0.25), line
+    return line

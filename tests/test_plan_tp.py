@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_testing import run_distributed
-from plan_testing import RSS_ENV, measure_cases
+from plan_testing import RSS_ENV, assert_memory_matches, measure_cases
 from test_plan import LOOP_HEAVY, small_debug
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
@@ -205,16 +205,6 @@ def test_plan_matches_tp_step(world: int, monkeypatch):
     report = []
     for i, (name, cfg, n, k) in enumerate(cases):
         for rank in range(world):
-            got = measured[rank][i]
             plan = memory_plan(cfg, world, rank, device="cpu", n_grad=k, n_nograd=n, tp_replicated=True)
-            st = plan.static
-            assert got["params"] == (st.param_numel * 4, st.params), (name, rank)
-            assert got["grads"] == (st.param_numel * 4, st.grads), (name, rank)
-            assert got["optimizer"][1] == st.optimizer and got["buffers"][1] == st.buffers, (name, rank)
-            working = plan.peak - st.total
-            report.append(f"{name} w{world} r{rank}: forward end {got['saved']} vs {plan.forward_end}, peak {got['peak']} "
-                          f"(RSS growth {got['rss_growth']}) vs {working} ({plan.peak_phase})")  # fmt: skip
-            assert got["saved"] == pytest.approx(plan.forward_end, rel=0.25), report[-1]
-            assert got["peak"] == pytest.approx(working, rel=0.25), report[-1]
-            assert got["rss_growth"] == pytest.approx(working, rel=0.25), report[-1]
+            report.append(assert_memory_matches(measured[rank][i], plan, f"{name} w{world} r{rank}"))
     print("\n".join(report))
