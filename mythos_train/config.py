@@ -465,8 +465,17 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     mesh_sizes(parallel, world_size)
     check_tensor_parallel(model, parallel.tp)
     _check(
+        model.n_experts % (parallel.ep * parallel.tp) == 0,
+        f"model.n_experts ({model.n_experts}) must be divisible by parallel.ep ({parallel.ep}) x parallel.tp "
+        f"({parallel.tp}): the tp ranks are folded into expert parallelism",
+    )
+    _check(
         train.steps >= 0 and train.seq_len > 0 and train.micro_batch_size > 0 and train.grad_accum_steps > 0,
         "train.steps, seq_len, micro_batch_size, grad_accum_steps must be positive",
+    )
+    _check(
+        train.seq_len % parallel.tp == 0,
+        f"train.seq_len ({train.seq_len}) must be divisible by parallel.tp ({parallel.tp}): sequence parallelism",
     )
     _check(
         train.seq_len <= model.max_seq_len,

@@ -2,8 +2,8 @@
 
 Loads are counted over every loop iteration of the step (gradient-free ones too; the model returns them as
 iteration outputs, so activation-checkpoint recompute never counts twice), summed over micro-batches and over all
-data-parallel ranks (each sees different tokens; with expert parallelism the counts are taken before dispatch, so
-the same sum applies). The update runs in an optimizer pre-step hook, in fp32 on a buffer FSDP never casts
+ranks: data-parallel ranks see different tokens, and under sequence parallelism each tp rank routes its own slice
+of the sequence (with expert parallelism the counts are taken before dispatch, so the same sum applies). The update runs in an optimizer pre-step hook, in fp32 on a buffer FSDP never casts
 (mixed precision casts parameters only), and is identical on every rank because its input is an all-reduce result.
 """
 
@@ -25,7 +25,7 @@ class RouterBiasBalancer:
         plan = model.parallel_plan()
         self.router = model.get_submodule(plan.router)  # read the buffer through it: to_empty() replaces buffers
         self.loop = model.get_submodule(plan.loop)  # its `last_stats` holds the last forward's expert loads
-        self.group = dims.dp_mesh.get_group() if dims is not None else None
+        self.group = dims.world_mesh.get_group() if dims is not None else None
         self.rate = rate
         self.counts = torch.zeros_like(self._bias())  # [E] tokens routed to each expert since the last step
 

@@ -117,6 +117,7 @@ class TrainStep:
         """Forward/backward over the micro-batches at this depth, clip, and update (or skip)."""
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum, global_tokens = self.forward_backward(micro_batches, n_nograd, n_grad)
+        parallel.reduce_sequence_parallel_grads(self.model, self.dims)  # under TP: the loop's, summed over tp
         with record_function("mythos:clip_grad"):
             grad_norm = parallel.clip_grad_norm_(self.model.parameters(), self.max_grad_norm, self.dims)
         loss = all_reduce_sum(loss_sum.reshape(1), self._data_group())[0] / global_tokens.clamp(min=1)

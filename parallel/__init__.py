@@ -13,6 +13,7 @@ _EXPORTS = {
     "full_logits": "parallel.tensor_parallel",
     "loss_context": "parallel.tensor_parallel",
     "parallelize": "parallel.parallelize",
+    "reduce_sequence_parallel_grads": "parallel.tensor_parallel",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -6,8 +6,9 @@ on the fastest links) and `efsdp = dp_shard / ep` is what is left over to shard 
 Both views are `_unflatten`s of the same 1-D world mesh, so DTensors on them share a root mesh (FSDP and DCP
 need that to combine the ep sharding with the efsdp sharding).
 With tensor parallelism, `tp` is the innermost axis of both views (HSDP x FSDP x TP, tp inside a node); the
-data-parallel ranks are then the world with tp folded out, and EP/FSDP collectives run between ranks with the
-same tp index.
+data-parallel ranks are then the world with tp folded out, and FSDP collectives run between ranks with the same tp
+index. Under sequence parallelism every tp rank routes its own tokens, so the tp ranks are folded into EP: the
+experts' group is (ep, tp) flattened, ep x tp ranks (experts split over them, not replicated over tp).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class ParallelDims:
     efsdp_mesh: DeviceMesh
     "Expert weights' own data-parallel mesh: (efsdp,) or (dp_replicate, efsdp)."
     ep_mesh: DeviceMesh | None
-    "Expert-parallel mesh; None when ep == 1."
+    "Expert-parallel mesh: (ep, tp) flattened, the experts' group; None when ep x tp == 1."
     tp: int = 1
     tp_mesh: DeviceMesh | None = None
     "Tensor-parallel mesh (innermost ranks); None when tp == 1."
@@ -68,7 +69,8 @@ class ParallelDims:
 
     @property
     def ep_enabled(self) -> bool:
-        return self.ep > 1
+        """Routed experts split over ranks: ep > 1, or tp > 1 (folded into EP)."""
+        return self.ep_mesh is not None
 
 
 def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "auto") -> ParallelDims:
@@ -89,10 +91,11 @@ def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "au
         dense = world._unflatten(0, (replicate, shard, tp), ("dp_replicate", "dp_shard", "tp"))
         sparse = world._unflatten(0, (replicate, efsdp, ep, tp), ("dp_replicate", "efsdp", "ep", "tp"))
         tp_dims = {"tp": tp, "tp_mesh": dense["tp"], "data_mesh": dense["dp_replicate", "dp_shard"]._flatten("data")}
+        experts = sparse["ep", "tp"]._flatten("ep_tp")
     else:
         dense = world._unflatten(0, (replicate, shard), ("dp_replicate", "dp_shard"))
         sparse = world._unflatten(0, (replicate, efsdp, ep), ("dp_replicate", "efsdp", "ep"))
-        tp_dims = {}
+        tp_dims, experts = {}, sparse["ep"] if ep > 1 else None
     return ParallelDims(
         dp_replicate=replicate,
         dp_shard=shard,
@@ -102,6 +105,6 @@ def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str = "au
         world_mesh=world,
         fsdp_mesh=dense["dp_replicate", "dp_shard"] if replicate > 1 else dense["dp_shard"],
         efsdp_mesh=sparse["dp_replicate", "efsdp"] if replicate > 1 else sparse["efsdp"],
-        ep_mesh=sparse["ep"] if ep > 1 else None,
+        ep_mesh=experts,
         **tp_dims,
     )

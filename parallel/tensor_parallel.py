@@ -1,21 +1,24 @@
-"""Tensor parallelism from torch's DTensor styles (`parallelize_module`), driven by the model's plan.
+"""Tensor + sequence parallelism from torch's DTensor styles (`parallelize_module`), driven by the model's plan.
 
-The model's plan (ParallelPlan.tensor_parallel, mythos_train/model/parallel_plan.py) names a layout per submodule; each becomes a torch style here:
-- colwise: `ColwiseParallel`, weight Shard(0): this rank's heads / hidden units; the replicated input's
-  gradient is all-reduced in backward (Megatron's f);
-- rowwise: `RowwiseParallel`, weight Shard(1); the output is all-reduced to Replicate (Megatron's g);
-- attention_input / ffn_input: `PrepareModuleInput` turning the module's input x into a Replicate DTensor, so
-  that its colwise projections (q/k/v, or w1/w3) add their input gradients as one Partial and all-reduce once;
-- heads: `PrepareModuleInputOutput` around MLA's rope-key broadcast: a Replicate input expanded to all heads,
-  then split over heads (a local slice); in backward the head-split gradient is all-gathered and summed over
-  every head, so the shared key (and kv_down) get the full gradient;
-- vocab_embedding: `RowwiseParallel` on the embedding, weight Shard(0) over the vocabulary, lookup all-reduced;
-- vocab_head_input: `PrepareModuleOutput` making the final norm's output a Replicate DTensor, so the tied head
-  `F.linear(norm(h), tok_embeddings.weight)` runs on the vocabulary shard and returns Shard(-1) logits; the
-  loss then needs `loss_context` (torch's `loss_parallel`) around forward and backward.
-Parameters outside the plan stay plain tensors: each tp rank holds and updates the same copy (FSDP shards them
-over the data-parallel mesh only). Collectives per transformer block: forward 2 all-reduces, backward 2
-(GQA) or 4 all-reduces + 1 all-gather (MLA: its three up-projections have different inputs).
+Megatron-LM's layout with sequence parallelism (as torchtitan builds it): between TP regions every tp rank holds
+its seq_len / tp slice of the residual stream (plain local tensors [B, S / tp, dim]), and each region gathers its
+input whole and reduce-scatters its output back to the slices. The model's plan (ParallelPlan.tensor_parallel,
+mythos_train/model/parallel_plan.py) names a layout per submodule; each becomes a torch style here:
+- colwise: `ColwiseParallel`, weight Shard(0): this rank's heads / hidden units;
+- rowwise: `RowwiseParallel`, weight Shard(1), its output left a Partial DTensor for the region to reduce-scatter;
+- attention_region / ffn_region (dim 1 of [B, S, dim]) and rows_region (dim 0 of the shared experts' flattened
+  rows [N, dim]): `PrepareModuleInputOutput`, the input all-gathered into a Replicate DTensor (the colwise
+  projections' input gradients add up as one Partial and are reduce-scattered once in backward), the Partial
+  output reduce-scattered to this rank's slice; attention_region_local hands the gathered input on as a plain
+  tensor (MLA: its replicated down-projections run on the whole sequence, see docs/design.md);
+- heads: `PrepareModuleInputOutput` around MLA's rope-key broadcast: split over heads in forward; in backward the
+  head-split gradient is all-gathered and summed over every head, so the shared key gets the full gradient;
+- sequence_parallel: `SequenceParallel` (norms): weight a Replicate DTensor, its gradient reduced over tp by DTensor;
+- sequence_parallel_head_input: the final norm, sequence-parallel, its output gathered into a Replicate DTensor so
+  the tied head `F.linear(norm(h), tok_embeddings.weight)` returns Shard(-1) logits (`loss_context` then);
+- vocab_embedding: `RowwiseParallel` on the embedding, weight Shard(0) over the vocabulary, lookup reduce-scattered;
+- sequence_local: no style. Plain parameters the loop uses on its sequence slices (injection, LoRA, norm, ACT, the
+  router gate): each tp rank gets a partial gradient, summed by `reduce_sequence_parallel_grads` (one bucket).
 """
 
 from __future__ import annotations
@@ -23,31 +26,61 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
+import torch
+import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
-    PrepareModuleInput,
     PrepareModuleInputOutput,
-    PrepareModuleOutput,
     RowwiseParallel,
+    SequenceParallel,
     loss_parallel,
     parallelize_module,
 )
 
 from parallel.mesh import ParallelDims
 
+SEQUENCE_LOCAL = "sequence_local"
+
+
+class SequenceParallelGathered(SequenceParallel):
+    """`SequenceParallel` whose output is all-gathered into a Replicate DTensor (the tied head's input)."""
+
+    @staticmethod
+    def _prepare_output_fn(use_local_output, mod, outputs, device_mesh):
+        return outputs.redistribute(placements=(Replicate(),))
+
+
+def _region(dim: int, extra_inputs: int, local_input: bool = False) -> ParallelStyle:
+    """Gather the module's first input over the sequence (Shard(dim) -> Replicate), reduce-scatter its output."""
+    rest = (None,) * extra_inputs  # attention also takes (rope, cache)
+    return PrepareModuleInputOutput(
+        input_layouts=(Shard(dim), *rest),
+        desired_input_layouts=(Replicate(), *rest),
+        use_local_input=local_input,
+        output_layouts=(Partial(),),
+        desired_output_layouts=(Shard(dim),),
+        use_local_output=True,
+    )
+
 
 def _style(layout: str) -> ParallelStyle:
     if layout == "colwise":
         return ColwiseParallel()
     if layout == "rowwise":
-        return RowwiseParallel()
-    if layout in ("attention_input", "ffn_input"):  # attention takes (x, rope, cache), an FFN (x,)
-        layouts = (Replicate(), None, None) if layout == "attention_input" else (Replicate(),)
-        return PrepareModuleInput(input_layouts=layouts, desired_input_layouts=layouts, use_local_output=False)
+        return RowwiseParallel(output_layouts=Partial(), use_local_output=False)
+    if layout == "attention_region":
+        return _region(1, extra_inputs=2)
+    if layout == "attention_region_local":
+        return _region(1, extra_inputs=2, local_input=True)
+    if layout == "ffn_region":
+        return _region(1, extra_inputs=0)
+    if layout == "rows_region":
+        return _region(0, extra_inputs=0)
     if layout == "heads":  # [B, S, heads, rope]: dim 2 is the head dim
         return PrepareModuleInputOutput(
             input_layouts=(Replicate(),),
@@ -57,18 +90,43 @@ def _style(layout: str) -> ParallelStyle:
             use_local_input=False,
             use_local_output=True,
         )
+    if layout == "sequence_parallel":
+        return SequenceParallel(use_local_output=True)
+    if layout == "sequence_parallel_head_input":
+        return SequenceParallelGathered()
     if layout == "vocab_embedding":
-        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    if layout == "vocab_head_input":
-        return PrepareModuleOutput(
-            output_layouts=Replicate(), desired_output_layouts=Replicate(), use_local_output=False
-        )
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
     raise ValueError(f"unknown tensor-parallel layout {layout!r}")
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str]) -> None:
-    """Split every submodule `plan` names over `tp_mesh` (in place, before AC, compile and FSDP)."""
-    parallelize_module(model, tp_mesh, {path: _style(layout) for path, layout in plan.items()})
+    """Split every submodule `plan` names over `tp_mesh` (in place, before EP, AC, compile and FSDP).
+
+    The model pads a sequence tp does not divide (`sequence_multiple`): a one-token decode runs tp tokens."""
+    styles = {path: _style(layout) for path, layout in plan.items() if layout != SEQUENCE_LOCAL}
+    parallelize_module(model, tp_mesh, styles)
+    model.sequence_multiple = tp_mesh.size()
+
+
+@torch.no_grad()
+def reduce_sequence_parallel_grads(model: nn.Module, dims: ParallelDims | None) -> None:
+    """Sum over the tp ranks the gradients of the plan's `sequence_local` parameters, once per step, after the
+    last backward (Megatron's finalize_model_grads): each tp rank's is its own sequence slice's share.
+
+    One all-reduce of one flat bucket over the tp mesh (not one per parameter). FSDP has already reduced them over
+    the data ranks; the tp ranks of one data rank hold the same FSDP shard, so their local shards add up."""
+    if dims is None or not dims.tp_enabled:
+        return
+    plan = model.parallel_plan().tensor_parallel
+    modules = [model.get_submodule(path) for path, layout in plan.items() if layout == SEQUENCE_LOCAL]
+    grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    if not local:
+        return
+    bucket = _flatten_dense_tensors(local)
+    dist.all_reduce(bucket, group=dims.tp_mesh.get_group())
+    for g, summed in zip(local, _unflatten_dense_tensors(bucket, local), strict=True):
+        g.copy_(summed)
 
 
 def loss_context(dims: ParallelDims | None) -> AbstractContextManager:

@@ -44,3 +44,12 @@ def document_rope(rotary: RotaryEmbedding, doc_starts: torch.Tensor, kv_cache: d
     if kv_cache is not None and int(positions.max()) >= rotary.max_seq_len:  # (generation syncs anyway)
         raise ValueError(f"document position {int(positions.max())} is beyond model.max_seq_len ({rotary.max_seq_len})")
     return rotary.at(positions, doc_mask.unsqueeze(1))
+
+
+def drop_cached_tail(kv_cache: dict | None, n: int) -> None:
+    """Forget the last n cached tokens (padding a forward added): every slot's [B, S, ...] tensors, and DOCS."""
+    for name, slot in (kv_cache or {}).items():
+        if name == DOCS:
+            slot.update(doc_ids=slot["doc_ids"][:, :-n], next_pos=slot["next_pos"] - n)
+        else:
+            slot.update({key: t[:, :-n] for key, t in slot.items()})

@@ -9,7 +9,7 @@ from torch.autograd.profiler import record_function
 
 from mythos_train.config import ModelConfig
 from mythos_train.model.attention import GQAttention, MLAttention, Rope
-from mythos_train.model.documents import document_rope
+from mythos_train.model.documents import document_rope, drop_cached_tail
 from mythos_train.model.moe import FeedForward, MoE
 from mythos_train.model.parallel_plan import ParallelPlan, mythos_parallel_plan
 from mythos_train.model.recurrent import RecurrentBlock, WrapIteration, cache_slot
@@ -55,6 +55,8 @@ class MythosModel(nn.Module):
         self.recurrent = RecurrentBlock(cfg, TransformerBlock(cfg, use_moe=True))
         self.coda = nn.ModuleList(TransformerBlock(cfg, use_moe=False) for _ in range(cfg.coda_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.sequence_multiple = 1
+        "Sequence lengths are padded to a multiple of this (set by sequence parallelism: tp splits them evenly)."
         self.init_weights()
 
     def parallel_plan(self) -> ParallelPlan:
@@ -101,6 +103,10 @@ class MythosModel(nn.Module):
         doc_starts [B, T] (bool): document masking, each packed document attends only to itself and its positions
         start at 0 (start_pos is then unused; a cache continues the last document).
         """
+        length, pad = tokens.shape[1], -tokens.shape[1] % self.sequence_multiple
+        if pad:  # e.g. a one-token decode under sequence parallelism: pad tokens after it, dropped again below
+            tokens = F.pad(tokens, (0, pad))
+            doc_starts = None if doc_starts is None else F.pad(doc_starts, (0, pad))
         if doc_starts is None:
             rope = self.rope(start_pos, tokens.shape[1])
         else:
@@ -114,7 +120,11 @@ class MythosModel(nn.Module):
             for i, layer in enumerate(self.coda):
                 h, _ = layer(h, rope, cache_slot(kv_cache, f"coda_{i}"))
         with record_function("mythos:head"):
-            return F.linear(self.norm(h), self.tok_embeddings.weight)
+            logits = F.linear(self.norm(h), self.tok_embeddings.weight)
+        if pad:
+            drop_cached_tail(kv_cache, pad)
+            logits = logits[:, :length]
+        return logits
 
     @torch.no_grad()
     def generate(

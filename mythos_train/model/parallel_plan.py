@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mythos_train.model.recurrent import LOOP_DYNAMICS
+
 if TYPE_CHECKING:
     from mythos_train.model.model import MythosModel
 
@@ -64,21 +66,24 @@ def mythos_parallel_plan(model: MythosModel) -> ParallelPlan:
     )
 
 
-# Tensor parallelism, Megatron's layout: a colwise projection splits its output features (heads, FFN hidden units),
-# the rowwise one after it splits its input features and all-reduces its output. The tied embedding / LM head is
-# split over the vocabulary: the lookup all-reduces, the logits stay split (Shard(-1)) for torch's vocabulary-parallel
-# cross-entropy (`loss_parallel`). Everything else (norms, the loop's injection, LoRA, ACT, the router, the routed
-# experts, MLA's low-rank down-projections) is replicated: every tp rank computes it on the same tokens.
+# Tensor parallelism, Megatron's layout with sequence parallelism: between regions each tp rank holds seq_len / tp of
+# the residual stream. A region (attention, FFN, shared experts) gathers its input, runs colwise projections
+# (output features: heads, FFN hidden units) then a rowwise one (input features), and reduce-scatters the result.
+# The tied embedding / LM head is split over the vocabulary: the lookup reduce-scatters, the final norm's output is
+# gathered and the logits stay split (Shard(-1)) for torch's vocabulary-parallel cross-entropy (`loss_parallel`).
+# Norms are sequence-parallel; the loop's own modules (injection, LoRA, norm, ACT) and the router run on the
+# sequence slices with plain parameters (`sequence_local`: their gradients are summed over tp once per step); the
+# routed experts are split over ep x tp ranks (parallel/expert_parallel.py); MLA's low-rank down-projections run
+# replicated on the gathered sequence (their outputs feed every head).
 ATTENTION = {
-    "gqa": {"attn": "attention_input", "attn.wq": "colwise", "attn.wk": "colwise", "attn.wv": "colwise",
+    "gqa": {"attn": "attention_region", "attn.wq": "colwise", "attn.wk": "colwise", "attn.wv": "colwise",
             "attn.wo": "rowwise"},
-    # MLA: q_down/q_norm/kv_down/kv_norm stay replicated (their outputs feed every head); the up-projections are
-    # per head. The shared rope key is split over heads by `rope_key_heads` (its gradient sums every head's).
-    "mla": {"attn.q_up_nope": "colwise", "attn.q_up_rope": "colwise", "attn.kv_up": "colwise",
-            "attn.rope_key_heads": "heads", "attn.wo": "rowwise"},
+    "mla": {"attn": "attention_region_local", "attn.q_up_nope": "colwise", "attn.q_up_rope": "colwise",
+            "attn.kv_up": "colwise", "attn.rope_key_heads": "heads", "attn.wo": "rowwise"},
 }  # fmt: skip
-FFN = {"ffn": "ffn_input", "ffn.w1": "colwise", "ffn.w3": "colwise", "ffn.w2": "rowwise"}
-SHARED_EXPERTS = {f"moe.shared{name}": layout for name, layout in {"": "ffn_input", ".w1": "colwise",
+NORMS = {"attn_norm": "sequence_parallel", "ffn_norm": "sequence_parallel"}
+FFN = {"ffn": "ffn_region", "ffn.w1": "colwise", "ffn.w3": "colwise", "ffn.w2": "rowwise"}
+SHARED_EXPERTS = {f"moe.shared{name}": layout for name, layout in {"": "rows_region", ".w1": "colwise",
                   ".w3": "colwise", ".w2": "rowwise"}.items()}  # fmt: skip
 
 
@@ -88,7 +93,11 @@ def tensor_parallel_plan(model: MythosModel) -> dict[str, str]:
     blocks = {f"prelude.{i}": FFN for i in range(len(model.prelude))}
     blocks["recurrent.block"] = SHARED_EXPERTS if model.recurrent.block.moe.shared is not None else {}
     blocks.update({f"coda.{i}": FFN for i in range(len(model.coda))})
-    plan = {"tok_embeddings": "vocab_embedding", "norm": "vocab_head_input"}
+    plan = {"tok_embeddings": "vocab_embedding", "norm": "sequence_parallel_head_input"}
     for block, ffn in blocks.items():
-        plan.update({f"{block}.{path}": layout for path, layout in {**attention, **ffn}.items()})
+        plan.update({f"{block}.{path}": layout for path, layout in {**NORMS, **attention, **ffn}.items()})
+    for path in LOOP_DYNAMICS:  # the loop's own modules and the router gate, used on the sequence slices
+        owner, _, leaf = path.rpartition(".")
+        if getattr(model.recurrent.get_submodule(owner), leaf) is not None:  # ACT is optional
+            plan[f"recurrent.{path}"] = "sequence_local"
     return plan
