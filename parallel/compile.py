@@ -4,17 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed._functional_collectives import AsyncCollectiveTensor
-
-
-def _wait_outside_graph(_module: nn.Module, _args, output):
-    """A tensor-parallel output that feeds a compiled block, made a plain tensor in eager (a copy, autograd kept).
-
-    torch 2.13's AOTAutograd unwraps an AsyncCollectiveTensor graph input with `trigger_wait()`, which returns its
-    grad-less inner tensor: the compiled block then has no gradient for that input (the embedding lost its lookup
-    gradient; pytorch/pytorch#191113), and an input that is sometimes an ACT recompiles (pytorch/pytorch#187073).
-    """
-    return output.clone() if isinstance(output, AsyncCollectiveTensor) else output
 
 
 def apply_compile(model: nn.Module, compile_experts: bool = True, expert_parallel: bool = False) -> None:
@@ -23,14 +12,9 @@ def apply_compile(model: nn.Module, compile_experts: bool = True, expert_paralle
     The looped block is one graph (fullgraph) unless something in it must stay eager: expert parallelism's
     dispatch (its all-to-all split sizes are host values) or, with compile_experts=False, the routed experts.
     compile_experts=False is for fp32 compute (CPU): torch 2.13's fake-tensor rule for `grouped_mm` accepts only
-    bf16, so tracing fp32 experts fails although the eager kernel runs. Tensor-parallel modules left eager (the
-    vocabulary-parallel embedding) hand the compiled blocks plain tensors (`_wait_outside_graph`).
+    bf16, so tracing fp32 experts fails although the eager kernel runs.
     """
     plan = model.parallel_plan()
-    compiled = (*plan.blocks, plan.loop_block)
-    for path in plan.tensor_parallel:
-        if not any(path == c or path.startswith(f"{c}.") for c in compiled):
-            model.get_submodule(path).register_forward_hook(_wait_outside_graph)
     for block in plan.blocks:
         model.get_submodule(block).compile(fullgraph=True)
     if not compile_experts:
