@@ -167,9 +167,9 @@ def count_traffic(model, wrap, tokens: torch.Tensor, n_nograd: int, n_grad: int,
     return {"calls": dict(calls), "payload": dict(payload)}
 
 
-def assert_memory_matches(got: dict, plan, label: str) -> str:
+def assert_memory_matches(got: dict, plan, label: str, rel: float = 0.25) -> str:
     """One rank's measure_step against its MemoryPlan: static bytes exactly (unpadded numel and padded storage),
-    the activations saved at the end of forward and the micro-batch peak (allocator and RSS) within 25%.
+    the activations saved at the end of forward and the micro-batch peak (allocator and RSS) within `rel`.
     Returns the line for the test's report."""
     st = plan.static
     assert got["params"] == (st.param_numel * 4, st.params), label
@@ -178,7 +178,7 @@ def assert_memory_matches(got: dict, plan, label: str) -> str:
     working = plan.peak - st.total
     line = (f"{label}: forward end {got['saved']} vs {plan.forward_end}, peak {got['peak']} (RSS growth "
             f"{got['rss_growth']}) vs {working} ({plan.peak_phase})")  # fmt: skip
-    assert got["saved"] == pytest.approx(plan.forward_end, rel=0.25), line
-    assert got["peak"] == pytest.approx(working, rel=0.25), line
-    assert got["rss_growth"] == pytest.approx(working, rel=0.25), line
+    assert got["saved"] == pytest.approx(plan.forward_end, rel=rel), line
+    assert got["peak"] == pytest.approx(working, rel=rel), line
+    assert got["rss_growth"] == pytest.approx(working, rel=rel), line
     return line

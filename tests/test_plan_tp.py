@@ -160,7 +160,8 @@ def test_100b_at_seq_8192_fits_with_tp():
 
 def test_sequence_parallel_loop_inputs():
     """Under AC 'loop' a gradient iteration keeps its fp32 input h and EP's two all-to-all outputs: sequence
-    parallelism leaves each tp rank seq_len / tp tokens of both."""
+    parallelism leaves each tp rank seq_len / tp tokens of both. The selective policy also keeps the iteration's TP
+    region collectives (attention and shared experts): each gathered input whole, each reduce-scattered output 1 / tp."""
     cfg = load_config(DEBUG, ["--parallel.tp=2"])
     per_step = {}
     for tp in (1, 2):
@@ -169,8 +170,9 @@ def test_sequence_parallel_loop_inputs():
         per_step[tp] = (b - a) / 2
     tokens = cfg.train.micro_batch_size * cfg.train.seq_len
     D, k = cfg.model.dim, cfg.model.n_experts_per_tok
+    assert cfg.model.n_shared_experts and cfg.parallel.param_dtype in ("auto", "float32")  # 2 regions, fp32 on CPU
     assert per_step[1] == tokens * (D + 2 * k * D) * 4
-    assert per_step[2] == per_step[1] / 2
+    assert per_step[2] == per_step[1] / 2 + 2 * tokens * (D + D / 2) * 4
 
 
 # --------------------------------------------------------------------------- against real TP steps
@@ -194,17 +196,24 @@ TP_CASES = {  # world -> (name, cfg, n_nograd, n_grad): the head's peak, the loo
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_plan_matches_tp_step(world: int, monkeypatch):
-    """Per rank, the runtime's TP (parallel/ today: no sequence parallelism, routed experts replicated over tp, EP on
-    data ranks) against the planner's `tp_replicated` layout: static bytes exactly, activations saved and the
-    micro-batch peak (allocator and RSS) within test_plan.py's 25%. The planned layout (sequence parallel, TP
-    folded into EP) is not what runs yet: it put 2.58 MB of parameters on a rank that holds 3.37 MB (tp 2)."""
+    """Per rank, a real TP step (sequence parallel, TP folded into EP) against the plan: static bytes exactly,
+    activations saved and the micro-batch peak (allocator and RSS) within test_plan.py's 25%. Failed before the
+    planner counted the loop's kept TP collectives (AC 'loop': saved 5.26 MB measured, 4.37 planned) and before
+    the runtime had SP (params 3.37 MB measured per rank at tp 2, 2.58 MB planned)."""
     for key, value in RSS_ENV.items():
         monkeypatch.setenv(key, value)
     cases = TP_CASES[world]
     measured = run_distributed(measure_cases, world, [case[1:] for case in cases], timeout=600)
+    # ep 2 x tp 2: 64 tokens per rank routed over 4 ranks, whose activations measured -22% .. +20% of the plan
+    # (uniform routing); their mean is within 2%, asserted within 10%.
+    rel = 0.3 if world == 4 else 0.25
     report = []
     for i, (name, cfg, n, k) in enumerate(cases):
+        peaks, planned = [], []
         for rank in range(world):
-            plan = memory_plan(cfg, world, rank, device="cpu", n_grad=k, n_nograd=n, tp_replicated=True)
-            report.append(assert_memory_matches(measured[rank][i], plan, f"{name} w{world} r{rank}"))
+            plan = memory_plan(cfg, world, rank, device="cpu", n_grad=k, n_nograd=n)
+            report.append(assert_memory_matches(measured[rank][i], plan, f"{name} w{world} r{rank}", rel))
+            peaks.append(measured[rank][i]["peak"])
+            planned.append(plan.peak - plan.static.total)
+        assert sum(peaks) == pytest.approx(sum(planned), rel=0.1), (name, peaks, planned)
     print("\n".join(report))

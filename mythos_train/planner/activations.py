@@ -127,16 +127,6 @@ def gathered_step_bytes(m: ModelConfig, act_bytes: int, cpu: bool) -> tuple[int,
     return ffn + router, ffn
 
 
-def split_step_bytes(m: ModelConfig, act_bytes: int, cpu: bool, shared_chunks: int) -> tuple[int, int]:
-    """(loop step, dense block) per-token bytes TP splits when nothing runs sequence-parallel (`replicated`): the
-    heads' tensors (attention less its norm and gathered part), the FFN's and the untiled shared experts' SwiGLU."""
-    heads = (
-        attention_bytes(m, act_bytes, cpu) - _norm(m.dim, act_bytes, cpu) - gathered_attention_bytes(m, act_bytes, cpu)
-    )
-    shared = 4 * m.shared_expert_dim * act_bytes if shared_chunks == 1 else 0
-    return heads + shared, heads + 4 * m.ffn_dim * act_bytes
-
-
 def head_bytes(m: ModelConfig, act_bytes: int, cpu: bool) -> int:
     """Per-token bytes of the final norm, the tied head's logits (kept by the caller) and the log-softmax."""
     norm_input_output_logits = (2 * m.dim + m.vocab_size) * act_bytes
@@ -167,7 +157,6 @@ def micro_batch_activations(
     keep_all_to_all: bool = True,
     shared_chunks: int = 1,
     tp: int = 1,
-    replicated: bool = False,
 ) -> ActivationMemory:
     """Activation bytes of `tokens` tokens (micro_batch_size * seq_len) at backprop depth `n_grad`.
 
@@ -182,8 +171,9 @@ def micro_batch_activations(
       dense  prelude inputs + logits + one prelude block (recomputed under 'full') + its SwiGLU gradients
       loop_reduce  prelude + logits once the loop's backward is done (its unit's reduce-scatter copy-in)
     Under tp each moment is (all of it + (tp - 1) x its gathered part) / tp: the gathered part is held whole.
-    `replicated`: TP as parallel/ builds it today, without sequence parallelism: each moment is all of it less
-    (tp - 1) / tp of its split part (heads, FFN and shared hidden units, vocabulary; `split_step_bytes`).
+    Under TP, AC 'loop' / 'full' (keep_all_to_all) also keeps each gradient iteration's TP region collectives
+    (its selective policy saves every `wait_tensor` output, parallel/activation_checkpoint.py): per region
+    (attention, shared experts) the gathered input [tokens, D] and the reduce-scattered output [tokens / tp, D].
     """
     step, dense, head = (
         loop_step_bytes(m, act_bytes, cpu, ep, shared_chunks),
@@ -232,16 +222,19 @@ def micro_batch_activations(
     # torch's loss_parallel builds the logits' gradient as (zeros with -1 scattered + exp(log-softmax)) * grad:
     # three [tokens, V] fp32 at once (before the split), one more than the plain cross-entropy's backward
     phases["head"] += FP32 * m.vocab_size * tokens
-    if replicated:
-        return _replicated_per_rank(m, tokens, n_grad, policy, act_bytes, cpu, shared_chunks, tp, saved, phases, step)
+    regions = 2 if m.n_shared_experts else 1
+    kept = n_grad * regions * m.dim * act_bytes if recompute and keep_all_to_all else 0  # gathered, per token
+    saved += 2 * kept  # + the reduce-scattered outputs: as much in all, 1 / tp of it per rank (below)
+    for phase in ("head", "head_grad", "loop"):
+        phases[phase] += 2 * kept * tokens
     g_step, g_dense = gathered_step_bytes(m, act_bytes, cpu)
     g_pre, g_coda = (m.prelude_layers * g_dense, m.coda_layers * g_dense) if policy != "full" else (0, 0)
     g_loop = n_grad * g_step if policy == "none" else 0
-    g_saved = g_pre + g_loop + g_coda + m.dim * act_bytes  # the head's gathered input
+    g_saved = g_pre + g_loop + kept + g_coda + m.dim * act_bytes  # the head's gathered input
     gathered = {
         "head": g_saved,
         "head_grad": g_saved,
-        "loop": g_pre + g_loop + (g_step if recompute else 0),
+        "loop": g_pre + g_loop + kept + (g_step if recompute else 0),
         "dense": g_pre + (g_dense if policy == "full" else 0) if m.prelude_layers else 0,
         "loop_reduce": g_pre,
     }
@@ -253,47 +246,4 @@ def micro_batch_activations(
         per_rank(saved * tokens, g_saved),
         {phase: per_rank(held, gathered[phase]) for phase, held in phases.items()},
         per_rank(step * tokens, g_step),
-    )
-
-
-def _replicated_per_rank(
-    m: ModelConfig,
-    tokens: int,
-    n_grad: int,
-    policy: str,
-    act_bytes: int,
-    cpu: bool,
-    shared_chunks: int,
-    tp: int,
-    saved: int,
-    phases: dict[str, int],
-    step: int,
-) -> ActivationMemory:
-    """`micro_batch_activations` under TP without sequence parallelism: per rank, less (tp - 1) / tp of the split part."""
-    s_step, s_dense = split_step_bytes(m, act_bytes, cpu, shared_chunks)
-    s_pre, s_coda = (m.prelude_layers * s_dense, m.coda_layers * s_dense) if policy != "full" else (0, 0)
-    s_loop = n_grad * s_step if policy == "none" else 0
-    logits, log_softmax = m.vocab_size * act_bytes, m.vocab_size * FP32
-    s_saved = s_pre + s_loop + s_coda + logits + log_softmax
-    s_chunk = 6 * m.shared_expert_dim * act_bytes // shared_chunks if shared_chunks > 1 else 0
-    split = {
-        "head": s_saved + 3 * FP32 * m.vocab_size,  # loss_parallel's backward (micro_batch_activations)
-        "head_grad": s_saved - log_softmax + logits,
-        "loop": s_pre + s_loop + logits + (s_step if policy != "none" else 0) + s_chunk,
-        "dense": s_pre + logits + (s_dense if policy == "full" else 0) + 2 * m.ffn_dim * act_bytes
-        if m.prelude_layers
-        else 0,
-        "loop_reduce": s_pre + logits,
-    }
-    split = {phase: held * tokens for phase, held in split.items()}
-    if shared_chunks > 1:  # the chunk's weight gradients (micro_batch_activations) are split too
-        split["loop"] += 2 * m.dim * m.shared_expert_dim * act_bytes
-
-    def per_rank(total: int, split_part: int) -> int:
-        return total - split_part * (tp - 1) // tp
-
-    return ActivationMemory(
-        per_rank(saved * tokens, s_saved * tokens),
-        {phase: per_rank(held, split[phase]) for phase, held in phases.items()},
-        per_rank(step * tokens, s_step * tokens),
     )

@@ -77,16 +77,13 @@ def memory_plan(
     device: str = "cuda",
     n_grad: int | None = None,
     n_nograd: int | None = None,
-    tp_replicated: bool = False,
 ) -> MemoryPlan:
     """Per-rank memory of `cfg` on `world_size` ranks (rank 0 holds the most: FSDP pads the last shards).
 
     Depth defaults to the worst the sampler draws: k = backprop_depth, with a gradient-free prefix whenever
-    max_depth > backprop_depth. `device` picks 'auto' dtypes and the RMSNorm kernel (fused on CUDA).
-    tp_replicated: TP as parallel/ builds it today (no sequence parallelism, routed experts replicated over tp),
-    not the planned layout (docs/design.md)."""
+    max_depth > backprop_depth. `device` picks 'auto' dtypes and the RMSNorm kernel (fused on CUDA)."""
     t, p = cfg.train, cfg.parallel
-    sizes = tp_mesh_sizes(p, world_size, tp_replicated)
+    sizes = tp_mesh_sizes(p, world_size)
     params, buffers, parallel_plan = _model_parameters(cfg)
     units = unit_sizes(params, sizes, parallel_plan)
     dtype = resolve_param_dtype(p.param_dtype, device)
@@ -96,7 +93,7 @@ def memory_plan(
     tokens = t.micro_batch_size * t.seq_len
     acts = micro_batch_activations(
         cfg.model, tokens, n_grad, n_nograd, p.activation_checkpoint, param_bytes, device != "cuda", sizes["ep"], not p.reshard_per_iteration,
-        p.shared_expert_chunks, p.tp, tp_replicated,
+        p.shared_expert_chunks, p.tp,
     )  # fmt: skip
     working = working_memory(
         acts.phases, units, param_bytes, p.activation_checkpoint, sizes, DTYPE_BYTES[p.reduce_dtype]

@@ -36,9 +36,8 @@ def tp_split_dim(name: str, tensor_parallel: dict[str, str]) -> int | None:
     return SPLIT_DIM.get(tensor_parallel.get(module, ""))
 
 
-def tp_mesh_sizes(parallel: ParallelConfig, world_size: int, replicated: bool = False) -> dict[str, int]:
-    """config.mesh_sizes of the world_size / tp data ranks, plus 'tp'; 'ep' is then the experts' group, ep x tp
-    (`replicated`, TP as parallel/ builds it today: ep data ranks, the routed experts replicated over tp).
+def tp_mesh_sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
+    """config.mesh_sizes of the world_size / tp data ranks, plus 'tp'; 'ep' is then the experts' group, ep x tp.
 
     tp 1 returns mesh_sizes without a 'tp' entry, so plans without TP read (and serialize) as they did."""
     tp = parallel.tp
@@ -47,7 +46,7 @@ def tp_mesh_sizes(parallel: ParallelConfig, world_size: int, replicated: bool = 
     if tp < 1 or world_size % tp:
         raise ConfigError(f"parallel.tp ({tp}) must be >= 1 and divide the world size ({world_size})")
     sizes = mesh_sizes(dataclasses.replace(parallel, tp=1), world_size // tp)  # the data ranks' mesh
-    return {**sizes, "ep": sizes["ep"] * (1 if replicated else tp), "tp": tp}
+    return {**sizes, "ep": sizes["ep"] * tp, "tp": tp}
 
 
 def check_tp(cfg: JobConfig, gpus_per_node: int) -> None:
