@@ -472,7 +472,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     _check(
         not (parallel.compile and parallel.tp > 1),
         f"parallel.compile with parallel.tp ({parallel.tp}) > 1 is not supported yet: on torch 2.13 compiled blocks "
-        "under sequence parallelism return NaN input gradients (docs/design.md, Tensor parallelism); set "
+        "under sequence parallelism gave wrong gradients (docs/design.md, Tensor parallelism); set "
         "parallel.compile = false",
     )
     _check(
