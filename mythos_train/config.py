@@ -470,12 +470,6 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         f"({parallel.tp}): the tp ranks are folded into expert parallelism",
     )
     _check(
-        not (parallel.compile and parallel.tp > 1),
-        f"parallel.compile with parallel.tp ({parallel.tp}) > 1 is not supported yet: on torch 2.13 compiled blocks "
-        "under sequence parallelism gave wrong gradients (docs/design.md, Tensor parallelism); set "
-        "parallel.compile = false",
-    )
-    _check(
         train.steps >= 0 and train.seq_len > 0 and train.micro_batch_size > 0 and train.grad_accum_steps > 0,
         "train.steps, seq_len, micro_batch_size, grad_accum_steps must be positive",
     )

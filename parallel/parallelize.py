@@ -31,6 +31,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> Callable | None:
         shared_expert_chunks=parallel.shared_expert_chunks,
     )
     if parallel.compile:
-        apply_compile(model, compile_experts=compute_dtype == torch.bfloat16, expert_parallel=dims.ep_enabled)
+        apply_compile(
+            model,
+            compile_experts=compute_dtype == torch.bfloat16,
+            expert_parallel=dims.ep_enabled,
+            tensor_parallel=dims.tp_enabled,
+        )
     apply_fsdp(model, dims, parallel)
     return wrap_iteration

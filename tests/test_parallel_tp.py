@@ -114,8 +114,6 @@ def test_tp_sizes_must_divide_split_widths():
     cfg.model.dense_ffn_dim = 48
     with pytest.raises(ConfigError, match="model.n_kv_heads .2. must be divisible by parallel.tp .4."):
         validate(cfg, 4)
-    with pytest.raises(ConfigError, match="parallel.compile with parallel.tp"):
-        validate(tp_config("gqa", tp=2, compile=True), 2)
     cfg = tp_config("gqa", tp=3)
     with pytest.raises(ConfigError, match="model.n_heads .4. must be divisible by parallel.tp .3."):
         validate(cfg, 3)

@@ -254,8 +254,7 @@ def _divisors(n: int) -> list[int]:
 def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tuple[dict[str, object], int]]:
     """(parallel/train field changes, node count) pairs: AC policy, micro-batch and, as a last resort, sequence
     length (both keep the tokens per step through more accumulation), EP degree, reshard-per-iteration, tiled
-    shared experts, HSDP across nodes, tensor parallelism inside a node (powers of two up to gpus_per_node; eager, as
-    compile is refused under TP), and 2x / 4x / 8x the nodes."""
+    shared experts, HSDP across nodes, tensor parallelism inside a node (powers of two up to gpus_per_node), and 2x / 4x / 8x the nodes."""
     t, m = cfg.train, cfg.model
     # 8 chunks: the shared SwiGLU's backward share drops 8x, for one more shared forward per gradient iteration
     chunk_options = (
@@ -283,8 +282,6 @@ def candidate_changes(cfg: JobConfig, nodes: int, gpus_per_node: int) -> list[tu
                                 "train.micro_batch_size": micro, "train.seq_len": seq,
                                 "train.grad_accum_steps": t.grad_accum_steps * t.micro_batch_size * t.seq_len // (micro * seq),
                             }  # fmt: skip
-                            if tp > 1 and cfg.parallel.compile:  # not yet under TP (config.validate says why)
-                                change["parallel.compile"] = False
                             out.append((change, node_count))
     return out
 
