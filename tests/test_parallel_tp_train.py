@@ -62,6 +62,7 @@ def runs(tmp_path_factory):
     return tp1, tp2, resumed, back
 
 
+@pytest.mark.slow
 def test_loss_curve_equal_at_tp1_and_tp2(runs):
     tp1, tp2, *_ = runs
     assert len(tp1["losses"]) == STEPS
@@ -71,6 +72,7 @@ def test_loss_curve_equal_at_tp1_and_tp2(runs):
         assert rank["last_eval"] == pytest.approx(tp1["last_eval"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_checkpoints_reshard_from_tp2_to_tp1_and_back_with_the_data_stream_continuing(runs):
     tp1, _, resumed, back = runs
     for run in (resumed, *back):
