@@ -15,7 +15,6 @@ from test_parallel_fsdp_ep import (
     clip_and_step,
     full,
     global_batch,
-    lm_loss,
     parallel_and_reference,
     param_error,
     tiny_config,
@@ -53,9 +52,12 @@ class CountsSeen(RouterBiasBalancer):
 LOOP_OPTIONS = {"use_act": True, "injection": "parcae"}  # every sequence-local loop parameter (ACT, Parcae's W)
 
 
-def check_tp(rank: int, world: int, attn_type: str, overrides: dict, model: dict | None = None) -> dict:
+def check_tp(
+    rank: int, world: int, attn_type: str, overrides: dict, model: dict | None = None, documents: bool = False
+) -> dict:
     """Max errors of logits, loss, full grads, clipped norm, router bias and params after STEPS steps (router-bias
-    balancing on) vs the reference."""
+    balancing on) vs the reference; `documents`: with document masking (a document starts at every token id
+    divisible by 5, and at each window's start)."""
     cfg = tp_config(attn_type, **overrides)
     for key, value in (model or {}).items():
         setattr(cfg.model, key, value)
@@ -69,15 +71,18 @@ def check_tp(rank: int, world: int, attn_type: str, overrides: dict, model: dict
         n, k = sampler.sample(step)
         tokens = global_batch(step, dims.dp_size)
         mine = tokens.chunk(dims.dp_size)[dims.dp_rank]
+        docs = (lambda t: {"doc_starts": t[:, :-1] % 5 == 0}) if documents else (lambda t: {})
         with torch.no_grad():
-            logits, ref_logits = model(mine[:, :-1], n_nograd=n, n_grad=k), ref(mine[:, :-1], n_nograd=n, n_grad=k)
+            logits = model(mine[:, :-1], n_nograd=n, n_grad=k, **docs(mine))
+            ref_logits = ref(mine[:, :-1], n_nograd=n, n_grad=k, **docs(mine))
         err["logits"] = max(err["logits"], (full(logits) - ref_logits).abs().max().item())
         with loss_context(dims):  # vocabulary-parallel logits: torch's loss_parallel, forward and backward
-            logits = model(mine[:, :-1], n_nograd=n, n_grad=k, wrap_iteration=wrap)
+            logits = model(mine[:, :-1], n_nograd=n, n_grad=k, wrap_iteration=wrap, **docs(mine))
             loss = cross_entropy_sum(logits, mine[:, 1:]) / mine[:, 1:].numel()
             loss.backward()
         parallel.reduce_sequence_parallel_grads(model, dims)  # the loop's sequence-local parameters, over tp
-        ref_loss = lm_loss(ref, tokens, n, k)
+        ref_loss = cross_entropy_sum(ref(tokens[:, :-1], n_nograd=n, n_grad=k, **docs(tokens)), tokens[:, 1:])
+        ref_loss = ref_loss / tokens[:, 1:].numel()
         ref_loss.backward()
         for balancer in balancers:
             balancer.accumulate()
@@ -127,8 +132,12 @@ def check_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:
 @pytest.mark.slow
 def test_tp2_matches_one_process():
     """tp 2 alone (no FSDP sharding: dp_shard 1; experts over the 2 tp ranks): GQA with ACT and Parcae injection,
-    MLA, and MLA with the looped block's shared experts in 2 row chunks (each chunk through the TP styles)."""
-    cases = [("gqa", {"tp": 2}, LOOP_OPTIONS), ("mla", {"tp": 2}), ("mla", {"tp": 2, "shared_expert_chunks": 2})]
+    MLA with document masking, and MLA with the looped block's shared experts in 2 row chunks (each chunk through the TP styles)."""
+    cases = [
+        ("gqa", {"tp": 2}, LOOP_OPTIONS),
+        ("mla", {"tp": 2}, {}, True),
+        ("mla", {"tp": 2, "shared_expert_chunks": 2}),
+    ]
     results = run_distributed(check_cases, 2, cases, timeout=600)
     first = results[0][0]
     assert "Shard(dim=1)" in first["wo_placements"], first
