@@ -131,12 +131,13 @@ def check_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:
 
 @pytest.mark.slow
 def test_tp2_matches_one_process():
-    """tp 2 alone (no FSDP sharding: dp_shard 1; experts over the 2 tp ranks): GQA with ACT and Parcae injection,
-    MLA with document masking, and MLA with the looped block's shared experts in 2 row chunks (each chunk through the TP styles)."""
+    """tp 2 alone (no FSDP sharding: dp_shard 1; experts over the 2 tp ranks): GQA with ACT, Parcae injection and
+    the looped block resharded per iteration, MLA with document masking, and MLA under AC 'full' with
+    the looped block's shared experts in 2 row chunks (each chunk through the TP styles)."""
     cases = [
-        ("gqa", {"tp": 2}, LOOP_OPTIONS),
+        ("gqa", {"tp": 2, "reshard_per_iteration": True}, LOOP_OPTIONS),
         ("mla", {"tp": 2}, {}, True),
-        ("mla", {"tp": 2, "shared_expert_chunks": 2}),
+        ("mla", {"tp": 2, "shared_expert_chunks": 2, "activation_checkpoint": "full"}),
     ]
     results = run_distributed(check_cases, 2, cases, timeout=600)
     first = results[0][0]
