@@ -304,17 +304,19 @@ class Trainer:
         return {f"data/{k}": v for k, v in stats.items()}
 
     def loop_telemetry(self) -> dict[str, float]:
-        """Loop statistics of the last micro-batch; expert loads summed over all ranks."""
+        """Loop statistics of the last micro-batch (under TP: of its whole sequence); expert loads summed over all ranks."""
         stats = self.model.recurrent.last_stats
         load = all_reduce_sum(stats.tokens_per_expert.clone())
-        scalars = loop_scalars(
-            stats.h_norm.cpu(),
-            load.cpu(),
-            float(stats.halting_depth_mean),
-            float(stats.halting_depth_max),
-            spectral_radius(self.model),
+        n = len(stats.h_norm)
+        means, depth_max = parallel.whole_sequence_stats(
+            torch.cat([stats.h_norm, stats.h_delta, stats.halting_depth_mean.reshape(1)]),
+            stats.halting_depth_max,
+            self.dims,
         )
-        scalars.update({f"loop/h_delta/iter_{t:02d}": v for t, v in enumerate(stats.h_delta.tolist())})
+        scalars = loop_scalars(
+            means[:n].cpu(), load.cpu(), float(means[-1]), float(depth_max), spectral_radius(self.model)
+        )
+        scalars.update({f"loop/h_delta/iter_{t:02d}": v for t, v in enumerate(means[n:-1].tolist())})
         return scalars
 
     def summary(self) -> str:

@@ -14,6 +14,7 @@ _EXPORTS = {
     "loss_context": "parallel.tensor_parallel",
     "parallelize": "parallel.parallelize",
     "reduce_sequence_parallel_grads": "parallel.tensor_parallel",
+    "whole_sequence_stats": "parallel.tensor_parallel",
 }
 __all__ = sorted(_EXPORTS)
 

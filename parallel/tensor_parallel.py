@@ -129,6 +129,18 @@ def reduce_sequence_parallel_grads(model: nn.Module, dims: ParallelDims | None) 
         g.copy_(summed)
 
 
+@torch.no_grad()
+def whole_sequence_stats(means: torch.Tensor, maxima: torch.Tensor, dims: ParallelDims | None):
+    """Statistics each tp rank took over its sequence slice -> the whole sequence's (means averaged over the equal
+    slices, maxima maxed), e.g. the loop's telemetry; unchanged without TP. Two small all-reduces over tp."""
+    if dims is None or not dims.tp_enabled:
+        return means, maxima
+    means, maxima = means.clone(), maxima.clone()
+    dist.all_reduce(means, group=dims.tp_mesh.get_group())
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=dims.tp_mesh.get_group())
+    return means / dims.tp, maxima
+
+
 def loss_context(dims: ParallelDims | None) -> AbstractContextManager:
     """Around a forward and its backward: vocabulary-parallel cross-entropy on Shard(-1) logits under TP.
 

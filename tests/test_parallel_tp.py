@@ -15,7 +15,6 @@ from test_parallel_fsdp_ep import (
     clip_and_step,
     full,
     global_batch,
-    lm_loss,
     parallel_and_reference,
     param_error,
     tiny_config,
@@ -27,6 +26,7 @@ from mythos_train.config import ConfigError, validate
 from mythos_train.depth import DepthSampler
 from mythos_train.loss import cross_entropy_sum
 from mythos_train.model import MythosModel
+from mythos_train.router_bias import RouterBiasBalancer
 from parallel import build_mesh, loss_context, parallelize
 
 STEPS = 3
@@ -41,26 +41,51 @@ def tp_config(attn_type: str, **parallel):
     return cfg
 
 
-def check_tp(rank: int, world: int, attn_type: str, overrides: dict) -> dict:
-    """Max errors of logits, loss, full grads, clipped norm and params after STEPS steps vs the reference."""
+class CountsSeen(RouterBiasBalancer):
+    """Keeps the expert counts of its last update (summed over the ranks) as `seen`."""
+
+    def reset(self) -> None:
+        self.seen = self.counts.clone()
+        super().reset()
+
+
+LOOP_OPTIONS = {"use_act": True, "injection": "parcae"}  # every sequence-local loop parameter (ACT, Parcae's W)
+
+
+def check_tp(
+    rank: int, world: int, attn_type: str, overrides: dict, model: dict | None = None, documents: bool = False
+) -> dict:
+    """Max errors of logits, loss, full grads, clipped norm, router bias and params after STEPS steps (router-bias
+    balancing on) vs the reference; `documents`: with document masking (a document starts at every token id
+    divisible by 5, and at each window's start)."""
     cfg = tp_config(attn_type, **overrides)
+    for key, value in (model or {}).items():
+        setattr(cfg.model, key, value)
     model, ref, dims, wrap, opt, ref_opt = parallel_and_reference(cfg, world)
+    balancers = CountsSeen(model, dims, rate=0.01), CountsSeen(ref, None, rate=0.01)
+    for balancer, optimizer in zip(balancers, (opt, ref_opt), strict=True):
+        balancer.attach(optimizer)  # the parallel one sums its counts over every rank (dp x tp slices)
     sampler = DepthSampler(cfg.train)
     err = {"logits": 0.0, "loss": 0.0, "grad": 0.0, "norm": 0.0, "param": 0.0}
     for step in range(STEPS):
         n, k = sampler.sample(step)
         tokens = global_batch(step, dims.dp_size)
         mine = tokens.chunk(dims.dp_size)[dims.dp_rank]
+        docs = (lambda t: {"doc_starts": t[:, :-1] % 5 == 0}) if documents else (lambda t: {})
         with torch.no_grad():
-            logits, ref_logits = model(mine[:, :-1], n_nograd=n, n_grad=k), ref(mine[:, :-1], n_nograd=n, n_grad=k)
+            logits = model(mine[:, :-1], n_nograd=n, n_grad=k, **docs(mine))
+            ref_logits = ref(mine[:, :-1], n_nograd=n, n_grad=k, **docs(mine))
         err["logits"] = max(err["logits"], (full(logits) - ref_logits).abs().max().item())
         with loss_context(dims):  # vocabulary-parallel logits: torch's loss_parallel, forward and backward
-            logits = model(mine[:, :-1], n_nograd=n, n_grad=k, wrap_iteration=wrap)
+            logits = model(mine[:, :-1], n_nograd=n, n_grad=k, wrap_iteration=wrap, **docs(mine))
             loss = cross_entropy_sum(logits, mine[:, 1:]) / mine[:, 1:].numel()
             loss.backward()
         parallel.reduce_sequence_parallel_grads(model, dims)  # the loop's sequence-local parameters, over tp
-        ref_loss = lm_loss(ref, tokens, n, k)
+        ref_loss = cross_entropy_sum(ref(tokens[:, :-1], n_nograd=n, n_grad=k, **docs(tokens)), tokens[:, 1:])
+        ref_loss = ref_loss / tokens[:, 1:].numel()
         ref_loss.backward()
+        for balancer in balancers:
+            balancer.accumulate()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)  # every tp rank holds its data-parallel slice's loss
         err["loss"] = max(err["loss"], abs(mean_loss.item() / world - ref_loss.item()))
@@ -73,6 +98,10 @@ def check_tp(rank: int, world: int, attn_type: str, overrides: dict) -> dict:
             if step == 0:
                 err["first_grad"] = max(err.get("first_grad", 0.0), grad_err)
         clip_and_step(model, ref, opt, ref_opt, dims, err)
+    routers = (m.recurrent.block.moe.router.expert_bias for m in (model, ref))
+    err["bias"] = (next(routers) - next(routers)).abs().max().item()
+    err["counts"] = (balancers[0].seen - balancers[1].seen).abs().max().item()
+    err["bias_moved"] = ref.recurrent.block.moe.router.expert_bias.abs().max().item()
     err["param"] = param_error(model, ref)
     with parallel.full_logits(model):  # generation reads whole-vocabulary logits
         prompt = global_batch(STEPS, 1)[:1, :3]  # odd: prefill and one-token decodes padded to tp tokens
@@ -92,21 +121,32 @@ def assert_close(errors: list[dict]) -> None:
         # sequence slices, reduce-scatters) differs: up to 1.3e-4 of a prelude weight's largest gradient at step 2
         assert err["first_grad"] < 1e-5 and err["grad"] < 3e-4, err
         assert err["norm"] < 1e-4 and err["param"] < 1e-4, err
+        assert err["counts"] == 0 and err["bias"] == 0 and err["bias_moved"] > 0, err  # balancing as at tp 1
 
 
-@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
-def test_tp2_matches_one_process(attn_type):
-    """tp 2 alone (no FSDP sharding: dp_shard 1), GQA and MLA."""
-    errors = run_distributed(check_tp, 2, attn_type, {"tp": 2}, timeout=600)
-    assert "Shard(dim=1)" in errors[0]["wo_placements"], errors[0]
-    assert "Shard(dim=2)" in errors[0]["logits_placements"], errors[0]  # vocabulary-parallel logits
-    assert "Shard(dim=0)" in errors[0]["embedding_placements"], errors[0]
-    assert_close(errors)
+def check_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:
+    """`check_tp` for each case in one set of processes (start-up is the slow part)."""
+    return [check_tp(rank, world, *case) for case in cases]
 
 
-def test_tp2_tiled_shared_experts():
-    """tp 2 with the looped block's shared experts run in 2 row chunks (each chunk through the TP styles)."""
-    assert_close(run_distributed(check_tp, 2, "mla", {"tp": 2, "shared_expert_chunks": 2}))
+@pytest.mark.slow
+def test_tp2_matches_one_process():
+    """tp 2 alone (no FSDP sharding: dp_shard 1; experts over the 2 tp ranks): GQA with ACT, Parcae injection and
+    the looped block resharded per iteration, MLA with document masking, and MLA under AC 'full' with
+    the looped block's shared experts in 2 row chunks (each chunk through the TP styles)."""
+    cases = [
+        ("gqa", {"tp": 2, "reshard_per_iteration": True}, LOOP_OPTIONS),
+        ("mla", {"tp": 2}, {}, True),
+        ("mla", {"tp": 2, "shared_expert_chunks": 2, "activation_checkpoint": "full"}),
+    ]
+    results = run_distributed(check_cases, 2, cases, timeout=600)
+    first = results[0][0]
+    assert "Shard(dim=1)" in first["wo_placements"], first
+    assert "Shard(dim=2)" in first["logits_placements"], first  # vocabulary-parallel logits
+    assert "Shard(dim=0)" in first["embedding_placements"], first
+    assert first["experts"] == ("ExpertParallel", 2), first  # tp ranks folded into EP
+    for errors in zip(*results, strict=True):
+        assert_close(errors)
 
 
 def test_tp_sizes_must_divide_split_widths():
@@ -130,12 +170,15 @@ def test_tp_sizes_must_divide_split_widths():
         validate(cfg, 2)
 
 
-@pytest.mark.parametrize("attn_type,ep", [("gqa", 1), ("mla", 2)])
-def test_fsdp2_x_tp2_matches_one_process(attn_type, ep):
-    """4 processes, dp_shard 2 x tp 2 (FSDP2 over 2D DTensors), without and with expert parallelism (ep 2)."""
-    errors = run_distributed(check_tp, 4, attn_type, {"tp": 2, "ep": ep}, timeout=900)
-    assert errors[0]["experts"] == ("ExpertParallel", ep * 2), errors[0]  # tp ranks folded into EP
-    assert_close(errors)
+@pytest.mark.slow
+def test_fsdp2_x_tp2_matches_one_process():
+    """4 processes, dp_shard 2 x tp 2 (FSDP2 over 2D DTensors): GQA with experts over the tp ranks (ep 1), MLA
+    with ep 2 (experts over ep x tp = 4 ranks)."""
+    cases = [("gqa", {"tp": 2, "ep": 1}, LOOP_OPTIONS), ("mla", {"tp": 2, "ep": 2})]
+    results = run_distributed(check_cases, 4, cases, timeout=900)
+    assert [case["experts"] for case in results[0]] == [("ExpertParallel", 2), ("ExpertParallel", 4)], results[0]
+    for errors in zip(*results, strict=True):
+        assert_close(errors)
 
 
 class DTensorCollectiveCounter(CollectiveCounter):
@@ -175,6 +218,7 @@ def count_by_depth(rank: int, world: int, overrides: dict) -> dict:
     return counts
 
 
+@pytest.mark.slow
 def test_tp_collectives_per_loop_iteration():
     """fsdp 2 x tp 2 (experts over ep x tp = 2 ranks), per-loop AC: each loop iteration adds a fixed number of TP
     and EP collectives; FSDP's, and the loop's one tp gradient bucket, stay per step.

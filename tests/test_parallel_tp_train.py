@@ -41,7 +41,8 @@ def train_job(rank: int, world: int, config: str, overrides: list[str]) -> dict:
         trainer.train()
         head = trainer.model.tok_embeddings.weight
         return {"losses": losses, "loader": trainer.data_loader.state_dict(), "last_eval": trainer.last_eval,
-                "tp": trainer.dims.tp, "embedding": str(getattr(head, "placements", "plain"))}  # fmt: skip
+                "tp": trainer.dims.tp, "embedding": str(getattr(head, "placements", "plain")),
+                "telemetry": trainer.loop_telemetry()}  # fmt: skip
     finally:
         trainer.close()
 
@@ -62,6 +63,7 @@ def runs(tmp_path_factory):
     return tp1, tp2, resumed, back
 
 
+@pytest.mark.slow
 def test_loss_curve_equal_at_tp1_and_tp2(runs):
     tp1, tp2, *_ = runs
     assert len(tp1["losses"]) == STEPS
@@ -69,8 +71,10 @@ def test_loss_curve_equal_at_tp1_and_tp2(runs):
     for rank in tp2:
         assert rank["losses"] == pytest.approx(tp1["losses"], rel=1e-4), (tp1["losses"], rank["losses"])
         assert rank["last_eval"] == pytest.approx(tp1["last_eval"], rel=1e-4)
+        assert rank["telemetry"] == pytest.approx(tp1["telemetry"], rel=1e-4)  # the whole sequence's, not a slice's
 
 
+@pytest.mark.slow
 def test_checkpoints_reshard_from_tp2_to_tp1_and_back_with_the_data_stream_continuing(runs):
     tp1, _, resumed, back = runs
     for run in (resumed, *back):
