@@ -71,3 +71,12 @@ def test_too_many_variables_is_a_config_error():
     cfg = load_config(CANARY_TOML, ["--canary.train_hops=6", "--canary.distractor_chains=3"])
     with pytest.raises(ConfigError, match="26 letters"):
         validate(cfg, 1)
+
+
+def test_canary_text_inside_the_prepared_folder_is_a_config_error():
+    cfg = load_config(CANARY_TOML, ["--canary.dir=data/canary/text", "--data.prepared_dir=data/canary"])
+    with pytest.raises(
+        ConfigError, match=r"canary.dir \(data/canary/text\) is inside data.prepared_dir \(data/canary\)"
+    ):
+        validate(cfg, 1)
+    validate(load_config(CANARY_TOML, ["--canary.dir=data/canary_text", "--data.prepared_dir=data/canary"]), 1)
