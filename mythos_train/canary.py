@@ -7,7 +7,8 @@ A program is one line of Python, interleaved chains of single-letter variables, 
 The queried chain has exactly `hops` assignments (1 = copy the digit); the distractor chains have 1..train_hops.
 Every variable is assigned once, so no shorter path to the answer exists. Everything up to the answer marker
 `#>` is the prompt (a comment, so the whole line still runs), the digit after it the answer; data.loss_mask =
-"answers" trains on the answer only. Train programs have d <= train_hops; evaluation programs cover d = 1 ..
+"answers" trains on the answer only. With canary.queries > 1 a training program asks more queries after the
+first (`#>4 ; print ( x ) #>7`; data.answer_end = " ;" ends each answer), each its own supervised answer. Train programs have d <= train_hops; evaluation programs cover d = 1 ..
 2 * train_hops with a different seed, and any that also occur in the training text are dropped (disjoint).
 """
 
@@ -36,14 +37,19 @@ class Program:
     "What print() writes: the digit at the start of the queried chain."
     hops: int
     "Assignments on the path from the queried variable to the digit."
+    more: str = ""
+    "Further queries of the same program, each with its answer (training text only, canary.queries > 1)."
 
     @property
     def text(self) -> str:
-        return self.prompt + self.answer
+        return self.prompt + self.answer + self.more
 
 
-def make_program(rng: random.Random, hops: int, distractor_chains: int, max_distractor_hops: int) -> Program:
-    """One program whose query needs exactly `hops` hops, among `distractor_chains` chains of 1..max hops."""
+def make_program(
+    rng: random.Random, hops: int, distractor_chains: int, max_distractor_hops: int, queries: int = 1
+) -> Program:
+    """One program whose query needs exactly `hops` hops, among `distractor_chains` chains of 1..max hops; then
+    queries - 1 more queries of the last variable of a random chain (more answers per token of program)."""
     lengths = [hops] + [rng.randint(1, max_distractor_hops) for _ in range(distractor_chains)]
     if sum(lengths) > len(string.ascii_lowercase):
         raise ValueError(f"{sum(lengths)} variables do not fit in {len(string.ascii_lowercase)} letters")
@@ -61,7 +67,9 @@ def make_program(rng: random.Random, hops: int, distractor_chains: int, max_dist
         done[c] += 1
     # "pass" first: every variable is then preceded by a space and always tokenized the same way.
     prompt = " ; ".join(["pass", *statements]) + f" ; print ( {chains[0][-1]} ) {ANSWER_MARKER}"
-    return Program(prompt, str(values[0]), hops)
+    more = [rng.randrange(len(chains)) for _ in range(queries - 1)]
+    more_text = "".join(f" ; print ( {chains[c][-1]} ) {ANSWER_MARKER}{values[c]}" for c in more)
+    return Program(prompt, str(values[0]), hops, more_text)
 
 
 def training_programs(cfg: JobConfig) -> list[Program]:
@@ -69,7 +77,8 @@ def training_programs(cfg: JobConfig) -> list[Program]:
     c = cfg.canary
     rng = random.Random(c.seed)
     return [
-        make_program(rng, rng.randint(1, c.train_hops), c.distractor_chains, c.train_hops) for _ in range(c.programs)
+        make_program(rng, rng.randint(1, c.train_hops), c.distractor_chains, c.train_hops, c.queries)
+        for _ in range(c.programs)
     ]
 
 
