@@ -237,7 +237,7 @@ class CanaryConfig:
     distractor_chains: int = 2
     "Chains besides the queried one in every program, each 1..train_hops assignments long."
     queries: int = 1
-    "print queries per training program, each with its answer: the first needs exactly d hops, the others ask for the last variable of a random chain (more supervised tokens per window; needs data.answer_end = ' ;' so each answer ends at the next query). Evaluation programs ask one."
+    "print queries per training program, each with its answer: the first needs exactly d hops, the others ask for distinct other variables of the program (more supervised tokens per window; needs data.answer_end = ';' so each answer ends at the next query). Evaluation programs ask one."
     eval_programs: int = 64
     "Evaluation programs per hop count (divided among the data-parallel ranks)."
     seed: int = 0

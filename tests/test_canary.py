@@ -33,7 +33,7 @@ def _hops(program: str) -> int:
             name, value = (x.strip() for x in s.split("="))
             assert name not in assigned, f"{name} assigned twice in {program!r}"
             assigned[name] = value
-    name, hops = statements[-1].removeprefix("print (").removesuffix(")").strip(), 0
+    name, hops = statements[-1].removeprefix("print(").removesuffix(")").strip(), 0
     while not name.isdigit():
         name, hops = assigned[name], hops + 1
     return hops
@@ -55,12 +55,13 @@ def test_every_query_of_a_multi_query_program_is_answered_as_python_prints():
     rng = random.Random(7)
     for _ in range(100):
         program = make_program(rng, 3, distractor_chains=2, max_distractor_hops=4, queries=5)
-        assignments = program.text.split(" ; print")[0]
-        queries = re.findall(r"print \( (\w) \) #>(\d)", program.text)
+        assignments = program.text.split(";print")[0]
+        queries = re.findall(r"print\((\w)\)#>(\d)", program.text)
         assert len(queries) == 5 and program.text.count(ANSWER_MARKER) == 5 and _hops(program.prompt) == 3
-        assert queries[0][1] == program.answer and program.text.startswith(program.prompt + program.answer + " ; ")
+        assert len({name for name, _ in queries}) == 5
+        assert queries[0][1] == program.answer and program.text.startswith(program.prompt + program.answer + ";")
         for name, answer in queries:
-            assert _run(f"{assignments} ; print ( {name} )") == answer
+            assert _run(f"{assignments};print({name})") == answer
 
 
 def test_canary_command_writes_disjoint_splits_and_prepares_them(tmp_path):

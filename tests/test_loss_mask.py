@@ -63,7 +63,8 @@ def test_answer_end_piece_closes_each_answer_like_a_state_machine():
 
 @pytest.fixture(scope="module")
 def canary(tmp_path_factory):
-    return prepare_canary(tmp_path_factory.mktemp("canary"))
+    """One query per program, answers closed by the eos only."""
+    return prepare_canary(tmp_path_factory.mktemp("canary"), "--canary.queries=1", "--data.answer_end=")
 
 
 def test_loader_masks_all_but_the_answer_and_its_eos(canary):
@@ -84,9 +85,9 @@ def test_loader_masks_all_but_the_answer_and_its_eos(canary):
 
 
 def test_loader_with_several_queries_counts_every_answer_and_its_end(tmp_path):
-    """canary.queries = 3 with data.answer_end = ' ;': every whole program gives three answers, each followed by
+    """canary.queries = 3 with data.answer_end = ';': every whole program gives three answers, each followed by
     the end piece or (the last) the eos; nothing of the queries' prompts counts."""
-    cfg = prepare_canary(tmp_path, "--canary.queries=3", "--data.answer_end= ;")
+    cfg = prepare_canary(tmp_path, "--canary.queries=3", "--data.answer_end=;")
     loader = build_loader(
         cfg.data, split="train", seq_len=64, micro_batch_size=8, grad_accum_steps=1, dp_rank=0, dp_world_size=1
     )
@@ -101,7 +102,7 @@ def test_loader_with_several_queries_counts_every_answer_and_its_end(tmp_path):
         first_eos = pieces.index("</s>") if "</s>" in pieces else len(pieces)  # whole programs start after it
         expected = [labels[i] for i, p in enumerate(pieces) if p == "#>" and i > first_eos]
         assert counted[0::2] == expected and all(p.isdigit() for p in expected)
-        assert set(counted[1::2]) <= {"▁;", "</s>"} and counted[1::2].count("</s>") <= counted[1::2].count("▁;")
+        assert set(counted[1::2]) <= {";", "</s>"} and counted[1::2].count("</s>") <= counted[1::2].count(";")
     loader.close()
 
 
@@ -136,12 +137,12 @@ def test_mixture_batches_carry_the_answer_mask(canary):
     machine's over its tokens (a mixture of the canary data with itself, so every window has answers)."""
     from dataclasses import replace
 
-    from data_pipeline.loader import _answer_id
+    from data_pipeline.loader import answer_ids
     from data_pipeline.tokenizer import load_tokenizer, tokenizer_path
 
     prepared = canary.data.prepared_dir
     mixture = replace(canary.data, mixture=[f"a=1:{prepared}", f"b=1:{prepared}"], mixture_block=8)
-    eos, marker = load_tokenizer(tokenizer_path(canary.data)).eos_id(), _answer_id(canary.data, tokenizer_path(mixture))
+    eos, marker = load_tokenizer(tokenizer_path(canary.data)).eos_id(), answer_ids(canary.data, tokenizer_path(mixture))[0]
     loader = build_loader(
         mixture, split="train", seq_len=64, micro_batch_size=4, grad_accum_steps=1, dp_rank=0, dp_world_size=1
     )
