@@ -142,7 +142,10 @@ def test_mixture_batches_carry_the_answer_mask(canary):
 
     prepared = canary.data.prepared_dir
     mixture = replace(canary.data, mixture=[f"a=1:{prepared}", f"b=1:{prepared}"], mixture_block=8)
-    eos, marker = load_tokenizer(tokenizer_path(canary.data)).eos_id(), answer_ids(canary.data, tokenizer_path(mixture))[0]
+    eos, marker = (
+        load_tokenizer(tokenizer_path(canary.data)).eos_id(),
+        answer_ids(canary.data, tokenizer_path(mixture))[0],
+    )
     loader = build_loader(
         mixture, split="train", seq_len=64, micro_batch_size=4, grad_accum_steps=1, dp_rank=0, dp_world_size=1
     )
