@@ -61,6 +61,10 @@ class DataConfig:
     "Which next-token labels count in the loss: 'all', or 'answers': only the tokens after data.answer_marker up to and including the document's eos, in documents that start inside the window (a prompt whose start was cut off has no answer to learn). Batches then carry loss_mask (BoolTensor[B, S])."
     answer_marker: str = ""
     "Text that ends a prompt (loss_mask = 'answers'); prepare registers it with the tokenizer it trains as one piece."
+    user_symbols: list[str] = field(default_factory=list)
+    "Texts the trained tokenizer keeps as one piece wherever they occur (registered like answer_marker; the canary command sets its statements here)."
+    answer_end: str = ""
+    "Text that ends an answer besides the eos (loss_mask = 'answers'; one tokenizer piece, e.g. ';'), so one document can hold several prompts and answers; '' = answers end at the eos."
     return_window_ids: bool = False
     "Add window_ids (LongTensor[B]) to every batch (source_kind prepared/tokens; for tests and debugging)."
 

@@ -73,10 +73,10 @@ class WindowLoader:
         dp_rank: int,
         dp_world_size: int,
         eos_id: int,
-        answer_id: int | None = None,
+        answer_ids: tuple[int, int | None] | None = None,
     ):
         self.cfg, self.stream, self.split, self.seq_len = cfg, stream, split, seq_len
-        self.answer_id = answer_id
+        self.answer_ids = answer_ids
         self.first_window, self.num_windows, self.eos_id = first_window, num_windows, eos_id
         self.micro_batch_size, self.dp_rank, self.dp_world_size = micro_batch_size, dp_rank, dp_world_size
         self.global_batch_windows = micro_batch_size * grad_accum_steps * dp_world_size
@@ -122,7 +122,7 @@ class WindowLoader:
             eos_id=self.eos_id,
             doc_starts=self.cfg.return_doc_boundaries,
             window_ids=self.cfg.return_window_ids,
-            answer_id=self.answer_id,
+            answer_ids=self.answer_ids,
         )
 
     def close(self) -> None:
@@ -287,15 +287,22 @@ def _check_tokenizer(cfg: DataConfig, path: str) -> int:
     return sp.eos_id()
 
 
-def _answer_id(cfg: DataConfig, path: str) -> int:
-    """The one piece data.answer_marker is, in the tokenizer at `path` (prepare registers it)."""
+def answer_ids(cfg: DataConfig, path: str) -> tuple[int, int | None] | None:
+    """The pieces data.answer_marker (prepare registers it) and data.answer_end (None when unset) are, in the
+    tokenizer at `path`; None without data.loss_mask = 'answers'."""
+    if cfg.loss_mask != "answers":
+        return None
     sp = load_tokenizer(path)
     if sp.encode(cfg.answer_marker) != [piece := sp.piece_to_id(cfg.answer_marker)] or sp.is_unknown(piece):
         raise DataError(
             f"tokenizer {path} has no single piece for data.answer_marker {cfg.answer_marker!r} "
             f"(prepare again with it set, so the tokenizer registers it)"
         )
-    return piece
+    if not cfg.answer_end:
+        return piece, None
+    if len(end := sp.encode(cfg.answer_end)) != 1 or sp.is_unknown(end[0]):
+        raise DataError(f"tokenizer {path} has no single piece for data.answer_end {cfg.answer_end!r}")
+    return piece, end[0]
 
 
 def prepared_stream(cfg: DataConfig, split: str) -> tuple[TokenStream, int]:
@@ -404,7 +411,7 @@ def build_loader(
         raise DataError("data.return_doc_boundaries needs the eos id: set data.tokenizer_path for source_kind=tokens")
     if cfg.loss_mask == "answers" and eos < 0:
         raise DataError("data.loss_mask = 'answers' needs the eos id: set data.tokenizer_path for source_kind=tokens")
-    answer_id = _answer_id(cfg, tokenizer_path(cfg)) if cfg.loss_mask == "answers" else None
+    ids = answer_ids(cfg, tokenizer_path(cfg))
     return WindowLoader(
-        cfg, stream, split=split, first_window=first, num_windows=count, eos_id=eos, answer_id=answer_id, **shape
+        cfg, stream, split=split, first_window=first, num_windows=count, eos_id=eos, answer_ids=ids, **shape
     )

@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from data_pipeline.config import DataConfig, DataError
-from data_pipeline.loader import WindowLoader, _answer_id, prepared_stream
+from data_pipeline.loader import WindowLoader, answer_ids, prepared_stream
 from data_pipeline.shards import TokenStream
 from data_pipeline.shuffle import permute, shuffle_key
 from data_pipeline.tokenizer import tokenizer_path
@@ -181,5 +181,5 @@ def mixture_loader(cfg: DataConfig, *, split: str, **shape) -> MixtureLoader:
             raise DataError(f"data.mixture source {name} ({directory}, {split}): {len(stream)} tokens hold no window")
         streams.append(stream)
         windows.append(n)
-    answer_id = _answer_id(cfg, tokenizer_path(cfg)) if cfg.loss_mask == "answers" else None
-    return MixtureLoader(cfg, streams, windows, split=split, eos_id=eos, answer_id=answer_id, **shape)
+    ids = answer_ids(cfg, tokenizer_path(cfg))
+    return MixtureLoader(cfg, streams, windows, split=split, eos_id=eos, answer_ids=ids, **shape)

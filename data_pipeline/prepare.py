@@ -98,6 +98,7 @@ _OUTPUT_FIELDS = (
     "on_bad_record",
     "max_document_chars",
     "answer_marker",  # a trained tokenizer registers it as one piece
+    "user_symbols",  # and these
 )
 
 

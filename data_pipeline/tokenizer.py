@@ -108,7 +108,7 @@ def train_tokenizer(texts: Iterable[str], cfg: DataConfig, path: str) -> None:
             bos_id=1,
             eos_id=2,
             pad_id=-1,
-            user_defined_symbols=[cfg.answer_marker] if cfg.answer_marker else [],
+            user_defined_symbols=([cfg.answer_marker] if cfg.answer_marker else []) + list(cfg.user_symbols),
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )

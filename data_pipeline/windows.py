@@ -26,27 +26,32 @@ def epoch_order(index: np.ndarray, n: int, seed: int, split: str, epoch: int) ->
     return permute(index, n, shuffle_key(seed, SPLIT_CODES[split], epoch))
 
 
-def answer_mask(tokens: torch.Tensor, eos_id: int, answer_id: int) -> torch.Tensor:
+def answer_mask(tokens: torch.Tensor, eos_id: int, answer_id: int, end_id: int | None = None) -> torch.Tensor:
     """tokens [B, S+1] -> loss_mask [B, S] (bool) of data.loss_mask = 'answers': label j (= tokens[:, j+1]) counts
-    when the latest answer marker in tokens[:, :j+1] comes after the latest eos there (an answer and its closing
-    eos) and after the window's first eos (its document started inside the window: its prompt is whole)."""
+    when the latest answer marker in tokens[:, :j+1] comes after the latest eos and end_id (data.answer_end) there
+    (an answer and the eos or end piece closing it) and after the window's first eos (its document started inside
+    the window: its prompt is whole)."""
     index = torch.arange(tokens.shape[1]).expand_as(tokens)  # [B, S+1]
     none = torch.full_like(index, -1)
     last_marker = torch.where(tokens == answer_id, index, none).cummax(dim=1).values
-    last_eos = torch.where(tokens == eos_id, index, none).cummax(dim=1).values
+    ends = (tokens == eos_id) | (tokens == end_id) if end_id is not None else tokens == eos_id
+    last_eos = torch.where(ends, index, none).cummax(dim=1).values
     is_eos = tokens == eos_id
     first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), tokens.shape[1])  # [B]
     inside = (last_marker > last_eos) & (last_marker > first_eos[:, None])
     return inside[:, :-1].contiguous()
 
 
-def make_batch(tokens: np.ndarray, eos_id: int, doc_starts: bool, answer_id: int | None = None) -> dict:
+def make_batch(
+    tokens: np.ndarray, eos_id: int, doc_starts: bool, answer_ids: tuple[int, int | None] | None = None
+) -> dict:
     """tokens [B, S+1] -> input_ids [B, S], labels [B, S] (int64), optionally doc_starts [B, S] (bool:
-    position 0 and every position right after an eos) and, given answer_id, loss_mask [B, S] (answer_mask)."""
+    position 0 and every position right after an eos) and, given answer_ids (the marker's and data.answer_end's
+    piece, or None), loss_mask [B, S] (answer_mask)."""
     tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
     batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
-    if answer_id is not None:
-        batch["loss_mask"] = answer_mask(tokens, eos_id, answer_id)
+    if answer_ids is not None:
+        batch["loss_mask"] = answer_mask(tokens, eos_id, *answer_ids)
     if doc_starts:
         starts = torch.zeros_like(batch["input_ids"], dtype=torch.bool)  # [B, S]
         starts[:, 0] = True
@@ -74,14 +79,14 @@ class WindowBatches(Dataset):
         eos_id: int,
         doc_starts: bool,
         window_ids: bool,
-        answer_id: int | None = None,
+        answer_ids: tuple[int, int | None] | None = None,
     ):
         self.stream, self.seq_len, self.first_window, self.num_windows = stream, seq_len, first_window, num_windows
         self.split, self.seed, self.start = split, seed, start
         self.micro_batch_size, self.dp_rank, self.dp_world_size = micro_batch_size, dp_rank, dp_world_size
         self.eos_id, self.doc_starts, self.window_ids = eos_id, doc_starts, window_ids
-        self.answer_id = answer_id
-        "Token id of data.answer_marker with data.loss_mask = 'answers', else None (no loss_mask)."
+        self.answer_ids = answer_ids
+        "Pieces of data.answer_marker and data.answer_end (or None) with data.loss_mask = 'answers', else None."
 
     def windows_at(self, positions: np.ndarray) -> np.ndarray:
         """Window ids at stream positions."""
@@ -102,7 +107,7 @@ class WindowBatches(Dataset):
         positions = self.start + m * b * self.dp_world_size + self.dp_rank * b + np.arange(b)
         ids = self.windows_at(positions)
         tokens = np.stack([self.window_tokens(w) for w in ids])
-        batch = make_batch(tokens, self.eos_id, self.doc_starts, self.answer_id)
+        batch = make_batch(tokens, self.eos_id, self.doc_starts, self.answer_ids)
         if self.window_ids:
             batch["window_ids"] = torch.from_numpy(ids)
         return batch

@@ -2,12 +2,18 @@
 
 A program is one line of Python, interleaved chains of single-letter variables, each chain starting at a digit:
 
-    q = 4 ; k = q ; x = 7 ; m = k ; print ( m ) #>4
+    pass;q=4;k=q;x=7;m=k;print(m)#>4
+
+Every statement (`k=q`, `q=4`) and query (`print(m)`) is one tokenizer piece (data.user_symbols), so one hop is
+one attention lookup: with `k = q` written as three pieces the model first has to learn to carry each statement's
+name to its value (an induction head), and no model here left the "one of the program's digits" plateau in the
+steps available (docs/science.md).
 
 The queried chain has exactly `hops` assignments (1 = copy the digit); the distractor chains have 1..train_hops.
 Every variable is assigned once, so no shorter path to the answer exists. Everything up to the answer marker
 `#>` is the prompt (a comment, so the whole line still runs), the digit after it the answer; data.loss_mask =
-"answers" trains on the answer only. Train programs have d <= train_hops; evaluation programs cover d = 1 ..
+"answers" trains on the answer only. With canary.queries > 1 a training program asks more queries after the
+first (`#>4;print(x)#>7`; data.answer_end = ";" ends each answer), each its own supervised answer. Train programs have d <= train_hops; evaluation programs cover d = 1 ..
 2 * train_hops with a different seed, and any that also occur in the training text are dropped (disjoint).
 """
 
@@ -36,14 +42,19 @@ class Program:
     "What print() writes: the digit at the start of the queried chain."
     hops: int
     "Assignments on the path from the queried variable to the digit."
+    more: str = ""
+    "Further queries of the same program, each with its answer (training text only, canary.queries > 1)."
 
     @property
     def text(self) -> str:
-        return self.prompt + self.answer
+        return self.prompt + self.answer + self.more
 
 
-def make_program(rng: random.Random, hops: int, distractor_chains: int, max_distractor_hops: int) -> Program:
-    """One program whose query needs exactly `hops` hops, among `distractor_chains` chains of 1..max hops."""
+def make_program(
+    rng: random.Random, hops: int, distractor_chains: int, max_distractor_hops: int, queries: int = 1
+) -> Program:
+    """One program whose query needs exactly `hops` hops, among `distractor_chains` chains of 1..max hops; then
+    up to queries - 1 more queries of distinct other variables (more answers per token of program)."""
     lengths = [hops] + [rng.randint(1, max_distractor_hops) for _ in range(distractor_chains)]
     if sum(lengths) > len(string.ascii_lowercase):
         raise ValueError(f"{sum(lengths)} variables do not fit in {len(string.ascii_lowercase)} letters")
@@ -57,11 +68,19 @@ def make_program(rng: random.Random, hops: int, distractor_chains: int, max_dist
     statements = []
     for c in order:
         i, chain = done[c], chains[c]
-        statements.append(f"{chain[0]} = {values[c]}" if i == 0 else f"{chain[i]} = {chain[i - 1]}")
+        statements.append(f"{chain[0]}={values[c]}" if i == 0 else f"{chain[i]}={chain[i - 1]}")
         done[c] += 1
-    # "pass" first: every variable is then preceded by a space and always tokenized the same way.
-    prompt = " ; ".join(["pass", *statements]) + f" ; print ( {chains[0][-1]} ) {ANSWER_MARKER}"
-    return Program(prompt, str(values[0]), hops)
+    prompt = ";".join(["pass", *statements]) + f";print({chains[0][-1]}){ANSWER_MARKER}"
+    others = [(name, values[c]) for c, chain in enumerate(chains) for name in chain if name != chains[0][-1]]
+    more = rng.sample(others, min(queries - 1, len(others)))
+    more_text = "".join(f";print({name}){ANSWER_MARKER}{value}" for name, value in more)
+    return Program(prompt, str(values[0]), hops, more_text)
+
+
+def statement_pieces() -> list[str]:
+    """Every statement and query a program can hold, each registered as one tokenizer piece (data.user_symbols)."""
+    names, digits = string.ascii_lowercase, string.digits
+    return [f"{x}={y}" for x in names for y in names + digits if x != y] + [f"print({x})" for x in names]
 
 
 def training_programs(cfg: JobConfig) -> list[Program]:
@@ -69,7 +88,8 @@ def training_programs(cfg: JobConfig) -> list[Program]:
     c = cfg.canary
     rng = random.Random(c.seed)
     return [
-        make_program(rng, rng.randint(1, c.train_hops), c.distractor_chains, c.train_hops) for _ in range(c.programs)
+        make_program(rng, rng.randint(1, c.train_hops), c.distractor_chains, c.train_hops, c.queries)
+        for _ in range(c.programs)
     ]
 
 
@@ -117,6 +137,6 @@ def write_canary(cfg: JobConfig) -> dict[str, str]:
     with open(eval_path + ".tmp", "w") as f:
         f.writelines(json.dumps(asdict(p)) + "\n" for p in evaluation)
     os.replace(eval_path + ".tmp", eval_path)
-    cfg.data.sources = [text_path]
+    cfg.data.sources, cfg.data.user_symbols = [text_path], statement_pieces()
     summary = prepare(cfg.data)
     return {"text": text_path, "eval": eval_path, "prepared": summary["prepared_dir"]}

@@ -236,6 +236,8 @@ class CanaryConfig:
     "D_train: training programs need 1..D_train hops; evaluation covers 1..2*D_train (beyond: extrapolation)."
     distractor_chains: int = 2
     "Chains besides the queried one in every program, each 1..train_hops assignments long."
+    queries: int = 1
+    "print queries per training program, each with its answer: the first needs exactly d hops, the others ask for distinct other variables of the program (more supervised tokens per window; needs data.answer_end = ';' so each answer ends at the next query). Evaluation programs ask one."
     eval_programs: int = 64
     "Evaluation programs per hop count (divided among the data-parallel ranks)."
     seed: int = 0
@@ -519,13 +521,21 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     _check(all(n >= 1 for n in cfg.eval.loop_counts), "eval.loop_counts must all be >= 1")
     canary = cfg.canary
     _check(
-        min(canary.programs, canary.train_hops, canary.eval_programs) >= 1 and canary.distractor_chains >= 0,
-        "canary.programs, canary.train_hops and canary.eval_programs must be >= 1, canary.distractor_chains >= 0",
+        min(canary.programs, canary.train_hops, canary.eval_programs, canary.queries) >= 1
+        and canary.distractor_chains >= 0,
+        "canary.programs, canary.train_hops, canary.eval_programs and canary.queries must be >= 1, "
+        "canary.distractor_chains >= 0",
     )
     _check(
         2 * canary.train_hops + canary.distractor_chains * canary.train_hops <= 26,
         f"canary: 2 * train_hops + distractor_chains * train_hops = "
         f"{(2 + canary.distractor_chains) * canary.train_hops} variables exceed the 26 letters",
+    )
+    text, prepared = Path(canary.dir).resolve(), Path(cfg.data.prepared_dir).resolve()
+    _check(
+        not text.is_relative_to(prepared),
+        f"canary.dir ({canary.dir}) is inside data.prepared_dir ({cfg.data.prepared_dir}): prepare replaces that "
+        f"whole folder and refuses one holding files it did not write; write the canary text elsewhere",
     )
     profile = cfg.profile
     _check(

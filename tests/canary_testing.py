@@ -36,7 +36,7 @@ def canary_config(root: Path, *overrides: str) -> JobConfig:
     )
 
 
-def prepare_canary(root: Path) -> JobConfig:
-    cfg = canary_config(root)
+def prepare_canary(root: Path, *overrides: str) -> JobConfig:
+    cfg = canary_config(root, *overrides)
     write_canary(cfg)
     return cfg

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import random
+import re
 
 import pytest
 from canary_testing import CANARY_TOML, prepare_canary
@@ -32,7 +33,7 @@ def _hops(program: str) -> int:
             name, value = (x.strip() for x in s.split("="))
             assert name not in assigned, f"{name} assigned twice in {program!r}"
             assigned[name] = value
-    name, hops = statements[-1].removeprefix("print (").removesuffix(")").strip(), 0
+    name, hops = statements[-1].removeprefix("print(").removesuffix(")").strip(), 0
     while not name.isdigit():
         name, hops = assigned[name], hops + 1
     return hops
@@ -46,6 +47,21 @@ def test_hop_count_is_exact_and_the_answer_is_what_python_prints(hops):
         assert program.hops == hops == _hops(program.prompt)
         assert _run(program.text) == program.answer
         assert program.prompt.endswith(ANSWER_MARKER) and program.answer.isdigit()
+
+
+def test_every_query_of_a_multi_query_program_is_answered_as_python_prints():
+    """canary.queries > 1: after the first (exact-d) query come more, each answer checked by running the program's
+    assignments followed by that print."""
+    rng = random.Random(7)
+    for _ in range(100):
+        program = make_program(rng, 3, distractor_chains=2, max_distractor_hops=4, queries=5)
+        assignments = program.text.split(";print")[0]
+        queries = re.findall(r"print\((\w)\)#>(\d)", program.text)
+        assert len(queries) == 5 and program.text.count(ANSWER_MARKER) == 5 and _hops(program.prompt) == 3
+        assert len({name for name, _ in queries}) == 5
+        assert queries[0][1] == program.answer and program.text.startswith(program.prompt + program.answer + ";")
+        for name, answer in queries:
+            assert _run(f"{assignments};print({name})") == answer
 
 
 def test_canary_command_writes_disjoint_splits_and_prepares_them(tmp_path):
@@ -71,3 +87,12 @@ def test_too_many_variables_is_a_config_error():
     cfg = load_config(CANARY_TOML, ["--canary.train_hops=6", "--canary.distractor_chains=3"])
     with pytest.raises(ConfigError, match="26 letters"):
         validate(cfg, 1)
+
+
+def test_canary_text_inside_the_prepared_folder_is_a_config_error():
+    cfg = load_config(CANARY_TOML, ["--canary.dir=data/canary/text", "--data.prepared_dir=data/canary"])
+    with pytest.raises(
+        ConfigError, match=r"canary.dir \(data/canary/text\) is inside data.prepared_dir \(data/canary\)"
+    ):
+        validate(cfg, 1)
+    validate(load_config(CANARY_TOML, ["--canary.dir=data/canary_text", "--data.prepared_dir=data/canary"]), 1)

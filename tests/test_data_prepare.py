@@ -419,3 +419,15 @@ def test_a_new_answer_marker_prepares_again(tmp_path, corpus):
         prepare(_cfg(src, tmp_path / "out", "", answer_marker=marker), progress=False)
         sp = load_tokenizer(str(tmp_path / "out" / "tokenizer.model"))
         assert sp.encode(marker) == [sp.piece_to_id(marker)] and not sp.is_unknown(sp.piece_to_id(marker)), marker
+
+
+def test_user_symbols_are_whole_pieces_and_a_new_list_prepares_again(tmp_path, corpus):
+    """data.user_symbols are kept as one piece even where split_digits would cut them ("x=7"), and a re-run with
+    another list trains a new tokenizer instead of skipping as already prepared. Checked with SentencePiece's own
+    encode."""
+    src, _ = corpus
+    for symbols in (["x=7"], ["x=7", "y=x"]):
+        prepare(_cfg(src, tmp_path / "out", "", user_symbols=symbols), progress=False)
+        sp = load_tokenizer(str(tmp_path / "out" / "tokenizer.model"))
+        for symbol in symbols:
+            assert sp.encode(f";{symbol};", out_type=str)[1] == symbol, symbol

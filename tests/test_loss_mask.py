@@ -14,20 +14,22 @@ from mythos_train.distributed import destroy_distributed, init_distributed
 from mythos_train.evaluate import Evaluator
 from mythos_train.trainer import Trainer
 
-EOS, MARK = 2, 9
+EOS, MARK, END = 2, 9, 8
 
 
 def _reference_mask(row: list[int]) -> list[bool]:
     return _reference_mask_for(row, EOS, MARK)
 
 
-def _reference_mask_for(row: list[int], eos: int, mark: int) -> list[bool]:
-    """Label j counts iff tokens[j+1] is an answer token or the eos closing it, in a document that started inside
-    the window (an eos was seen before its marker). A plain state machine over the window."""
+def _reference_mask_for(row: list[int], eos: int, mark: int, end: int | None = None) -> list[bool]:
+    """Label j counts iff tokens[j+1] is an answer token or the eos (or end piece) closing it, in a document that
+    started inside the window (an eos was seen before its marker). A plain state machine over the window."""
     mask, seen_eos, in_answer = [], False, False
     for token in row[:-1]:
         if token == eos:
             seen_eos, in_answer = True, False
+        elif token == end:
+            in_answer = False
         elif token == mark and seen_eos:
             in_answer = True
         mask.append(in_answer)
@@ -46,9 +48,23 @@ def test_answer_mask_matches_a_state_machine():
     assert torch.equal(got, expected)
 
 
+def test_answer_end_piece_closes_each_answer_like_a_state_machine():
+    """data.answer_end: several prompts and answers in one document, each answer closed by the end piece."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, 8, (64, 40), generator=g)  # 3..7 text; 8 (END) only where drawn below
+    tokens[torch.rand(tokens.shape, generator=g) < 0.05] = EOS
+    tokens[torch.rand(tokens.shape, generator=g) < 0.15] = MARK
+    tokens[torch.rand(tokens.shape, generator=g) < 0.15] = END
+    expected = torch.tensor([_reference_mask_for(row, EOS, MARK, END) for row in tokens.tolist()])
+    got = answer_mask(tokens, EOS, MARK, END)
+    assert 0 < expected.sum() < torch.tensor([_reference_mask(row) for row in tokens.tolist()]).sum()
+    assert torch.equal(got, expected)
+
+
 @pytest.fixture(scope="module")
 def canary(tmp_path_factory):
-    return prepare_canary(tmp_path_factory.mktemp("canary"))
+    """One query per program, answers closed by the eos only."""
+    return prepare_canary(tmp_path_factory.mktemp("canary"), "--canary.queries=1", "--data.answer_end=")
 
 
 def test_loader_masks_all_but_the_answer_and_its_eos(canary):
@@ -65,6 +81,28 @@ def test_loader_masks_all_but_the_answer_and_its_eos(canary):
         counted = sp.id_to_piece(labels[row][mask[row]].tolist())
         # every counted label is a digit (the answer) or the eos after it, and they alternate
         assert counted[0::2] == [p for p in counted[0::2] if p.isdigit()] and set(counted[1::2]) <= {"</s>"}
+    loader.close()
+
+
+def test_loader_with_several_queries_counts_every_answer_and_its_end(tmp_path):
+    """canary.queries = 3 with data.answer_end = ';': every whole program gives three answers, each followed by
+    the end piece or (the last) the eos; nothing of the queries' prompts counts."""
+    cfg = prepare_canary(tmp_path, "--canary.queries=3", "--data.answer_end=;")
+    loader = build_loader(
+        cfg.data, split="train", seq_len=64, micro_batch_size=8, grad_accum_steps=1, dp_rank=0, dp_world_size=1
+    )
+    batch = next(iter(loader))
+    from data_pipeline.tokenizer import load_tokenizer, tokenizer_path
+
+    sp = load_tokenizer(tokenizer_path(cfg.data))
+    for row in range(batch["labels"].shape[0]):
+        counted = sp.id_to_piece(batch["labels"][row][batch["loss_mask"][row]].tolist())
+        pieces = sp.id_to_piece(batch["input_ids"][row].tolist())
+        labels = sp.id_to_piece(batch["labels"][row].tolist())
+        first_eos = pieces.index("</s>") if "</s>" in pieces else len(pieces)  # whole programs start after it
+        expected = [labels[i] for i, p in enumerate(pieces) if p == "#>" and i > first_eos]
+        assert counted[0::2] == expected and all(p.isdigit() for p in expected)
+        assert set(counted[1::2]) <= {";", "</s>"} and counted[1::2].count("</s>") <= counted[1::2].count(";")
     loader.close()
 
 
@@ -99,12 +137,15 @@ def test_mixture_batches_carry_the_answer_mask(canary):
     machine's over its tokens (a mixture of the canary data with itself, so every window has answers)."""
     from dataclasses import replace
 
-    from data_pipeline.loader import _answer_id
+    from data_pipeline.loader import answer_ids
     from data_pipeline.tokenizer import load_tokenizer, tokenizer_path
 
     prepared = canary.data.prepared_dir
     mixture = replace(canary.data, mixture=[f"a=1:{prepared}", f"b=1:{prepared}"], mixture_block=8)
-    eos, marker = load_tokenizer(tokenizer_path(canary.data)).eos_id(), _answer_id(canary.data, tokenizer_path(mixture))
+    eos, marker = (
+        load_tokenizer(tokenizer_path(canary.data)).eos_id(),
+        answer_ids(canary.data, tokenizer_path(mixture))[0],
+    )
     loader = build_loader(
         mixture, split="train", seq_len=64, micro_batch_size=4, grad_accum_steps=1, dp_rank=0, dp_world_size=1
     )
