@@ -108,9 +108,9 @@ class MythosModel(nn.Module):
             tokens = F.pad(tokens, (0, pad))
             doc_starts = None if doc_starts is None else F.pad(doc_starts, (0, pad))
         if doc_starts is None:
-            rope = self.rope(start_pos, tokens.shape[1])
+            rope = self.rope(start_pos, tokens.shape[1], pad)
         else:
-            rope = document_rope(self.rope, doc_starts, kv_cache)
+            rope = document_rope(self.rope, doc_starts, kv_cache, pad)
         with record_function("mythos:prelude"):  # named ranges: what `python -m mythos_train profile` reads
             h = self.tok_embeddings(tokens)
             for i, layer in enumerate(self.prelude):
