@@ -95,3 +95,18 @@ def test_padded_decode_reaches_max_seq_len(attn_type):
             model(expected[:, t : t + 1], n_grad=2, kv_cache=cache, doc_starts=starts[:, :1]) for t in range(5, 48)
         ]
     torch.testing.assert_close(torch.cat(padded, dim=1), torch.cat(docs, dim=1), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_forward_loop_telemetry_counts_real_tokens_only():
+    """Loop telemetry (h norms / deltas, ACT halting depth) of a padded forward equals the unpadded one's (failed
+    before: the means included the pad positions)."""
+    model = _model("gqa", use_act=True)
+    tokens = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    stats = []
+    for multiple in (1, 4):
+        model.sequence_multiple = multiple
+        with torch.no_grad():
+            model(tokens, n_grad=3)
+        stats.append(model.recurrent.last_stats)
+    for field in ("h_norm", "h_delta", "halting_depth_mean", "halting_depth_max"):
+        torch.testing.assert_close(getattr(stats[1], field), getattr(stats[0], field), rtol=1e-6, atol=0)

@@ -291,9 +291,10 @@ def test_tp_checkpoint_keeps_only_all_to_alls():
     assert result["grad"] < 1e-5, result
 
 
-def accumulated(rank: int, world: int) -> float:
+def accumulated(rank: int, world: int) -> dict:
     """Max relative gradient error at tp 2 after 2 micro-batches (different depths) accumulated, vs the reference
-    fed the same micro-batches; the loop's sequence-local gradients are summed over tp once, after both."""
+    fed the same micro-batches (the loop's sequence-local gradients are summed over tp once, after both); then the
+    loop telemetry's error on a padded sequence (7 tokens: the second tp rank's slice ends with a pad)."""
     cfg = tp_config("gqa", tp=2)
     for key, value in LOOP_OPTIONS.items():
         setattr(cfg.model, key, value)
@@ -305,13 +306,23 @@ def accumulated(rank: int, world: int) -> float:
             (cross_entropy_sum(logits, tokens[:, 1:]) / 2).backward()
         (cross_entropy_sum(ref(tokens[:, :-1], n_nograd=n, n_grad=k), tokens[:, 1:]) / 2).backward()
     parallel.reduce_sequence_parallel_grads(model, dims)
-    return max(
+    grad = max(
         (full(p.grad) - rp.grad).abs().max().item() / (rp.grad.abs().max().item() + 1e-6)
         for p, rp in zip(model.parameters(), ref.parameters(), strict=True)
     )
+    stats = []
+    with torch.no_grad(), parallel.full_logits(model):
+        for m in (model, ref):
+            m(global_batch(2, 1)[:, :7], n_grad=3)
+            s = m.recurrent.last_stats
+            means = torch.cat([s.h_norm, s.h_delta, s.halting_depth_mean.reshape(1)])
+            stats.append(parallel.whole_sequence_stats(means, s.halting_depth_max, dims if m is model else None))
+    telemetry = max((a - b).abs().max().item() for a, b in zip(*stats, strict=True))
+    return {"grad": grad, "telemetry": telemetry}
 
 
-def test_tp2_gradient_accumulation_matches_one_process():
-    """Norm weights' tp all-reduce runs in every micro-batch's backward; the sums must still add up."""
-    errors = run_distributed(accumulated, 2, timeout=120)
-    assert max(errors) < 2e-5, errors
+def test_tp2_gradient_accumulation_and_padded_telemetry_match_one_process():
+    """Norm weights' tp all-reduce runs in every micro-batch's backward: the sums must still add up. Loop telemetry
+    leaves pad positions out (failed before: 6.4e-4 off on a padded sequence)."""
+    for result in run_distributed(accumulated, 2, timeout=120):
+        assert result["grad"] < 2e-5 and result["telemetry"] < 1e-5, result
