@@ -248,7 +248,7 @@ def test_tp_collectives_per_loop_iteration():
             assert {op: c for op, c in deeper.items() if op not in TP_OPS + EP_OPS} == fsdp, (attn_type, base, deeper)
             for op in TP_OPS + EP_OPS:
                 assert deeper.get(op, 0) - base.get(op, 0) == n_more * per_iteration.get(op, 0), (attn_type, op, counts)
-        # per step: the embedding's reduce-scatter and the head's gather (and their backward), the loss's 3
+        # per micro-batch: the embedding's reduce-scatter and the head's gather (and their backward), the loss's 3
         # all-reduces, one weight-gradient all-reduce per sequence-parallel norm (2 per block + the final one), and
         # MLA's 3 input-gradient all-reduces in each of the 2 dense blocks and the 2 gradient iterations
         mla_inputs = 3 * (2 + 2) if attn_type == "mla" else 0
