@@ -26,11 +26,13 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from parallel.expert_parallel import ExpertParallel
 
-_SAVE_OPS = {torch.ops._c10d_functional.all_to_all_single.default, torch.ops._c10d_functional.wait_tensor.default}
+_ALL_TO_ALL = torch.ops._c10d_functional.all_to_all_single.default
 
 
 def _save_collectives(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    """Only the all-to-alls: saving every `wait_tensor` would also keep TP's gathered sequence (and re-gather it
+    anyway). The recompute's wait on a saved all-to-all result finds no pending work and returns it as is."""
+    return CheckpointPolicy.MUST_SAVE if op is _ALL_TO_ALL else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def checkpoint_iteration(fn: Callable, *args):

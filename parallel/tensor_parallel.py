@@ -105,7 +105,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str,
     The model pads a sequence tp does not divide (`sequence_multiple`): a one-token decode runs tp tokens."""
     styles = {path: _style(layout) for path, layout in plan.items() if layout != SEQUENCE_LOCAL}
     parallelize_module(model, tp_mesh, styles)
-    model.sequence_multiple = tp_mesh.size()
+    model.sequence_multiple, model.sequence_rank = tp_mesh.size(), tp_mesh.get_local_rank()
 
 
 @torch.no_grad()

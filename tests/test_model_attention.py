@@ -71,3 +71,42 @@ def test_mla_cache_holds_the_latent():
 def test_positions_past_max_seq_len_raise():
     with pytest.raises(ValueError, match="max_seq_len"):
         _model("gqa")(torch.zeros(1, 49, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_padded_decode_reaches_max_seq_len(attn_type):
+    """Sequence parallelism pads each forward to a multiple of tp (`sequence_multiple`); the pads take valid
+    positions, so generation fills all max_seq_len positions as unpadded (failed before: a ValueError at position 45 of 48),
+    also with document masking through the cache."""
+    model = _model(attn_type)
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(3))
+    starts = torch.zeros(1, 5, dtype=torch.bool)
+    expected = model.generate(prompt, 43, n_loops=2)
+    with torch.no_grad():
+        docs = [model(prompt, n_grad=2, kv_cache=(cache := {}), doc_starts=starts)]
+        docs += [
+            model(expected[:, t : t + 1], n_grad=2, kv_cache=cache, doc_starts=starts[:, :1]) for t in range(5, 48)
+        ]
+    model.sequence_multiple = 4
+    assert torch.equal(model.generate(prompt, 43, n_loops=2), expected)
+    with torch.no_grad():
+        padded = [model(prompt, n_grad=2, kv_cache=(cache := {}), doc_starts=starts)]
+        padded += [
+            model(expected[:, t : t + 1], n_grad=2, kv_cache=cache, doc_starts=starts[:, :1]) for t in range(5, 48)
+        ]
+    torch.testing.assert_close(torch.cat(padded, dim=1), torch.cat(docs, dim=1), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_forward_loop_telemetry_counts_real_tokens_only():
+    """Loop telemetry (h norms / deltas, ACT halting depth) of a padded forward equals the unpadded one's (failed
+    before: the means included the pad positions)."""
+    model = _model("gqa", use_act=True)
+    tokens = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    stats = []
+    for multiple in (1, 4):
+        model.sequence_multiple = multiple
+        with torch.no_grad():
+            model(tokens, n_grad=3)
+        stats.append(model.recurrent.last_stats)
+    for field in ("h_norm", "h_delta", "halting_depth_mean", "halting_depth_max"):
+        torch.testing.assert_close(getattr(stats[1], field), getattr(stats[0], field), rtol=1e-6, atol=0)

@@ -17,8 +17,11 @@ DOCS = "documents"
 "KV-cache key of the cached tokens' document ids [B, S] and the next position of each row [B]."
 
 
-def document_rope(rotary: RotaryEmbedding, doc_starts: torch.Tensor, kv_cache: dict | None = None) -> Rope:
-    """doc_starts [B, T] (bool) -> Rope with per-row positions [B, T] and doc_mask [B, 1, T, past + T]."""
+def document_rope(
+    rotary: RotaryEmbedding, doc_starts: torch.Tensor, kv_cache: dict | None = None, pad: int = 0
+) -> Rope:
+    """doc_starts [B, T] (bool) -> Rope with per-row positions [B, T] and doc_mask [B, 1, T, past + T]. The last
+    `pad` tokens are padding (dropped by the caller): their positions may pass max_seq_len, clamped to its last."""
     B, T = doc_starts.shape
     state = kv_cache.get(DOCS) if kv_cache is not None else None
     index = torch.arange(T, device=doc_starts.device).expand(B, T)  # [B, T]
@@ -41,9 +44,10 @@ def document_rope(rotary: RotaryEmbedding, doc_starts: torch.Tensor, kv_cache: d
     doc_mask = (doc_ids[:, :, None] == key_ids[:, None, :]) & causal  # [B, T, S]
     if kv_cache is not None:
         kv_cache[DOCS] = {"doc_ids": key_ids, "next_pos": positions[:, -1] + 1}
-    if kv_cache is not None and int(positions.max()) >= rotary.max_seq_len:  # (generation syncs anyway)
-        raise ValueError(f"document position {int(positions.max())} is beyond model.max_seq_len ({rotary.max_seq_len})")
-    return rotary.at(positions, doc_mask.unsqueeze(1))
+    last = int(positions[:, : T - pad].max()) if kv_cache is not None else 0  # (generation syncs anyway)
+    if last >= rotary.max_seq_len:
+        raise ValueError(f"document position {last} is beyond model.max_seq_len ({rotary.max_seq_len})")
+    return rotary.at(positions.clamp(max=rotary.max_seq_len - 1), doc_mask.unsqueeze(1))
 
 
 def drop_cached_tail(kv_cache: dict | None, n: int) -> None:

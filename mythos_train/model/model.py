@@ -55,8 +55,8 @@ class MythosModel(nn.Module):
         self.recurrent = RecurrentBlock(cfg, TransformerBlock(cfg, use_moe=True))
         self.coda = nn.ModuleList(TransformerBlock(cfg, use_moe=False) for _ in range(cfg.coda_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.sequence_multiple = 1
-        "Sequence lengths are padded to a multiple of this (set by sequence parallelism: tp splits them evenly)."
+        self.sequence_multiple, self.sequence_rank = 1, 0
+        "Sequence parallelism (set by parallel/): lengths padded to a multiple of tp; the loop sees slice rank."
         self.init_weights()
 
     def parallel_plan(self) -> ParallelPlan:
@@ -108,14 +108,15 @@ class MythosModel(nn.Module):
             tokens = F.pad(tokens, (0, pad))
             doc_starts = None if doc_starts is None else F.pad(doc_starts, (0, pad))
         if doc_starts is None:
-            rope = self.rope(start_pos, tokens.shape[1])
+            rope = self.rope(start_pos, tokens.shape[1], pad)
         else:
-            rope = document_rope(self.rope, doc_starts, kv_cache)
+            rope = document_rope(self.rope, doc_starts, kv_cache, pad)
         with record_function("mythos:prelude"):  # named ranges: what `python -m mythos_train profile` reads
             h = self.tok_embeddings(tokens)
             for i, layer in enumerate(self.prelude):
                 h, _ = layer(h, rope, cache_slot(kv_cache, f"prelude_{i}"))
-        h = self.recurrent(h, h, rope, n_nograd, n_grad, wrap_iteration, kv_cache)
+        weight = None if not pad else pad_weight(length, tokens.shape[1], h, self.sequence_rank)
+        h = self.recurrent(h, h, rope, n_nograd, n_grad, wrap_iteration, kv_cache, weight)
         with record_function("mythos:coda"):
             for i, layer in enumerate(self.coda):
                 h, _ = layer(h, rope, cache_slot(kv_cache, f"coda_{i}"))
@@ -141,3 +142,11 @@ class MythosModel(nn.Module):
                 new = torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), num_samples=1)
             tokens = torch.cat([tokens, new], dim=1)
         return tokens
+
+
+def pad_weight(length: int, padded: int, h: torch.Tensor, rank: int) -> torch.Tensor:
+    """Telemetry weights [S] of h [B, S, dim], this rank's slice of the padded sequence (the whole one without
+    sequence parallelism): 0 on padding, padded / length on real tokens, so the slices' weighted means averaged
+    over the ranks are the real tokens' mean, as unpadded."""
+    positions = torch.arange(h.shape[1], device=h.device) + rank * h.shape[1]
+    return (positions < length).float() * (padded / length)

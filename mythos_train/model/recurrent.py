@@ -246,8 +246,11 @@ class RecurrentBlock(nn.Module):
         n_grad: int | None = None,
         wrap_iteration: WrapIteration | None = None,
         kv_cache: dict | None = None,
+        token_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run n_nograd iterations without autograd, then n_grad with it; h, e [B, T, dim] -> [B, T, dim].
+
+        token_weight [T]: weights of the telemetry's means over positions (0 on padding, see MythosModel.forward).
 
         With ACT the output is the halting-weighted sum of the states (remainder trick), else the last state.
         Positions keep being computed after they halt (their weight is 0), so every call does the same work.
@@ -286,14 +289,21 @@ class RecurrentBlock(nn.Module):
                 cumulative_p = cumulative_p + p * running
                 halting_depth = halting_depth + running
                 running = running * (cumulative_p < self.act_threshold)
-            h_norms.append(torch.linalg.vector_norm(h.detach(), dim=-1, dtype=torch.float32).mean())
-            h_deltas.append(torch.linalg.vector_norm(h.detach() - h_prev, dim=-1, dtype=torch.float32).mean())
+            h_norms.append(_mean(torch.linalg.vector_norm(h.detach(), dim=-1, dtype=torch.float32), token_weight))
+            delta = torch.linalg.vector_norm(h.detach() - h_prev, dim=-1, dtype=torch.float32)
+            h_deltas.append(_mean(delta, token_weight))
             loads.append(tokens_per_expert.detach())
         if self.act is not None:
-            depth_mean, depth_max = halting_depth.mean(), halting_depth.max()
+            real = halting_depth if token_weight is None else halting_depth * (token_weight > 0)
+            depth_mean, depth_max = _mean(halting_depth, token_weight), real.max()
         else:
             depth_mean = depth_max = torch.full((), float(n_iters), device=h.device)
         self.last_stats = LoopStats(
             torch.stack(h_norms), torch.stack(h_deltas), torch.stack(loads), depth_mean, depth_max
         )
         return (h_out if self.act is not None else h).to(block_dtype)
+
+
+def _mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T] -> its mean over positions weighted by weight [T] (plain mean without)."""
+    return x.mean() if weight is None else (x * weight).mean()

@@ -55,11 +55,15 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
 
-    def forward(self, start_pos: int, seq_len: int) -> Rope:
-        """Tables for positions [start_pos, start_pos + seq_len), each [seq_len, head_dim // 2]."""
-        if start_pos + seq_len > self.max_seq_len:
-            raise ValueError(f"position {start_pos + seq_len - 1} is beyond model.max_seq_len ({self.max_seq_len})")
-        return Rope(self.cos[start_pos : start_pos + seq_len], self.sin[start_pos : start_pos + seq_len])
+    def forward(self, start_pos: int, seq_len: int, pad: int = 0) -> Rope:
+        """Tables for positions [start_pos, start_pos + seq_len), each [seq_len, head_dim // 2]. The last `pad` are
+        padding tokens (no real token attends to them): past max_seq_len they repeat its last position."""
+        end = start_pos + seq_len
+        if end - pad > self.max_seq_len:
+            raise ValueError(f"position {end - pad - 1} is beyond model.max_seq_len ({self.max_seq_len})")
+        over = max(end - self.max_seq_len, 0)
+        cos, sin = (t[start_pos : end - over] for t in (self.cos, self.sin))
+        return Rope(*(torch.cat([t, t[-1:].expand(over, -1)]) for t in (cos, sin)))
 
     def at(self, positions: torch.Tensor, doc_mask: torch.Tensor) -> Rope:
         """Tables for per-row positions [B, T] (each [B, T, head_dim // 2]) with a document mask."""
