@@ -171,9 +171,6 @@ def micro_batch_activations(
       dense  prelude inputs + logits + one prelude block (recomputed under 'full') + its SwiGLU gradients
       loop_reduce  prelude + logits once the loop's backward is done (its unit's reduce-scatter copy-in)
     Under tp each moment is (all of it + (tp - 1) x its gathered part) / tp: the gathered part is held whole.
-    Under TP, AC 'loop' / 'full' (keep_all_to_all) also keeps each gradient iteration's TP region collectives
-    (its selective policy saves every `wait_tensor` output, parallel/activation_checkpoint.py): per region
-    (attention, shared experts) the gathered input [tokens, D] and the reduce-scattered output [tokens / tp, D].
     """
     step, dense, head = (
         loop_step_bytes(m, act_bytes, cpu, ep, shared_chunks),
@@ -222,19 +219,14 @@ def micro_batch_activations(
     # torch's loss_parallel builds the logits' gradient as (zeros with -1 scattered + exp(log-softmax)) * grad:
     # three [tokens, V] fp32 at once (before the split), one more than the plain cross-entropy's backward
     phases["head"] += FP32 * m.vocab_size * tokens
-    regions = 2 if m.n_shared_experts else 1
-    kept = n_grad * regions * m.dim * act_bytes if recompute and keep_all_to_all else 0  # gathered, per token
-    saved += 2 * kept  # + the reduce-scattered outputs: as much in all, 1 / tp of it per rank (below)
-    for phase in ("head", "head_grad", "loop"):
-        phases[phase] += 2 * kept * tokens
     g_step, g_dense = gathered_step_bytes(m, act_bytes, cpu)
     g_pre, g_coda = (m.prelude_layers * g_dense, m.coda_layers * g_dense) if policy != "full" else (0, 0)
     g_loop = n_grad * g_step if policy == "none" else 0
-    g_saved = g_pre + g_loop + kept + g_coda + m.dim * act_bytes  # the head's gathered input
+    g_saved = g_pre + g_loop + g_coda + m.dim * act_bytes  # the head's gathered input
     gathered = {
         "head": g_saved,
         "head_grad": g_saved,
-        "loop": g_pre + g_loop + kept + (g_step if recompute else 0),
+        "loop": g_pre + g_loop + (g_step if recompute else 0),
         "dense": g_pre + (g_dense if policy == "full" else 0) if m.prelude_layers else 0,
         "loop_reduce": g_pre,
     }
