@@ -168,6 +168,16 @@ def load_model_weights(model: nn.Module, path: Path) -> dict:
     return read_train_state(path)
 
 
+def init_source(cfg: CheckpointConfig, model: ModelConfig) -> Path:
+    """checkpoint.init_from's verified checkpoint, trained with the same [model] section (ConfigError otherwise)."""
+    try:
+        path = resolve_checkpoint(cfg.init_from)
+        check_model_config(path, model)
+    except (FileNotFoundError, ConfigError) as err:
+        raise ConfigError(f"checkpoint.init_from = {cfg.init_from}: {err}") from None
+    return path
+
+
 # --------------------------------------------------------------------------- manager
 
 
@@ -395,6 +405,13 @@ class CheckpointManager:
         self._load_rank_state(path)
         logger.info("resumed from %s (step %d)", path, train_state["step"])
         return train_state
+
+    def init_from(self) -> None:
+        """A new run's start from checkpoint.init_from's model weights (a curriculum stage), if set."""
+        if self.cfg.init_from:
+            path = init_source(self.cfg, self.model_config)
+            step = load_model_weights(self.model, path)["step"]
+            logger.info("initialised the model from %s (its step %d); optimizer and step start fresh", path, step)
 
     def _pick_verified(self) -> int:
         """The step to resume (-1: none): rank 0 lists the candidates (on a shared file system other ranks could

@@ -174,6 +174,8 @@ class CheckpointConfig:
     "Resume from the newest complete checkpoint in folder whose files match the checksums in its COMPLETE marker (an older one if the newest is damaged), if any."
     load_step: int = -1
     "Resume from the checkpoint of exactly this step (an error if it is missing or damaged); -1 = the newest that verifies."
+    init_from: str = ""
+    "Start a new run from another run's weights: a checkpoints folder (its newest verified step) or one step-N folder; model weights only (fresh optimizer, schedule, step 0, this run's data), for a curriculum stage. Ignored once this run has a checkpoint of its own (a restart resumes that)."
 
 
 @dataclass

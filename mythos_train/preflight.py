@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mythos_train.checkpoint import check_model_config, checkpoint_dirs, find_verified
+from mythos_train.checkpoint import check_model_config, checkpoint_dirs, find_verified, init_source
 from mythos_train.config import ConfigError, JobConfig, validate
 from mythos_train.run_lock import RunDirLock
 
@@ -38,7 +38,8 @@ def preflight(cfg: JobConfig, world_size: int) -> str:
     folder = checkpoint_folder(cfg)
     resume = cfg.checkpoint.enabled and cfg.checkpoint.resume and checkpoint_dirs(folder)
     if not resume:
-        return f"config ok for {world_size} ranks: a new run in {cfg.train.run_dir}"
+        start = f", initialised from {init_source(cfg.checkpoint, cfg.model)}" if cfg.checkpoint.init_from else ""
+        return f"config ok for {world_size} ranks: a new run in {cfg.train.run_dir}{start}"
     try:
         path = find_verified(folder, cfg.checkpoint.load_step)
     except FileNotFoundError as err:  # complete checkpoints exist, so none verifying is an error too

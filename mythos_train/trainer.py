@@ -146,7 +146,9 @@ class Trainer:
 
     def resume(self) -> None:
         state = self.checkpoint.load()
-        if state is not None:
+        if state is None:
+            self.checkpoint.init_from()
+        else:
             self.step = state["step"]
             self.skipped_in_a_row = state["skipped_in_a_row"]
             self.skipped_total = state["skipped_total"]
