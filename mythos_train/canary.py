@@ -24,9 +24,10 @@ import os
 import random
 import string
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from data_pipeline import DataError, prepare
-from mythos_train.config import JobConfig
+from mythos_train.config import ConfigError, JobConfig
 
 ANSWER_MARKER = "#>"
 "Ends the prompt; prepare registers it as one tokenizer piece (data.answer_marker)."
@@ -127,6 +128,11 @@ def write_canary(cfg: JobConfig) -> dict[str, str]:
     import pyarrow.parquet as pq
 
     folder = cfg.canary.dir
+    if Path(folder).resolve().is_relative_to(Path(cfg.data.prepared_dir).resolve()):
+        raise ConfigError(
+            f"canary.dir ({folder}) is inside data.prepared_dir ({cfg.data.prepared_dir}): prepare replaces that "
+            "whole folder and refuses one holding files it did not write; write the canary text elsewhere"
+        )
     os.makedirs(folder, exist_ok=True)
     train = training_programs(cfg)
     texts = [p.text for p in train]

@@ -12,7 +12,7 @@ import pytest
 from canary_testing import CANARY_TOML, prepare_canary
 
 from data_pipeline import DataError
-from mythos_train.canary import ANSWER_MARKER, evaluation_programs, make_program, read_eval_programs
+from mythos_train.canary import ANSWER_MARKER, evaluation_programs, make_program, read_eval_programs, write_canary
 from mythos_train.config import ConfigError, load_config, validate
 
 
@@ -89,10 +89,14 @@ def test_too_many_variables_is_a_config_error():
         validate(cfg, 1)
 
 
-def test_canary_text_inside_the_prepared_folder_is_a_config_error():
+def test_canary_text_inside_the_prepared_folder_is_a_config_error(tmp_path, monkeypatch):
+    """The canary command refuses before writing anything; other commands never write canary.dir, so a training
+    config with data.prepared_dir = "data" still validates."""
+    monkeypatch.chdir(tmp_path)
     cfg = load_config(CANARY_TOML, ["--canary.dir=data/canary/text", "--data.prepared_dir=data/canary"])
+    validate(cfg, 1)
     with pytest.raises(
         ConfigError, match=r"canary.dir \(data/canary/text\) is inside data.prepared_dir \(data/canary\)"
     ):
-        validate(cfg, 1)
-    validate(load_config(CANARY_TOML, ["--canary.dir=data/canary_text", "--data.prepared_dir=data/canary"]), 1)
+        write_canary(cfg)
+    assert not (tmp_path / "data").exists()
