@@ -31,7 +31,9 @@ _ALL_TO_ALL = torch.ops._c10d_functional.all_to_all_single.default
 
 def _save_collectives(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Only the all-to-alls: saving every `wait_tensor` would also keep TP's gathered sequence (and re-gather it
-    anyway). The recompute's wait on a saved all-to-all result finds no pending work and returns it as is."""
+    anyway). The recompute's wait on a saved all-to-all result finds no pending work and returns it as is.
+    Never a `wait_tensor` in a compiled block (the looped block's TP gathers): Inductor drops a wait's result and
+    reads its input, so the recompute read an all-gather SAC never waited on (NaN gradients; docs/design.md)."""
     return CheckpointPolicy.MUST_SAVE if op is _ALL_TO_ALL else CheckpointPolicy.PREFER_RECOMPUTE
 
 

@@ -25,20 +25,17 @@ def apply_compile(
     The looped block is one graph (fullgraph) unless something in it must stay eager: expert parallelism's
     dispatch (its all-to-all split sizes are host values) or, with compile_experts=False, the routed experts.
     compile_experts=False is for fp32 compute (CPU): torch 2.13's fake-tensor rule for `grouped_mm` accepts only
-    bf16, so tracing fp32 experts fails although the eager kernel runs. Under tensor parallelism the looped block
-    stays eager (compiled, its gradients were wrong: docs/design.md) and the tensor-parallel modules left eager
-    hand the compiled blocks plain tensors (`_wait_outside_graph`).
+    bf16, so tracing fp32 experts fails although the eager kernel runs. Under tensor parallelism the same blocks
+    compile; the tensor-parallel modules left eager hand them plain tensors (`_wait_outside_graph`).
     """
     plan = model.parallel_plan()
-    compiled = plan.blocks if tensor_parallel else (*plan.blocks, plan.loop_block)
+    compiled = (*plan.blocks, plan.loop_block)
     if tensor_parallel:
         for path in plan.tensor_parallel:
             if not any(path == c or path.startswith(f"{c}.") for c in compiled):
                 model.get_submodule(path).register_forward_hook(_wait_outside_graph)
     for block in plan.blocks:
         model.get_submodule(block).compile(fullgraph=True)
-    if tensor_parallel:
-        return
     if not compile_experts:
         experts = model.get_submodule(plan.experts)
         experts.forward = torch.compiler.disable(experts.forward)

@@ -1,6 +1,6 @@
-"""Compiled dense blocks under tensor + sequence parallelism (the looped block eager: parallel/compile.py) against
-the eager single-process model (tests/test_parallel_tp.py's reference): gradients and parameters after AdamW steps
-within fp32 tolerance, no recompile at new depths."""
+"""Compiled blocks, the looped block included, under tensor + sequence parallelism (AC 'loop', selective:
+parallel/activation_checkpoint.py) against the eager single-process model (tests/test_parallel_tp.py's
+reference): gradients and parameters after AdamW steps within fp32 tolerance, no recompile at new depths."""
 
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ DEPTHS = [(1, 2), (5, 2), (0, 1), (2, 3)]  # (gradient-free n, gradient k) per s
 
 
 def compiled_tp_job(rank: int, world: int) -> dict:
-    """tp 2, MLA, blocks compiled: per step the largest relative gradient error, and the graphs compiled after
-    the first step (a gradient-free forward each step: the evaluator's shapes)."""
+    """tp 2, MLA, blocks compiled: per step the largest relative gradient error, the graphs compiled after the
+    first step (a gradient-free forward each step: the evaluator's shapes), and the plan's blocks left eager."""
     from torch._dynamo.utils import counters
 
     cfg = tp_config("mla", tp=2, compile=True)
     model, ref, dims, wrap, opt, ref_opt = parallel_and_reference(cfg, world)
-    err, graphs = {"grad": 0.0, "norm": 0.0}, None
+    plan = model.parallel_plan()
+    eager = [b for b in (*plan.blocks, plan.loop_block) if model.get_submodule(b)._compiled_call_impl is None]
+    err, graphs = {"grad": 0.0, "norm": 0.0, "eager": eager}, None
     for step, (n, k) in enumerate(DEPTHS):
         if step == 1:  # step 0 compiled the gradient-free and the gradient variants
             graphs = counters["stats"]["unique_graphs"]
@@ -50,7 +52,9 @@ def compiled_tp_job(rank: int, world: int) -> dict:
 def test_compiled_blocks_under_tp_match_eager_reference():
     """Failed before the fix (torch 2.13): the embedding's all-reduced output reached the first compiled block as
     an AsyncCollectiveTensor, whose gradient the compiled graph dropped (tok_embeddings relative error 1.2e-2);
-    and with the looped block compiled under sequence parallelism (gradient error 1.0, NaN parameters)."""
+    and the looped block was left eager under TP: compiled, with the selective checkpoint saving every
+    `wait_tensor`, its Inductor recompute read TP all-gathers that were never waited on (gradients 1e22, NaN)."""
     err = run_distributed(compiled_tp_job, 2, timeout=900)[0]
+    assert err["eager"] == [], err
     assert err["grad"] < 1e-4 and err["norm"] < 1e-4 and err["param"] < 1e-4, err
     assert err["new_graphs"] == 0, err
