@@ -474,6 +474,11 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         f"({parallel.tp}): the tp ranks are folded into expert parallelism",
     )
     _check(
+        not (parallel.compile and parallel.tp > 1 and parallel.activation_checkpoint == "full"),
+        "parallel.activation_checkpoint = 'full' with parallel.compile and parallel.tp > 1 fails in torch 2.13's "
+        "AOTAutograd (a DeviceMesh among the saved tensors; docs/design.md): use 'loop', or parallel.compile = false",
+    )
+    _check(
         train.steps >= 0 and train.seq_len > 0 and train.micro_batch_size > 0 and train.grad_accum_steps > 0,
         "train.steps, seq_len, micro_batch_size, grad_accum_steps must be positive",
     )

@@ -89,6 +89,16 @@ def test_cli_overrides_typed():
             1,
             r"train.seq_len \(4096\) must be <= model.max_seq_len",
         ),
+        (
+            [
+                "--parallel.tp=2",
+                "--model.dense_ffn_dim=344",
+                "--parallel.compile=true",
+                "--parallel.activation_checkpoint=full",
+            ],
+            2,
+            r"parallel.activation_checkpoint = 'full' with parallel.compile and parallel.tp > 1",
+        ),
     ],
 )
 def test_semantic_conflicts(overrides, world, message):
