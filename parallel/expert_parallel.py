@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.func import functional_call
 
-from mythos_train.model.moe import inverse_permutation
+from mythos_train.model.moe import GatherRows, inverse_permutation
 from parallel.mesh import ParallelDims
 
 
@@ -97,8 +97,10 @@ class ExpertParallel(nn.Module):
         x_recv = _wait(x_recv)  # [total, dim] in (source rank, local expert) order
         idx = _source_to_expert_order(recv_counts, total)
         local_weights = {name: p.to_local() for name, p in self.named_parameters(recurse=False)}
-        y = functional_call(self._local_experts, local_weights, (x_recv.index_select(0, idx), recv_counts.sum(0)))
-        y_by_source = y.index_select(0, inverse_permutation(idx))
+        inverse = inverse_permutation(idx)
+        x_by_expert = GatherRows.apply(x_recv, idx, inverse, 1)
+        y = functional_call(self._local_experts, local_weights, (x_by_expert, recv_counts.sum(0)))
+        y_by_source = GatherRows.apply(y, inverse, idx, 1)
         out = funcol.all_to_all_single_autograd(y_by_source, send_splits, recv_splits, self.group)
         return _wait(out)  # [N, dim] in the caller's (global expert) order
 

@@ -73,9 +73,32 @@ def grouped_swiglu(
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    """inv with inv[perm[i]] = i: undoing a permutation by `index_select(0, inv)` keeps only the index for backward
-    (index_copy into a fresh tensor would also keep a copy of the permuted rows)."""
+    """inv with inv[perm[i]] = i."""
     return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
+class GatherRows(torch.autograd.Function):
+    """x [M, dim] -> x[index // copies] [M * copies, dim], where index is a permutation of the M * copies slots
+    (slot s = copy s % copies of row s // copies) and inverse is its inverse.
+
+    The same rows as `index_select`, whose backward zero-fills a [M, dim] gradient and scatter-adds into it; knowing
+    that index permutes, backward is a gather (grad[inverse], summed over each row's copies): no fill, no scatter,
+    and only the index is kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, copies: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.copies = copies
+        return x.index_select(0, index // copies if copies > 1 else index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        grad_x = grad.index_select(0, inverse)  # [M * copies, dim], slot order
+        if ctx.copies > 1:
+            grad_x = grad_x.view(-1, ctx.copies, grad.shape[-1]).sum(1)  # [M, dim]
+        return grad_x, None, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -123,8 +146,9 @@ class MoE(nn.Module):
         order = flat_experts.argsort(stable=True)  # slots grouped by expert
         tokens_per_expert = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
         tokens_per_expert.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
-        routed = self.experts(x.index_select(0, order // self.top_k), tokens_per_expert)  # [N * k, dim], expert order
-        routed = routed.index_select(0, inverse_permutation(order))  # back to slot order
+        inverse = inverse_permutation(order)
+        routed = self.experts(GatherRows.apply(x, order, inverse, self.top_k), tokens_per_expert)  # [N * k, dim]
+        routed = GatherRows.apply(routed, inverse, order, 1)  # [N * k, dim], from expert order back to slot order
         out = torch.bmm(gates.to(routed.dtype).unsqueeze(1), routed.view(-1, self.top_k, shape[-1])).squeeze(1)
         if self.shared is not None:
             out = out + self.shared(x)
