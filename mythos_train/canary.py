@@ -52,14 +52,20 @@ class Program:
 
 
 def make_program(
-    rng: random.Random, hops: int, distractor_chains: int, max_distractor_hops: int, queries: int = 1
+    rng: random.Random,
+    hops: int,
+    distractor_chains: int,
+    max_distractor_hops: int,
+    queries: int = 1,
+    letters: str = string.ascii_lowercase,
 ) -> Program:
-    """One program whose query needs exactly `hops` hops, among `distractor_chains` chains of 1..max hops; then
-    up to queries - 1 more queries of distinct other variables (more answers per token of program)."""
+    """One program whose query needs exactly `hops` hops, among `distractor_chains` chains of 1..max hops, its
+    variables drawn from `letters`; then up to queries - 1 more queries of distinct other variables (more answers
+    per token of program)."""
     lengths = [hops] + [rng.randint(1, max_distractor_hops) for _ in range(distractor_chains)]
-    if sum(lengths) > len(string.ascii_lowercase):
-        raise ValueError(f"{sum(lengths)} variables do not fit in {len(string.ascii_lowercase)} letters")
-    names = iter(rng.sample(string.ascii_lowercase, sum(lengths)))
+    if sum(lengths) > len(letters):
+        raise ValueError(f"{sum(lengths)} variables do not fit in {len(letters)} letters")
+    names = iter(rng.sample(letters, sum(lengths)))
     chains = [[next(names) for _ in range(n)] for n in lengths]
     values = [rng.randrange(10) for _ in chains]
     # A uniformly random interleaving that keeps each chain in order: draw a chain per remaining statement.
@@ -78,31 +84,35 @@ def make_program(
     return Program(prompt, str(values[0]), hops, more_text)
 
 
-def statement_pieces() -> list[str]:
+def variable_letters(cfg: JobConfig) -> str:
+    """The canary.variables letters programs name their variables with."""
+    return string.ascii_lowercase[: cfg.canary.variables]
+
+
+def statement_pieces(letters: str = string.ascii_lowercase) -> list[str]:
     """Every statement and query a program can hold, each registered as one tokenizer piece (data.user_symbols)."""
-    names, digits = string.ascii_lowercase, string.digits
-    return [f"{x}={y}" for x in names for y in names + digits if x != y] + [f"print({x})" for x in names]
+    return [f"{x}={y}" for x in letters for y in letters + string.digits if x != y] + [f"print({x})" for x in letters]
 
 
 def training_programs(cfg: JobConfig) -> list[Program]:
     """`canary.programs` programs, hop counts uniform on 1..train_hops (so every batch keeps copying, d = 1)."""
-    c = cfg.canary
+    c, letters = cfg.canary, variable_letters(cfg)
     rng = random.Random(c.seed)
     return [
-        make_program(rng, rng.randint(1, c.train_hops), c.distractor_chains, c.train_hops, c.queries)
+        make_program(rng, rng.randint(1, c.train_hops), c.distractor_chains, c.train_hops, c.queries, letters)
         for _ in range(c.programs)
     ]
 
 
 def evaluation_programs(cfg: JobConfig, exclude: set[str]) -> list[Program]:
     """`canary.eval_programs` programs for each d = 1 .. 2 * train_hops, none of them in `exclude` (train texts)."""
-    c = cfg.canary
+    c, letters = cfg.canary, variable_letters(cfg)
     rng = random.Random(c.seed + 1_000_003)
     programs = []
     for hops in range(1, 2 * c.train_hops + 1):
         found: dict[str, Program] = {}
         for _ in range(1000 * c.eval_programs):
-            p = make_program(rng, hops, c.distractor_chains, c.train_hops)
+            p = make_program(rng, hops, c.distractor_chains, c.train_hops, letters=letters)
             if p.text not in exclude:
                 found.setdefault(p.text, p)
             if len(found) == c.eval_programs:
@@ -143,6 +153,6 @@ def write_canary(cfg: JobConfig) -> dict[str, str]:
     with open(eval_path + ".tmp", "w") as f:
         f.writelines(json.dumps(asdict(p)) + "\n" for p in evaluation)
     os.replace(eval_path + ".tmp", eval_path)
-    cfg.data.sources, cfg.data.user_symbols = [text_path], statement_pieces()
+    cfg.data.sources, cfg.data.user_symbols = [text_path], statement_pieces(variable_letters(cfg))
     summary = prepare(cfg.data)
     return {"text": text_path, "eval": eval_path, "prepared": summary["prepared_dir"]}

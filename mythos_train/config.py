@@ -246,6 +246,8 @@ class CanaryConfig:
     "Seed of the programs; the evaluation set uses a different stream and excludes every training program."
     accuracy: bool = False
     "Measure answer accuracy by hops x inference loops at every evaluation (needs the canary's eval.jsonl)."
+    variables: int = 26
+    "Variable names programs draw from (the first N letters): fewer names make fewer statement pieces (N * (N + 9)), each seen more often in training; at least the (2 + distractor_chains) * train_hops variables of the longest evaluation program."
 
 
 @dataclass
@@ -533,10 +535,11 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         "canary.programs, canary.train_hops, canary.eval_programs and canary.queries must be >= 1, "
         "canary.distractor_chains >= 0",
     )
+    longest = (2 + canary.distractor_chains) * canary.train_hops  # variables of a 2 * train_hops evaluation program
     _check(
-        2 * canary.train_hops + canary.distractor_chains * canary.train_hops <= 26,
-        f"canary: 2 * train_hops + distractor_chains * train_hops = "
-        f"{(2 + canary.distractor_chains) * canary.train_hops} variables exceed the 26 letters",
+        longest <= canary.variables <= 26,
+        f"canary.variables ({canary.variables}) must be <= 26 letters and >= (2 + distractor_chains) * train_hops "
+        f"= {longest}, the variables of the longest evaluation program",
     )
     profile = cfg.profile
     _check(

@@ -12,7 +12,16 @@ import pytest
 from canary_testing import CANARY_TOML, prepare_canary
 
 from data_pipeline import DataError
-from mythos_train.canary import ANSWER_MARKER, evaluation_programs, make_program, read_eval_programs, write_canary
+from mythos_train.canary import (
+    ANSWER_MARKER,
+    evaluation_programs,
+    make_program,
+    read_eval_programs,
+    statement_pieces,
+    training_programs,
+    variable_letters,
+    write_canary,
+)
 from mythos_train.config import ConfigError, load_config, validate
 
 
@@ -87,6 +96,24 @@ def test_too_many_variables_is_a_config_error():
     cfg = load_config(CANARY_TOML, ["--canary.train_hops=6", "--canary.distractor_chains=3"])
     with pytest.raises(ConfigError, match="26 letters"):
         validate(cfg, 1)
+    cfg = load_config(CANARY_TOML, ["--canary.variables=15"])  # 4 hops, 2 distractors: 16 variables at d = 8
+    with pytest.raises(
+        ConfigError, match=r"canary.variables \(15\) .* >= \(2 \+ distractor_chains\) \* train_hops = 16"
+    ):
+        validate(cfg, 1)
+
+
+def test_fewer_variables_use_only_the_first_letters_and_register_their_pieces():
+    cfg = load_config(CANARY_TOML, ["--canary.variables=16", "--canary.programs=300", "--canary.eval_programs=8"])
+    validate(cfg, 1)
+    letters = set(variable_letters(cfg))
+    assert letters == set("abcdefghijklmnop")
+    pieces = set(statement_pieces(variable_letters(cfg)))
+    assert len(pieces) == 16 * (16 + 9) + 16  # x=y and x=digit statements, print(x) queries
+    for program in training_programs(cfg) + evaluation_programs(cfg, set()):
+        statements = program.text.removeprefix("pass;").replace(ANSWER_MARKER, ";").split(";")
+        assert all(s in pieces for s in statements if not s.isdigit()), program.text
+        assert set(re.findall(r"[a-z]", program.text.replace("print", "").replace("pass", ""))) <= letters
 
 
 def test_canary_text_inside_the_prepared_folder_is_a_config_error(tmp_path, monkeypatch):
