@@ -161,8 +161,9 @@ def micro_batch_activations(
     """Activation bytes of `tokens` tokens (micro_batch_size * seq_len) at backprop depth `n_grad`.
 
     Candidate peaks of the backward (the caller adds the FSDP buffers live at each and takes the largest):
-      head   everything saved + the loss gradient and the log-softmax's input gradient (2 F * V)
-      head_grad  then the log-softmax output is freed and the logits' gradient (a * V) meets the head's
+      head   everything saved; the loss (mythos_train/loss.py) made its gradient over the saved log-softmax
+             output, and only bf16 logits need a new buffer for theirs (a * V)
+      head_grad  then the fp32 gradient buffer is freed and the logits' gradient (a * V) meets the head's
              weight gradient (added by the caller)
       loop   prelude + the loop inputs + logits (the caller holds them) + the step being differentiated
              (recomputed under 'loop'/'full', else already saved) + its gradient working set: the gradients
@@ -205,7 +206,7 @@ def micro_batch_activations(
     logits = m.vocab_size * act_bytes
     recompute = policy != "none"
     phases = {
-        "head": saved + 2 * FP32 * m.vocab_size,
+        "head": saved + (logits if act_bytes != FP32 else 0),
         "head_grad": saved - FP32 * m.vocab_size + logits,
         "loop": pre_saved + loop_saved + logits + (step if recompute else 0) + step_grads,
         "dense": pre_saved + logits + (dense if policy == "full" else 0) + dense_grads if m.prelude_layers else 0,
@@ -217,8 +218,8 @@ def micro_batch_activations(
     if tp == 1:
         return ActivationMemory(saved * tokens, phases, step * tokens)
     # torch's loss_parallel builds the logits' gradient as (zeros with -1 scattered + exp(log-softmax)) * grad:
-    # three [tokens, V] fp32 at once (before the split), one more than the plain cross-entropy's backward
-    phases["head"] += FP32 * m.vocab_size * tokens
+    # three [tokens, V] fp32 at once besides the saved log-softmax (before the split)
+    phases["head"] = (saved + 3 * FP32 * m.vocab_size) * tokens
     g_step, g_dense = gathered_step_bytes(m, act_bytes, cpu)
     g_pre, g_coda = (m.prelude_layers * g_dense, m.coda_layers * g_dense) if policy != "full" else (0, 0)
     g_loop = n_grad * g_step if policy == "none" else 0
