@@ -17,7 +17,8 @@ class _CrossEntropySum(torch.autograd.Function):
     The forward writes the gradient, softmax - one_hot, over its own log-probabilities, and backward scales it in
     place (by 0 on ignored rows): autograd's cross-entropy instead zero-fills one fresh [N, V] tensor for NLL's
     gradient and writes log_softmax's into another, ~10% of the bench step on CPU and two [N, V] buffers at the
-    step's memory peak. Its backward runs once (a second one, under retain_graph, is refused by autograd).
+    step's memory peak. Its backward runs once (a second one, under retain_graph, is refused by autograd) and is not
+    differentiable (create_graph is refused too).
     """
 
     @staticmethod
@@ -25,7 +26,7 @@ class _CrossEntropySum(torch.autograd.Function):
         grad = torch.log_softmax(logits.float(), dim=-1)  # [N, V] fp32 log-probabilities, then their gradient
         valid = (labels != IGNORE_INDEX).unsqueeze(1)  # [N, 1]
         targets = labels.unsqueeze(1).where(valid, 0)  # [N, 1]
-        loss = -grad.gather(1, targets).where(valid, 0).sum()
+        loss = grad.gather(1, targets).neg().where(valid, 0).sum()
         valid = valid.to(grad.dtype)  # [N, 1]: 1, or 0 on ignored rows
         grad.exp_().scatter_add_(1, targets, -valid)  # softmax - one_hot; ignored rows are zeroed by backward's scale
         ctx.save_for_backward(grad, valid)
@@ -34,6 +35,8 @@ class _CrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        if torch.is_grad_enabled():  # create_graph: the gradient below is a constant, its own gradient would be lost
+            raise RuntimeError("cross_entropy_sum has no double backward (create_graph=True): use F.cross_entropy")
         grad, valid = ctx.saved_tensors
         return grad.mul_(valid * grad_loss).to(ctx.logits_dtype), None
 

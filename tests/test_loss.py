@@ -26,9 +26,18 @@ def test_loss_and_gradient_equal_autograd_cross_entropy(dtype):
         torch.testing.assert_close(cross_entropy_sum(logits, labels), expected.detach(), rtol=1e-6, atol=1e-6)
 
 
-def test_a_second_backward_is_refused_not_wrong():
+def test_a_second_backward_or_double_backward_is_refused_not_wrong():
     logits = torch.randn(2, 4, 7, requires_grad=True)
     loss = cross_entropy_sum(logits, torch.randint(0, 7, (2, 4)))
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(cross_entropy_sum(logits, torch.randint(0, 7, (2, 4))), logits, create_graph=True)
+
+
+def test_all_ignored_labels_give_zero_loss_and_gradient():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    loss = cross_entropy_sum(logits, torch.full((2, 3), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0 and not torch.signbit(loss) and logits.grad.abs().max() == 0

@@ -161,8 +161,9 @@ def micro_batch_activations(
     """Activation bytes of `tokens` tokens (micro_batch_size * seq_len) at backprop depth `n_grad`.
 
     Candidate peaks of the backward (the caller adds the FSDP buffers live at each and takes the largest):
-      head   everything saved; the loss (mythos_train/loss.py) made its gradient over the saved log-softmax
-             output, and only bf16 logits need a new buffer for theirs (a * V)
+      head   everything saved; the loss (mythos_train/loss.py) makes its gradient over the saved log-softmax
+             output; logits narrower than fp32 add the fp32 copy its forward takes (F * V, more than the backward's
+             a * V gradient)
       head_grad  then the fp32 gradient buffer is freed and the logits' gradient (a * V) meets the head's
              weight gradient (added by the caller)
       loop   prelude + the loop inputs + logits (the caller holds them) + the step being differentiated
@@ -206,7 +207,7 @@ def micro_batch_activations(
     logits = m.vocab_size * act_bytes
     recompute = policy != "none"
     phases = {
-        "head": saved + (logits if act_bytes != FP32 else 0),
+        "head": saved + (FP32 * m.vocab_size if act_bytes != FP32 else 0),
         "head_grad": saved - FP32 * m.vocab_size + logits,
         "loop": pre_saved + loop_saved + logits + (step if recompute else 0) + step_grads,
         "dense": pre_saved + logits + (dense if policy == "full" else 0) + dense_grads if m.prelude_layers else 0,
