@@ -118,6 +118,8 @@ class TrainConfig:
     "Largest total depth drawn (caps the distribution's tail)."
     backprop_depth: int = 4
     "Most iterations that get gradients (truncated backprop: the last k of the loop)."
+    depth_warmup_steps: int = 0
+    "Optimizer steps at the start of training run at depth 1 (one iteration, with gradients) before the depth distribution takes over: the block first learns what one iteration can do, then to repeat it (docs/science.md: looped training from scratch stayed at the canary's baseline where this curriculum reached 0.95)."
     router_bias_rate: float = 1e-3
     "Aux-loss-free balancing: bias += rate * sign(mean_load - load) per step (DeepSeek-V3)."
     max_grad_norm: float = 1.0
@@ -504,6 +506,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         1 <= train.backprop_depth <= train.max_depth,
         f"train.backprop_depth ({train.backprop_depth}) must be in [1, train.max_depth ({train.max_depth})]",
     )
+    _check(train.depth_warmup_steps >= 0, f"train.depth_warmup_steps ({train.depth_warmup_steps}) must be >= 0")
     if train.depth_distribution == "fixed":
         _check(
             float(train.mean_depth).is_integer(),

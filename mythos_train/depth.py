@@ -18,7 +18,8 @@ LOGNORMAL_SIGMA = 0.5
 
 
 class DepthSampler:
-    """`sample(step) -> (n_nograd, n_grad)`; total = n + k, k = min(total, backprop_depth) (truncated backprop).
+    """`sample(step) -> (n_nograd, n_grad)`; total = n + k, k = min(total, backprop_depth) (truncated backprop);
+    (0, 1) for the first depth_warmup_steps steps.
 
     Distributions of the total depth (clamped to [min_depth, max_depth]):
       fixed              mean_depth
@@ -37,6 +38,7 @@ class DepthSampler:
         self.min_depth = train.min_depth
         self.max_depth = train.max_depth
         self.backprop_depth = train.backprop_depth
+        self.warmup_steps = train.depth_warmup_steps
 
     def total_depth(self, step: int) -> int:
         # 0x5DE9 tags this stream so it never coincides with another user of (seed, step).
@@ -58,6 +60,8 @@ class DepthSampler:
         return min(max(total, self.min_depth), self.max_depth)
 
     def sample(self, step: int) -> tuple[int, int]:
+        if step < self.warmup_steps:
+            return 0, 1
         total = self.total_depth(step)
         n_grad = min(total, self.backprop_depth)
         return total - n_grad, n_grad

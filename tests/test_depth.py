@@ -101,3 +101,9 @@ def test_truncated_backprop_gives_grads_to_all_that_learn():
         full_logits = ref(global_batch(0, 4)[:, :-1], n_nograd=0, n_grad=n + k)
     logits = copy.deepcopy(model)(global_batch(0, 4)[:, :-1], n_nograd=n, n_grad=k)
     torch.testing.assert_close(logits, full_logits, rtol=0, atol=0)
+
+
+def test_depth_warmup_runs_one_iteration_then_the_distribution_unchanged():
+    plain, warm = sampler(seed=5, min_depth=2), sampler(seed=5, min_depth=2, depth_warmup_steps=30)
+    assert [warm.sample(step) for step in range(30)] == [(0, 1)] * 30  # below min_depth: the warm-up wins
+    assert [warm.sample(step) for step in range(30, 300)] == [plain.sample(step) for step in range(30, 300)]
