@@ -121,4 +121,8 @@ def test_resume_equals_uninterrupted_run_and_reshards_to_one_rank(data_dir, tmp_
     for step in (3, 4):
         assert one["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-5)
     for name, tensor in straight["state"].items():
-        torch.testing.assert_close(one["state"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+        # The router's gradient comes through the gate renormalisation, and AdamW turns its rounding (one rank's
+        # sums vs two ranks') into the largest differences: 1.1e-6 with autograd's cross-entropy, 2.7e-6 with the
+        # loss's own gradient (mythos_train/loss.py); every other tensor stays within 1.3e-7.
+        atol = 1e-5 if name.endswith("router.weight") else 1e-6
+        torch.testing.assert_close(one["state"][name], tensor, rtol=1e-4, atol=atol, msg=name)
