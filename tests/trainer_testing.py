@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -121,7 +122,11 @@ def tiny_config(data_dir: Path, run_dir: Path, overrides: list[str] | None = Non
     path = Path(run_dir).parent / f"{Path(run_dir).name}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     model = "\n".join(f"{key} = {json.dumps(value)}" for key, value in TRAINER_MODEL.items())
-    path.write_text(TINY_TOML.format(model=model, vocab=VOCAB, run_dir=run_dir, data_dir=data_dir))
+    # Atomic: spawned ranks each write the same file, and one must never read another's half-written one (it
+    # would load the defaults: data/stdlib).
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(TINY_TOML.format(model=model, vocab=VOCAB, run_dir=run_dir, data_dir=data_dir))
+    os.replace(partial, path)
     return load_config(path, overrides)
 
 
