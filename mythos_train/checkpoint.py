@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from mythos_train.checkpoint_safety import MARKER, checksum_file, dcp_load, file_checksums, verify
+from mythos_train.checkpoint_safety import MARKER, checkpoint_keys, checksum_file, dcp_load, file_checksums, verify
 from mythos_train.config import CheckpointConfig, ConfigError, ModelConfig
 from mythos_train.distributed import fault_point
 
@@ -142,14 +142,18 @@ def read_train_state(path: Path) -> dict:
     return json.loads((Path(path) / TRAIN_STATE).read_text())
 
 
-def check_model_config(path: Path, model: ModelConfig) -> None:
+def check_model_config(path: Path, model: ModelConfig, allowed: tuple[str, ...] | list[str] = ()) -> None:
     """Refuse a checkpoint trained with another [model] section, naming the fields: even a field that keeps every
-    tensor shape (rope_theta, norm_eps) changes what the weights compute."""
-    recorded = read_train_state(path).get("model_config") or {}
+    tensor shape (rope_theta, norm_eps) changes what the weights compute. `allowed` fields may differ. A field the
+    checkpoint does not record is newer than it, so it was trained with that field's default."""
+    recorded = read_train_state(path).get("model_config")
+    if not recorded:
+        return
+    defaults = dataclasses.asdict(ModelConfig())
     changed = [
-        f"{name} = {value!r} (checkpoint: {recorded[name]!r})"
+        f"{name} = {value!r} (checkpoint: {recorded.get(name, defaults[name])!r})"
         for name, value in dataclasses.asdict(model).items()
-        if name in recorded and recorded[name] != value
+        if recorded.get(name, defaults[name]) != value and name not in allowed
     ]
     if changed:
         raise ConfigError(
@@ -159,20 +163,29 @@ def check_model_config(path: Path, model: ModelConfig) -> None:
         )
 
 
-def load_model_weights(model: nn.Module, path: Path) -> dict:
-    """Load only the model state of checkpoint `path` into `model` (sharded or not); returns its train state."""
+def load_model_weights(model: nn.Module, path: Path, partial: bool = False) -> dict:
+    """Load only the model state of checkpoint `path` into `model` (sharded or not); returns its train state.
+
+    partial: parameters the checkpoint lacks keep their values and the checkpoint's others are ignored; both lists
+    are logged (a curriculum stage that switches a recipe choice, checkpoint.init_from_changes)."""
     model_state = get_model_state_dict(model)
+    if partial:
+        stored = {key.removeprefix("model.") for key in checkpoint_keys(path) if key.startswith("model.")}
+        for what, names in (("kept their init", model_state.keys() - stored), ("dropped", stored - model_state.keys())):
+            if names:
+                logger.info("init_from %s: parameters %s: %s", path, what, ", ".join(sorted(names)))
     state = {"model": model_state}
-    dcp_load(state, path)
+    dcp_load(state, path, allow_partial_load=partial)
     set_model_state_dict(model, state["model"])
     return read_train_state(path)
 
 
 def init_source(cfg: CheckpointConfig, model: ModelConfig) -> Path:
-    """checkpoint.init_from's verified checkpoint, trained with the same [model] section (ConfigError otherwise)."""
+    """checkpoint.init_from's verified checkpoint, trained with the same [model] section but for the fields in
+    checkpoint.init_from_changes (ConfigError otherwise)."""
     try:
         path = resolve_checkpoint(cfg.init_from)
-        check_model_config(path, model)
+        check_model_config(path, model, cfg.init_from_changes)
     except (FileNotFoundError, ConfigError) as err:
         raise ConfigError(f"checkpoint.init_from = {cfg.init_from}: {err}") from None
     return path
@@ -410,7 +423,7 @@ class CheckpointManager:
         """A new run's start from checkpoint.init_from's model weights (a curriculum stage), if set."""
         if self.cfg.init_from:
             path = init_source(self.cfg, self.model_config)
-            step = load_model_weights(self.model, path)["step"]
+            step = load_model_weights(self.model, path, partial=bool(self.cfg.init_from_changes))["step"]
             logger.info("initialised the model from %s (its step %d); optimizer and step start fresh", path, step)
 
     def _pick_verified(self) -> int:

@@ -124,9 +124,18 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def dcp_load(state: dict, path: Path, process_group: dist.ProcessGroup | None = None) -> None:
-    """dcp.load `state` in place from `path` through the safe reader and planner."""
-    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), process_group=process_group)
+def dcp_load(
+    state: dict, path: Path, process_group: dist.ProcessGroup | None = None, allow_partial_load: bool = False
+) -> None:
+    """dcp.load `state` in place from `path` through the safe reader and planner (allow_partial_load: entries of
+    `state` the checkpoint lacks keep their values)."""
+    planner = SafeLoadPlanner(allow_partial_load=allow_partial_load)
+    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=planner, process_group=process_group)
+
+
+def checkpoint_keys(path: Path) -> set[str]:
+    """The flattened state-dict keys stored in checkpoint `path` (e.g. 'model.norm.weight')."""
+    return set(SafeFileSystemReader(path).read_metadata().state_dict_metadata)
 
 
 # --------------------------------------------------------------------------- file checksums

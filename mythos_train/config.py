@@ -71,8 +71,14 @@ class ModelConfig:
     "ACT: cumulative halting probability at which a position stops."
     injection: Literal["lti", "parcae"] = "lti"
     "Loop update: 'lti' = A*h + B*e (open-mythos, diagonal B); 'parcae' = exp(-dt*A)*h + dt*(B e) with a full B."
+    injection_b_init: float = 0.1
+    "Initial value of the injection's diagonal B, how strongly the prelude output e enters each step (open-mythos: 0.1)."
+    initial_state: Literal["prelude", "zero", "noise"] = "prelude"
+    "The loop's starting state h_0: the prelude output e (open-mythos), zeros, or fresh truncated-normal noise of std sqrt(2 / (5 dim)) every forward (Huginn); e is injected every step either way."
+    loop_embedding: bool = True
+    "Add the sinusoidal loop-index embedding to the block input (open-mythos); off: every step sees the same function of (h, e)."
     lora_rank: int = 8
-    "Rank of the depth-wise LoRA on the looped block's output."
+    "Rank of the depth-wise LoRA on the looped block's output; 0 = no depth LoRA."
     rope_theta: float = 500000.0
     "RoPE base frequency."
     norm_eps: float = 1e-6
@@ -178,6 +184,8 @@ class CheckpointConfig:
     "Resume from the checkpoint of exactly this step (an error if it is missing or damaged); -1 = the newest that verifies."
     init_from: str = ""
     "Start a new run from another run's weights: a checkpoints folder (its newest verified step) or one step-N folder; model weights only (fresh optimizer, schedule, step 0, this run's data), for a curriculum stage. Ignored once this run has a checkpoint of its own (a restart resumes that)."
+    init_from_changes: list[str] = field(default_factory=list)
+    "[model] fields this run may set differently from init_from's checkpoint (a stage that switches a recipe choice, e.g. ['use_act', 'lora_rank']): parameters only the checkpoint has are dropped and parameters only this model has keep their init, both logged; a parameter whose shape changed is an error."
 
 
 @dataclass
@@ -282,7 +290,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin in (list, tuple):
         (item_tp,) = typing.get_args(tp)[:1]
         if isinstance(value, str):
-            value = [v for v in value.strip("[]").split(",") if v.strip()] if value.strip() else []
+            value = [v.strip().strip("'\"") for v in value.strip("[]").split(",") if v.strip()]  # [a, 'b'] alike
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         return [_convert(v.strip() if isinstance(v, str) else v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -461,6 +469,10 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
         f"model.n_experts_per_tok ({model.n_experts_per_tok}) must be <= model.n_experts ({model.n_experts})",
     )
     _check(0.0 < model.act_threshold <= 1.0, "model.act_threshold must be in (0, 1]")
+    _check(model.lora_rank >= 0, f"model.lora_rank ({model.lora_rank}) must be >= 0 (0 = no depth LoRA)")
+    model_fields = {f.name for f in dataclasses.fields(model)}
+    for name in cfg.checkpoint.init_from_changes:
+        _check(name in model_fields, f"checkpoint.init_from_changes: {name!r} is not a [model] field")
     _check(parallel.timeout_s > 0, f"parallel.timeout_s ({parallel.timeout_s}) must be > 0")
     _check(
         parallel.shared_expert_chunks >= 1,

@@ -195,14 +195,18 @@ class Evaluator:
     def run(self, step: int) -> dict[int, float]:
         was_training = self.model.training
         self.model.eval()
-        try:
-            losses = self.losses()
-            by_source = self.source_losses()
-            text = self.sample() if self.cfg.eval.sample_tokens > 0 else None
-            self.last_canary = self.canary_accuracy(step) if self.cfg.canary.accuracy else None
-        finally:
-            self.model.train(was_training)
-            reshard(self.model)
+        # Forked generator, seeded: a noise initial state (model.initial_state) draws the same at every evaluation,
+        # and training's stream is untouched, so a run resumed after an evaluation stays exact.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.train.seed)
+            try:
+                losses = self.losses()
+                by_source = self.source_losses()
+                text = self.sample() if self.cfg.eval.sample_tokens > 0 else None
+                self.last_canary = self.canary_accuracy(step) if self.cfg.canary.accuracy else None
+            finally:
+                self.model.train(was_training)
+                reshard(self.model)
         if self.is_main:
             self.metrics.scalars(step, {f"eval/loss/loops_{n:03d}": v for n, v in losses.items()})
             self.metrics.scalars(step, {f"eval/loss_by_source/{name}": v for name, v in by_source.items()})

@@ -81,3 +81,32 @@ def test_a_missing_or_damaged_source_names_the_field(source, tmp_path):
     with pytest.raises(ConfigError, match=r"checkpoint.init_from = .*damaged.*verif"):
         train_in_process(cfg)
     assert not (tmp_path / "b" / "checkpoints").exists() or checkpoint_dirs(tmp_path / "b" / "checkpoints") == []
+
+
+def test_init_from_changes_switches_a_recipe_choice(source, tmp_path):
+    """A stage that turns ACT on and the depth LoRA off: refused without checkpoint.init_from_changes, naming the
+    fields; with it, every shared parameter is the source's, the halting head is what a fresh run initialises, and
+    the LoRA is gone."""
+    data_dir, folder, weights = source
+    switch = ["--model.use_act=true", "--model.lora_rank=0"]
+    start = [f"--checkpoint.init_from={folder}"]
+    with pytest.raises(ConfigError, match=r"model.use_act = True \(checkpoint: False\), model.lora_rank = 0"):
+        preflight(tiny_config(data_dir, tmp_path / "refused", switch + start), 1)
+    cfg = tiny_config(
+        data_dir, tmp_path / "run", switch + start + ["--checkpoint.init_from_changes=['use_act', 'lora_rank']"]
+    )
+    fresh_trainer = _resumed(tiny_config(data_dir, tmp_path / "fresh", switch))
+    fresh = consolidated_model_state(fresh_trainer.model)
+    fresh_trainer.close()
+    destroy_distributed()
+    trainer = _resumed(cfg)
+    try:
+        got = consolidated_model_state(trainer.model)
+        assert {name for name in weights if name not in got} == {n for n in weights if n.startswith("recurrent.lora.")}
+        assert {name for name in got if name not in weights} == {"recurrent.act.halt.weight", "recurrent.act.halt.bias"}
+        for name, tensor in got.items():
+            expected = weights.get(name, fresh[name])
+            torch.testing.assert_close(tensor, expected, rtol=0, atol=0, msg=name)
+    finally:
+        trainer.close()
+        destroy_distributed()

@@ -50,14 +50,18 @@ def test_bf16_update_is_rounded_once(injection):
     assert out.dtype == torch.bfloat16 and ((out.double() - exact).abs() <= half_step + fp32_sum_error).all()
 
 
-def _manual_forward(model: MythosModel, tokens: torch.Tensor, n_nograd: int, n_grad: int) -> torch.Tensor:
-    """The model written out as open-mythos states it, with the first n_nograd states detached instead of no_grad."""
+def _manual_forward(
+    model: MythosModel, tokens: torch.Tensor, n_nograd: int, n_grad: int, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The model written out as open-mythos states it, with the first n_nograd states detached instead of no_grad,
+    and the recipe switches (initial state: `noise` for 'noise', loop embedding, LoRA) as the config says."""
     cfg, rec = model.cfg, model.recurrent
     rope = model.rope(0, tokens.shape[1])
     h = model.tok_embeddings(tokens)
     for layer in model.prelude:
         h, _ = layer(h, rope)
     e = h
+    h = {"prelude": e, "zero": torch.zeros_like(e), "noise": noise}[cfg.initial_state]
     inj = rec.injection
     A = torch.exp(-torch.exp((inj.log_dt + inj.log_A).clamp(-20, 20)))
     Be = inj.B * e if cfg.injection == "lti" else torch.exp(inj.log_dt) * (e @ (torch.diag(inj.B) + inj.W).T)
@@ -69,11 +73,12 @@ def _manual_forward(model: MythosModel, tokens: torch.Tensor, n_nograd: int, n_g
         freqs = 1.0 / (10000.0 ** (torch.arange(0, loop_dim, 2).float() / loop_dim))
         emb = torch.zeros(cfg.dim)
         emb[:loop_dim] = torch.cat([(t * freqs).sin(), (t * freqs).cos()])
-        x = h + emb + e
+        x = h + emb * cfg.loop_embedding + e
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * rec.norm.weight
         y, _ = rec.block(x, rope)
-        scale = rec.lora.scale.weight[min(t, cfg.max_loop_iters - 1)]
-        y = y + ((y @ rec.lora.down.weight.T) * scale) @ rec.lora.B
+        if cfg.lora_rank:
+            scale = rec.lora.scale.weight[min(t, cfg.max_loop_iters - 1)]
+            y = y + ((y @ rec.lora.down.weight.T) * scale) @ rec.lora.B
         h = A * h + Be + y
         if t < n_nograd:
             h = h.detach()
@@ -118,6 +123,40 @@ def test_truncated_loop_gradients_equal_autograd_with_detached_prefix(injection,
     if n_nograd:  # the gradient-free prefix must really be cut: full backprop gives other gradients
         full = _grads(model, model(tokens, n_grad=n_nograd + n_grad), targets)
         assert not torch.allclose(full["recurrent.injection.log_A"], got["recurrent.injection.log_A"])
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [dict(initial_state="zero"), dict(loop_embedding=False), dict(lora_rank=0), dict(initial_state="noise")],
+    ids=["zero-state", "no-loop-embedding", "no-lora", "noise-state"],
+)
+def test_recipe_switches_equal_the_written_out_loop(recipe):
+    """The canary study's switches (docs/science.md) compute what the written-out loop says, gradients included;
+    the noise state is Huginn's truncated normal, redrawn every forward from the default generator."""
+    model = _model(**recipe)
+    tokens, targets = torch.randint(0, 50, (2, 2, 12), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(7)
+    got = _grads(model, model(tokens, n_nograd=1, n_grad=2), targets)
+    noise = None
+    if recipe.get("initial_state") == "noise":
+        std = (2 / (5 * model.cfg.dim)) ** 0.5
+        torch.manual_seed(7)
+        noise = torch.empty(2, 12, model.cfg.dim)
+        torch.nn.init.trunc_normal_(noise, std=std, a=-3 * std, b=3 * std)
+        assert noise.abs().max() <= 3 * std and abs(noise.std().item() / std - 0.987) < 0.05  # 3-sigma truncation
+        assert not torch.equal(model(tokens), model(tokens))
+    expected = _grads(model, _manual_forward(model, tokens, 1, 2, noise), targets)
+    assert got.keys() == expected.keys()
+    assert ("recurrent.lora.B" in got) == (model.cfg.lora_rank > 0)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_injection_b_init_sets_the_diagonal():
+    for injection in ("lti", "parcae"):
+        torch.manual_seed(0)
+        model = MythosModel(tiny_model_config(**DIM32, injection=injection, injection_b_init=0.5))
+        assert torch.equal(model.recurrent.injection.B, torch.full((model.cfg.dim,), 0.5))
 
 
 def test_checkpointed_iterations_give_same_grads_and_count_load_once():

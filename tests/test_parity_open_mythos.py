@@ -87,3 +87,10 @@ def test_logits_match_when_all_positions_halt(reference):
 def test_export_refuses_inexact_settings():
     with pytest.raises(ValueError, match="use_act"):
         to_open_mythos_state_dict({}, _cfg("mla", use_act=False))
+    for switch, name in [
+        (dict(initial_state="zero"), "initial_state"),
+        (dict(loop_embedding=False), "loop_embedding"),
+        (dict(lora_rank=0), "lora_rank"),
+    ]:  # no form in open-mythos: refused even when an inexact export is allowed
+        with pytest.raises(ValueError, match=name):
+            to_open_mythos_state_dict({}, _cfg("mla", **switch), require_exact=False)

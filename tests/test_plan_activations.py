@@ -30,6 +30,7 @@ VARIANTS = {
     "parcae, no shared experts": ["--model.injection=parcae", "--model.n_shared_experts=0"],
     "wide ffn": ["--model.dense_ffn_dim=512", "--model.expert_dim=96", "--model.n_experts_per_tok=3"],
     "tiled shared experts": ["--parallel.shared_expert_chunks=4", "--model.expert_dim=96"],
+    "no depth LoRA, no loop embedding": ["--model.lora_rank=0", "--model.loop_embedding=false"],
 }
 
 
@@ -67,14 +68,18 @@ def test_block_formulas_match_saved_tensors(variant: str):
     assert dense_block_bytes(m, 4, True) * B * S == pytest.approx(dense + m.dim * 4 * B * S, rel=0.01)
 
 
-@pytest.mark.parametrize("policy, chunks", [("none", 1), ("loop", 1), ("full", 1), ("none", 4)])
-def test_saved_at_end_of_forward(policy: str, chunks: int):
-    cfg = load_config("configs/debug.toml", ["--model.vocab_size=512"])
+@pytest.mark.parametrize(
+    "policy, chunks, n, initial_state",
+    [("none", 1, 1, "prelude"), ("loop", 1, 1, "prelude"), ("full", 1, 1, "prelude"), ("none", 4, 1, "prelude")]
+    + [("full", 1, 0, "zero"), ("loop", 1, 0, "noise")],  # h_0 is not e: both are saved
+)
+def test_saved_at_end_of_forward(policy: str, chunks: int, n: int, initial_state: str):
+    cfg = load_config("configs/debug.toml", ["--model.vocab_size=512", f"--model.initial_state={initial_state}"])
     torch.manual_seed(0)
     model = MythosModel(cfg.model)
     wrap = apply_activation_checkpointing(model, policy, shared_expert_chunks=chunks)
     tokens = torch.randint(0, cfg.model.vocab_size, (4, 65))
-    n, k = 1, 3
+    k = 3
     cross_entropy_sum(model(tokens[:, :-1], n_nograd=n, n_grad=k, wrap_iteration=wrap), tokens[:, 1:]).backward()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         logits = model(tokens[:, :-1], n_nograd=n, n_grad=k, wrap_iteration=wrap)

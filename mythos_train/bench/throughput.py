@@ -5,7 +5,8 @@ bench shape (dim 256, MLA, 64 experts top-4, 2+2 dense blocks, 8 gradient loops,
 importable, the same step around open-mythos 0.5.0's forward on the same shape, round robin (each round: one timed
 square fp32 matmul, the peak, then one step of each model), and prints our same-depth speed-up as the median of the
 rounds' ratios. `--clock cpu` times CPU work instead of wall time; `--profile FILE` adds the phase table of
-`python -m mythos_train profile` for one of our steps.
+`python -m mythos_train profile` for one of our steps; `--compile` compiles both models' transformer blocks as
+`parallel.compile` does ours (the loops stay eager).
 `bench --sweep --config job.toml` instead times the trainer's real step over checkpointing policy x micro-batch x
 loop depth (mythos_train/bench/sweep.py; `bench --sweep --help`).
 """
@@ -121,6 +122,10 @@ def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.devi
     """(our training step, report(times, peaks) -> result row)."""
     torch.manual_seed(0)
     model = MythosModel(cfg).to(device)
+    if args.compile:  # as the trainer's parallel.compile: torch 2.13 traces the routed experts in bf16 only (fp32 here)
+        from parallel.compile import apply_compile
+
+        apply_compile(model, compile_experts=False)
     step = _train_step(model, model_forward(model), tokens, args.loops)
     flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
 
@@ -177,6 +182,9 @@ def _bench_reference(
     torch.manual_seed(0)
     kwargs = open_mythos_config_kwargs(cfg) | ({"act_threshold": float("inf")} if full_depth else {})
     model = reference.OpenMythos(reference.MythosConfig(**kwargs)).to(device)
+    if args.compile:  # its blocks, as ours: the MoE's per-expert loop breaks the graph, so not fullgraph
+        for block in (*model.prelude, model.recurrent.block, *model.coda):
+            block.compile()
     iterations = []
     model.recurrent.block.register_forward_hook(lambda *_: iterations.append(1))
     step = _train_step(model, lambda batch, n_nograd, n_grad: model(batch["input_ids"], n_loops=n_nograd + n_grad), tokens, args.loops)  # fmt: skip
@@ -214,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
         "time spent waiting for a core, so medians move less)",
     )
     parser.add_argument("--no-reference", action="store_true", help="skip timing open-mythos")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models' transformer blocks")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one of our steps to this file")
     parser.add_argument(
         "--sweep",
@@ -229,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     print(
         f"device {device.type}, {torch.get_num_threads()} threads, batch {args.batch} x seq {args.seq}, "
-        f"{args.loops} loops; medians of {args.steps} rounds, each one {args.peak_size}^2 fp32 matmul then one step of "
+        f"{args.loops} loops{', compiled blocks' if args.compile else ''}; medians of {args.steps} rounds, each one {args.peak_size}^2 fp32 matmul then one step of "
         f"each model ({args.clock} clock)"
     )
     candidates = {"mythos_train": _bench_ours(cfg, args, tokens, device)}

@@ -116,7 +116,8 @@ class MythosModel(nn.Module):
             for i, layer in enumerate(self.prelude):
                 h, _ = layer(h, rope, cache_slot(kv_cache, f"prelude_{i}"))
         weight = None if not pad else pad_weight(length, tokens.shape[1], h, self.sequence_rank)
-        h = self.recurrent(h, h, rope, n_nograd, n_grad, wrap_iteration, kv_cache, weight)
+        h_0 = self.recurrent.start_state(h, self.sequence_multiple, self.sequence_rank)
+        h = self.recurrent(h_0, h, rope, n_nograd, n_grad, wrap_iteration, kv_cache, weight)
         with record_function("mythos:coda"):
             for i, layer in enumerate(self.coda):
                 h, _ = layer(h, rope, cache_slot(kv_cache, f"coda_{i}"))

@@ -2,7 +2,8 @@
 
 The maths is the same with `use_act=True`, `injection="lti"`, the default dense width and norm_eps 1e-6; then the
 exported weights give the same logits. Other settings have no open-mythos equivalent and raise, unless
-`require_exact=False` (ACT off: the halting head is exported as zeros, and open-mythos will weight the states).
+`require_exact=False` (ACT off: the halting head is exported as zeros, and open-mythos will weight the states);
+`unexportable` ones raise always.
 """
 
 from __future__ import annotations
@@ -43,13 +44,27 @@ _SAME_FIELDS = (
 )
 
 
-def exactness_problems(cfg: ModelConfig) -> list[str]:
-    """Settings under which open-mythos would compute something else (empty = exact export)."""
+def unexportable(cfg: ModelConfig) -> list[str]:
+    """Settings open-mythos has no form for at all: no export, not even an approximate one."""
     problems = []
-    if not cfg.use_act:
-        problems.append("model.use_act = false (open-mythos always weights the loop states by ACT)")
     if cfg.injection != "lti":
         problems.append(f"model.injection = '{cfg.injection}' (open-mythos has only 'lti')")
+    if cfg.initial_state != "prelude":
+        problems.append(
+            f"model.initial_state = '{cfg.initial_state}' (open-mythos starts the loop at the prelude output)"
+        )
+    if not cfg.loop_embedding:
+        problems.append("model.loop_embedding = false (open-mythos always adds it)")
+    if cfg.lora_rank == 0:
+        problems.append("model.lora_rank = 0 (open-mythos always has the depth LoRA)")
+    return problems
+
+
+def exactness_problems(cfg: ModelConfig) -> list[str]:
+    """Settings under which open-mythos would compute something else (empty = exact export)."""
+    problems = unexportable(cfg)
+    if not cfg.use_act:
+        problems.append("model.use_act = false (open-mythos always weights the loop states by ACT)")
     if cfg.ffn_dim != cfg.dim * 4 // 3:
         problems.append(f"model.dense_ffn_dim = {cfg.dense_ffn_dim} (open-mythos uses dim * 4 // 3)")
     if cfg.norm_eps != 1e-6:
@@ -72,7 +87,7 @@ def to_open_mythos_state_dict(
 ) -> dict:
     """Our (full, unsharded) state dict -> an OpenMythos state dict that loads with strict=True."""
     if problems := exactness_problems(cfg):
-        if require_exact or cfg.injection != "lti":
+        if require_exact or unexportable(cfg):
             raise ValueError("open-mythos export would not reproduce this model: " + "; ".join(problems))
     out: dict[str, torch.Tensor] = {}
     shared_width = cfg.expert_dim * cfg.n_experts_per_tok

@@ -2,7 +2,8 @@
 
 One iteration (open-mythos `RecurrentBlock`):  x = norm(h + loop_emb(t) + e);  y = block(x);  y = y + lora(y, t);
 h' = A h + B e + y;  and, with ACT, a halting probability p(h'). A is diagonal with entries in [0, 1) for any
-parameter value, so the linear part of the update is contractive by construction (Parcae).
+parameter value, so the linear part of the update is contractive by construction (Parcae). h_0 is e, zeros or
+noise (model.initial_state); the loop embedding and the LoRA can be switched off (the canary's recipe study).
 
 Training never exits early (every rank must run the same number of collectives under FSDP): the first n_nograd
 iterations run without autograd, the last n_grad with it (truncated backprop through depth).
@@ -70,8 +71,9 @@ class DepthLoRA(nn.Module):
 class LTIInjection(nn.Module):
     """open-mythos: h' = A h + B e + y with A = exp(-exp(log_dt + log_A)) in (0, 1) and a diagonal B."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, b_init: float = 0.1):
         super().__init__()
+        self.b_init = b_init
         self.log_A = nn.Parameter(torch.empty(dim))
         self.log_dt = nn.Parameter(torch.empty(1))
         self.B = nn.Parameter(torch.empty(dim))
@@ -79,7 +81,7 @@ class LTIInjection(nn.Module):
     def init_weights(self, init_std: float) -> None:
         nn.init.zeros_(self.log_A)
         nn.init.zeros_(self.log_dt)
-        nn.init.constant_(self.B, 0.1)
+        nn.init.constant_(self.B, self.b_init)
 
     def get_A(self) -> torch.Tensor:
         """Diagonal of A [dim] in fp32, in [0, 1) for any parameter value.
@@ -106,12 +108,13 @@ class LTIInjection(nn.Module):
 class ParcaeInjection(LTIInjection):
     """Parcae: h' = exp(-dt A) h + dt (B e) + y, zero-order-hold discretised with a per-channel step dt and a full B.
 
-    B = diag(B_diag) + W, with B_diag = 0.1 and W = 0 at init: exactly the LTI update at its start (and an init
+    B = diag(B_diag) + W, with B_diag = b_init and W = 0 at init: exactly the LTI update at its start (and an init
     made of fills only, which works on sharded parameters where eye_ does not). Weight decay pulls W towards 0.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, b_init: float = 0.1):
         nn.Module.__init__(self)
+        self.b_init = b_init
         self.log_A = nn.Parameter(torch.empty(dim))
         self.log_dt = nn.Parameter(torch.empty(dim))
         self.B = nn.Parameter(torch.empty(dim))
@@ -143,7 +146,7 @@ class LoopStats:
     h_norm: torch.Tensor
     "[n_iters] mean L2 norm of the hidden state after each iteration."
     h_delta: torch.Tensor
-    "[n_iters] mean L2 norm of h_t - h_{t-1}, the change each iteration made (h_0 = the prelude output): convergence."
+    "[n_iters] mean L2 norm of h_t - h_{t-1}, the change each iteration made (from h_0, model.initial_state): convergence."
     tokens_per_expert: torch.Tensor
     "[n_iters, E] float32 routed (token, choice) slots per expert, counted once per real forward (never by AC recompute)."
     halting_depth_mean: torch.Tensor
@@ -178,13 +181,29 @@ class RecurrentBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, block: nn.Module):
         super().__init__()
         self.max_loop_iters, self.act_threshold = cfg.max_loop_iters, cfg.act_threshold
-        self.loop_dim = cfg.dim // 8
+        self.loop_dim = cfg.dim // 8 if cfg.loop_embedding else 0
+        self.initial_state = cfg.initial_state
         self.block = block
-        self.injection = ParcaeInjection(cfg.dim) if cfg.injection == "parcae" else LTIInjection(cfg.dim)
+        injection = ParcaeInjection if cfg.injection == "parcae" else LTIInjection
+        self.injection = injection(cfg.dim, cfg.injection_b_init)
         self.act = ACTHalting(cfg.dim) if cfg.use_act else None
-        self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
+        self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters) if cfg.lora_rank else None
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.last_stats: LoopStats | None = None
+
+    def start_state(self, e: torch.Tensor, n_slices: int = 1, slice_rank: int = 0) -> torch.Tensor:
+        """h_0 [B, T, dim] for the prelude output e (model.initial_state); e is slice `slice_rank` of n_slices of the
+        sequence under sequence parallelism. Noise is drawn for the whole sequence, so every layout draws the same
+        h_0, from the default generator: checkpoints keep its state, so a resumed run draws what the uninterrupted
+        one did (evaluation forks it). Data-parallel replicas draw the same noise for their own batches."""
+        if self.initial_state == "prelude":
+            return e
+        if self.initial_state == "zero":
+            return torch.zeros_like(e)
+        std = (2 / (5 * e.shape[-1])) ** 0.5  # Huginn's state init (Geiping et al. 2025)
+        noise = torch.empty((e.shape[0], e.shape[1] * n_slices, e.shape[2]), dtype=torch.float32, device=e.device)
+        nn.init.trunc_normal_(noise, std=std, a=-3 * std, b=3 * std)
+        return noise[:, slice_rank * e.shape[1] : (slice_rank + 1) * e.shape[1]].to(e.dtype)
 
     def loop_dynamics_fp32(self) -> dict[str, torch.Tensor]:
         """fp32 views of the LOOP_DYNAMICS parameters, made once per forward.
@@ -225,15 +244,17 @@ class RecurrentBlock(nn.Module):
         """
         phase = f"mythos:loop{loop_t}:{'grad' if torch.is_grad_enabled() else 'nograd'}"
         with record_function(phase), swapped_parameters(self, dynamics or {}):
-            emb = loop_index_embedding(loop_t, h.shape[-1], self.loop_dim, h.device)  # [dim] fp32
-            x = self.norm(h.float() + emb + e.float()).to(e.dtype)  # the block runs in the prelude's dtype
+            x = h.float() + e.float()
+            if self.loop_dim:
+                x = x + loop_index_embedding(loop_t, h.shape[-1], self.loop_dim, h.device)  # [dim] fp32
+            x = self.norm(x).to(e.dtype)  # the block runs in the prelude's dtype
             recorded = None if routing is None else routing.get(loop_t)  # recompute: the forward's choice
             if routing is not None and recorded is None:  # forward: all -1, the router chooses
                 recorded = torch.full((x.shape[:-1].numel(), self.block.moe.top_k), -1, device=x.device)
             y, (tokens_per_expert, selected) = self.block(x, rope, cache_slot(kv_cache, f"loop_{loop_t}"), recorded)
             if routing is not None:
                 routing.setdefault(loop_t, selected)
-            y = y.float() + self.lora(y.float(), loop_t)
+            y = y.float() if self.lora is None else y.float() + self.lora(y.float(), loop_t)
             h_next = self.injection(h, input_term, y)
             return h_next, tokens_per_expert, (self.act(h_next.float()) if self.act is not None else None)
 

@@ -25,8 +25,8 @@ the output and the fp32 log-sum-exp, never the S x S scores, so everything here 
                        shared SwiGLU 4 * shared_expert_dim (none when tiled, parallel.shared_expert_chunks = C > 1: its
                        backward then holds one chunk's 4 + 2 gradient, 6 * shared_expert_dim / C, at the 'loop' peak, plus
                        two fresh weight gradients dim x shared_expert_dim, per chunk, on their way into the accumulated ones),
-                  block output F * D (LoRA input), LoRA F * 2 * lora_rank, and the step's input h F * D (injection
-                  A*h); the loop dynamics and the carried h are fp32 whatever `a` (mythos_train/model/recurrent.py)
+                  block output F * D (LoRA input) and LoRA F * 2 * lora_rank (neither with lora_rank 0), and the
+                  step's input h F * D (injection A*h); the loop dynamics and the carried h are fp32 whatever `a` (mythos_train/model/recurrent.py)
     head          final norm input D and norm, its output D, logits a * V (held by the caller for the loss),
                   log-softmax output F * V
 
@@ -103,7 +103,7 @@ def loop_step_bytes(m: ModelConfig, act_bytes: int, cpu: bool, ep: int, shared_c
     step += attention_bytes(m, act_bytes, cpu) + m.dim * act_bytes  # attention, x + attn
     # ffn_norm, its output, MoE
     step += _norm(m.dim, act_bytes, cpu) + m.dim * act_bytes + moe_bytes(m, act_bytes, ep, shared_chunks)
-    step += m.dim * FP32 + 2 * m.lora_rank * FP32 + m.dim * FP32  # block output (LoRA input), LoRA, h: fp32
+    step += (m.dim * FP32 + 2 * m.lora_rank * FP32 if m.lora_rank else 0) + m.dim * FP32  # LoRA in + mid, h: fp32
     if m.use_act:
         step += 4 * FP32  # halting probability, its weight and the running masks (small)
     return step
@@ -199,8 +199,8 @@ def micro_batch_activations(
         raise ValueError(f"parallel.activation_checkpoint: unknown policy {policy!r}")
     if ep > 1 and policy != "none" and keep_all_to_all:
         loop_saved += n_grad * 2 * top_k * m.dim * act_bytes  # the step's two all-to-all outputs (module doc)
-    if n_nograd > 0:
-        loop_saved += m.dim * act_bytes  # e (the loop's input injection) is then not the first gradient step's input
+    if n_nograd > 0 or m.initial_state != "prelude":
+        loop_saved += m.dim * act_bytes  # e (the loop's injection) is not the first gradient step's input h
     if m.use_act:
         loop_saved += m.dim * FP32  # the fp32 halting-weighted output accumulator
     saved = pre_saved + loop_saved + coda_saved + head
