@@ -5,8 +5,8 @@ bench shape (dim 256, MLA, 64 experts top-4, 2+2 dense blocks, 8 gradient loops,
 importable, the same step around open-mythos 0.5.0's forward on the same shape, round robin (each round: one timed
 square fp32 matmul, the peak, then one step of each model), and prints our same-depth speed-up as the median of the
 rounds' ratios. `--clock cpu` times CPU work instead of wall time; `--profile FILE` adds the phase table of
-`python -m mythos_train profile` for one of our steps; `--compile` compiles both models' transformer blocks as
-`parallel.compile` does ours (the loops stay eager).
+`python -m mythos_train profile` for one of our steps; `--compile` adds both models with their transformer blocks
+compiled (as `parallel.compile` does ours; the loops stay eager) to the same rounds.
 `bench --sweep --config job.toml` instead times the trainer's real step over checkpointing policy x micro-batch x
 loop depth (mythos_train/bench/sweep.py; `bench --sweep --help`).
 """
@@ -111,18 +111,20 @@ def _report(name: str, times: list[float], peaks: list[float], step_flops: float
     step_s, peak = statistics.median(times), statistics.median(peaks)
     mfu, best_mfu = step_flops / step_s / peak, step_flops / min(times) / max(peaks)
     print(
-        f"{name:<44s} step {step_s * 1e3:7.1f} ms  {n_tokens / step_s:6.0f} tok/s  {step_flops / 1e9:5.1f} GFLOP  "
+        f"{name:<54s} step {step_s * 1e3:7.1f} ms  {n_tokens / step_s:6.0f} tok/s  {step_flops / 1e9:5.1f} GFLOP  "
         f"peak {peak / 1e9:5.1f} GFLOP/s  MFU {100 * mfu:4.1f}%  (best: step {min(times) * 1e3:.1f} ms, "
         f"peak {max(peaks) / 1e9:.1f}, MFU {100 * best_mfu:.1f}%)"
     )
     return {"step_s": step_s, "tokens_per_s": n_tokens / step_s, "peak_flops": peak, "mfu": mfu, "best_mfu": best_mfu}
 
 
-def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.device) -> tuple[Callable, Callable]:
+def _bench_ours(
+    cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.device, compiled: bool = False
+) -> tuple[Callable, Callable]:
     """(our training step, report(times, peaks) -> result row)."""
     torch.manual_seed(0)
     model = MythosModel(cfg).to(device)
-    if args.compile:  # as the trainer's parallel.compile: torch 2.13 traces the routed experts in bf16 only (fp32 here)
+    if compiled:  # as the trainer's parallel.compile: torch 2.13 traces the routed experts in bf16 only (fp32 here)
         from parallel.compile import apply_compile
 
         apply_compile(model, compile_experts=False)
@@ -130,8 +132,8 @@ def _bench_ours(cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.devi
     flops = training_flops_per_token(cfg, args.seq, 0, args.loops) * tokens[:, 1:].numel()
 
     def report(times: list[float], peaks: list[float]) -> dict:
-        row = _report("mythos_train", times, peaks, flops, tokens[:, 1:].numel())
-        if args.profile:
+        row = _report(f"mythos_train{' (compiled)' if compiled else ''}", times, peaks, flops, tokens[:, 1:].numel())
+        if args.profile and not compiled:
             _profile_step(step, model, cfg, args, device)
         return row
 
@@ -174,7 +176,7 @@ def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: 
 
 
 def _bench_reference(
-    reference, cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.device, full_depth: bool
+    reference, cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.device, full_depth: bool, compiled=False
 ) -> tuple[Callable, Callable]:
     """(open-mythos' training step, report). Its ACT leaves the loop once every position halted (after ~3 iterations
     at init), so FLOPs count the iterations it really ran; full_depth raises its halting threshold out of reach.
@@ -182,7 +184,7 @@ def _bench_reference(
     torch.manual_seed(0)
     kwargs = open_mythos_config_kwargs(cfg) | ({"act_threshold": float("inf")} if full_depth else {})
     model = reference.OpenMythos(reference.MythosConfig(**kwargs)).to(device)
-    if args.compile:  # its blocks, as ours: the MoE's per-expert loop breaks the graph, so not fullgraph
+    if compiled:  # its blocks, as ours: the MoE's per-expert loop breaks the graph, so not fullgraph
         for block in (*model.prelude, model.recurrent.block, *model.coda):
             block.compile()
     iterations = []
@@ -194,7 +196,8 @@ def _bench_reference(
         ref_cfg = dataclasses.replace(cfg, use_act=True)
         one, two = (training_flops_per_token(ref_cfg, args.seq, 0, n) for n in (1, 2))
         flops = (one + (loops_run - 1) * (two - one)) * tokens[:, 1:].numel()
-        name = f"open-mythos 0.5.0 ({'no early exit' if full_depth else 'ACT exit'}, {loops_run:.1f} loops)"
+        exit_rule = "no early exit" if full_depth else "ACT exit"
+        name = f"open-mythos 0.5.0 ({exit_rule}, {loops_run:.1f} loops{', compiled' if compiled else ''})"
         return _report(name, times, peaks, flops, tokens[:, 1:].numel()) | {"loops_run": loops_run}
 
     return step, report
@@ -222,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
         "time spent waiting for a core, so medians move less)",
     )
     parser.add_argument("--no-reference", action="store_true", help="skip timing open-mythos")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models' transformer blocks")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time both models with torch.compile'd transformer blocks"
+    )
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one of our steps to this file")
     parser.add_argument(
         "--sweep",
@@ -238,21 +243,32 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     print(
         f"device {device.type}, {torch.get_num_threads()} threads, batch {args.batch} x seq {args.seq}, "
-        f"{args.loops} loops{', compiled blocks' if args.compile else ''}; medians of {args.steps} rounds, each one {args.peak_size}^2 fp32 matmul then one step of "
+        f"{args.loops} loops; medians of {args.steps} rounds, each one {args.peak_size}^2 fp32 matmul then one step of "
         f"each model ({args.clock} clock)"
     )
     candidates = {"mythos_train": _bench_ours(cfg, args, tokens, device)}
+    if args.compile:
+        candidates["mythos_train_compiled"] = _bench_ours(cfg, args, tokens, device, compiled=True)
     reference = None if args.no_reference else load_open_mythos()
     if reference is not None:
         candidates["open_mythos"] = _bench_reference(reference, cfg, args, tokens, device, full_depth=False)
         candidates["open_mythos_full_depth"] = _bench_reference(reference, cfg, args, tokens, device, full_depth=True)
+        if args.compile:
+            candidates["open_mythos_full_depth_compiled"] = _bench_reference(
+                reference, cfg, args, tokens, device, full_depth=True, compiled=True
+            )
     steps = {name: step for name, (step, _) in candidates.items()}
     times, peaks = time_steps(steps, device, args.warmup, args.steps, args.peak_size, CLOCKS[args.clock])
     results = {name: report(times[name], peaks) for name, (_, report) in candidates.items()}
-    if "open_mythos_full_depth" in times:
-        ratios = [r / o for r, o in zip(times["open_mythos_full_depth"], times["mythos_train"])]
-        results["speedup_same_depth"] = statistics.median(ratios)
-        print(f"mythos_train vs open-mythos at the same depth: {statistics.median(ratios):.2f}x (median of the rounds)")
+    pairs = {  # result key: (ours, open-mythos at the same depth)
+        "speedup_same_depth": ("mythos_train", "open_mythos_full_depth"),
+        "speedup_same_depth_compiled": ("mythos_train_compiled", "open_mythos_full_depth_compiled"),
+        "speedup_compiled_vs_eager_reference": ("mythos_train_compiled", "open_mythos_full_depth"),
+    }
+    for key, (ours, theirs) in pairs.items():
+        if ours in times and theirs in times:
+            results[key] = statistics.median(r / o for r, o in zip(times[theirs], times[ours]))
+            print(f"{ours} vs {theirs}: {results[key]:.2f}x (median of the rounds' ratios)")
     return results
 
 
