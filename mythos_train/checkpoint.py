@@ -142,10 +142,15 @@ def read_train_state(path: Path) -> dict:
     return json.loads((Path(path) / TRAIN_STATE).read_text())
 
 
+INIT_ONLY = ("init_std", "injection_b_init")
+"[model] fields that only set the initial weights."
+
+
 def check_model_config(path: Path, model: ModelConfig, allowed: tuple[str, ...] | list[str] = ()) -> None:
     """Refuse a checkpoint trained with another [model] section, naming the fields: even a field that keeps every
-    tensor shape (rope_theta, norm_eps) changes what the weights compute. `allowed` fields may differ. A field the
-    checkpoint does not record is newer than it, so it was trained with that field's default."""
+    tensor shape (rope_theta, norm_eps) changes what the weights compute. `allowed` fields may differ, and so may
+    the ones that only set the initial weights (the checkpoint's replace them). A field the checkpoint does not
+    record is newer than it, so it was trained with that field's default."""
     recorded = read_train_state(path).get("model_config")
     if not recorded:
         return
@@ -153,7 +158,7 @@ def check_model_config(path: Path, model: ModelConfig, allowed: tuple[str, ...] 
     changed = [
         f"{name} = {value!r} (checkpoint: {recorded.get(name, defaults[name])!r})"
         for name, value in dataclasses.asdict(model).items()
-        if recorded.get(name, defaults[name]) != value and name not in allowed
+        if recorded.get(name, defaults[name]) != value and name not in (*allowed, *INIT_ONLY)
     ]
     if changed:
         raise ConfigError(

@@ -102,3 +102,8 @@ def test_resume_refuses_a_changed_model_section_naming_the_fields(data_dir, tmp_
     with pytest.raises(ConfigError, match=r"model.rope_theta = 10000.0 \(checkpoint: 500000.0\), model.norm_eps"):
         train_in_process(cfg)
     assert [step for step, _ in checkpoint_dirs(run / "checkpoints")] == [1]  # nothing written over
+    init_only = ["--model.init_std=0.05", "--model.injection_b_init=1.0"]  # the checkpoint's weights replace them
+    resumed = train_in_process(
+        tiny_config(data_dir, run, ["--train.steps=2", "--checkpoint.every_steps=1", *init_only])
+    )
+    assert resumed.step == 2
