@@ -8,12 +8,15 @@ removes it when the run ends. A lock left by a run that died is stale and taken 
   - on another host, one of the same job (SLURM_JOB_ID, or torchrun's TORCHELASTIC_RUN_ID): an earlier attempt.
 A lock of a live process, or of another host and job, refuses the run with a message naming its owner. An empty
 or unreadable lock younger than WRITING_S is another run writing it: we wait for its content.
-A stale lock is taken over atomically: renamed to a unique name (only one of several racing runs gets it), checked
-to be the one judged stale, removed; then the new lock is created with O_EXCL.
+A stale lock is taken over under a takeover token (`run.lock.takeover`, O_EXCL: one of several racing runs holds
+it): its holder re-reads the lock, and only if it is still stale replaces it with its own in one `os.replace`.
+The lock path never stops existing during a takeover, so no racer can create a lock in between (moving the stale
+lock aside first let two runs each believe they held it: one's fresh lock moved away while a third created one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 LOCK = "run.lock"
 WRITING_S = 5.0
 "Age under which an empty or unreadable lock is taken as being written by another run, not as left by a crash."
+TAKEOVER_STALE_S = 60.0
+"Age after which a takeover token is taken as left by a run that died mid-takeover (a takeover takes milliseconds)."
 _WRITING = {"writing": True}
 
 
@@ -130,34 +135,45 @@ class RunDirLock:
                     time.sleep(0.1)
                     continue
                 self.check()
-                self._take_over_stale()
+                if self._take_over_stale():
+                    self.held = True
+                    return
                 continue
             with os.fdopen(fd, "w") as stream:
-                owner = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid())}
-                json.dump({**owner, "job": job_id(), "started": time.time()}, stream)
+                json.dump(self._own_content(), stream)
             self.held = True
             return
         raise RunDirInUse(f"{self.path}: could not take the lock (another run keeps taking it)")
 
-    def _take_over_stale(self) -> None:
-        """Move the stale lock aside under a unique name (of racing runs, one moves it); put it back when what was
-        moved is not stale after all (another run's fresh lock, created since it was judged)."""
-        moved = self.path.with_name(f"{LOCK}.stale-{uuid.uuid4().hex}")
+    @staticmethod
+    def _own_content() -> dict:
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid())}
+        return {**owner, "job": job_id(), "started": time.time()}
+
+    def _take_over_stale(self) -> bool:
+        """Under the takeover token, replace the lock with ours if it is (still) stale; False: not taken (the token
+        is another run's, the lock is gone, or it is live now), to be tried again by `acquire`."""
+        token = self.path.with_name(f"{LOCK}.takeover")
         try:
-            self.path.rename(moved)
-        except FileNotFoundError:
-            return  # another run moved it first
-        owner = self.owner(moved) or {}
-        reason = stale_reason(owner)
-        if reason is None:
-            try:
-                os.link(moved, self.path)  # back, unless a third run has created one meanwhile
-            except FileExistsError:
-                pass
-            moved.unlink(missing_ok=True)
-            return
-        logger.warning("taking over the stale lock %s (%s): %s", self.path, describe(owner), reason)
-        moved.unlink(missing_ok=True)
+            os.close(os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - token.stat().st_mtime > TAKEOVER_STALE_S:
+                    token.unlink()  # its holder died mid-takeover
+            time.sleep(0.05)
+            return False
+        try:
+            owner = self.owner()
+            reason = None if owner is None else stale_reason(owner)
+            if reason is None:
+                return False
+            logger.warning("taking over the stale lock %s (%s): %s", self.path, describe(owner), reason)
+            partial = self.path.with_name(f"{LOCK}.{uuid.uuid4().hex}.tmp")
+            partial.write_text(json.dumps(self._own_content()))
+            os.replace(partial, self.path)  # atomic: the lock is the stale one or ours, never absent
+            return True
+        finally:
+            token.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:
