@@ -52,6 +52,9 @@ def _dataloader(cfg: DataConfig, dataset, **kwargs) -> StatefulDataLoader:
             # Forked workers inherit a copy of a threaded parent (gloo/NCCL, OpenMP): they can segfault, and their
             # exit can abort on inherited std::thread objects. forkserver workers start from a clean process.
             multiprocessing_context="forkserver" if workers else None,
+            # Its own generator for the workers' base seed: drawn from the default one, it would shift training's
+            # random stream (model.initial_state = 'noise') depending on when this process made its iterator.
+            generator=torch.Generator(),
             **kwargs,
         )
 

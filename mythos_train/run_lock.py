@@ -101,16 +101,15 @@ class RunDirLock:
         self.path = Path(run_dir) / LOCK
         self.held = False
 
-    def owner(self, path: Path | None = None) -> dict | None:
+    def owner(self) -> dict | None:
         """The content of an existing lock ({}: unreadable and old, _WRITING: unreadable and young), or None."""
-        path = path or self.path
         try:
-            return json.loads(path.read_text())
+            return json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):  # being written this instant, or left half-written by a crash
             try:
-                young = time.time() - path.stat().st_mtime < WRITING_S
+                young = time.time() - self.path.stat().st_mtime < WRITING_S
             except FileNotFoundError:
                 return None
             return _WRITING if young else {}

@@ -160,10 +160,7 @@ class Trainer:
             self.data_iter = iter(self.data_loader)
         batches = []
         for _ in range(self.cfg.train.grad_accum_steps):
-            # Forked: the DataLoader draws its base seed from the default generator when its first batch is read,
-            # and training's draws (model.initial_state = 'noise') must continue where the killed run left them.
-            with torch.random.fork_rng(devices=[]):
-                batch = next(self.data_iter)
+            batch = next(self.data_iter)
             keys = batch_keys(self.cfg.train.document_masking)
             batches.append({k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch})
         return batches

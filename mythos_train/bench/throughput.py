@@ -176,7 +176,13 @@ def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: 
 
 
 def _bench_reference(
-    reference, cfg: ModelConfig, args, tokens: torch.Tensor, device: torch.device, full_depth: bool, compiled=False
+    reference,
+    cfg: ModelConfig,
+    args,
+    tokens: torch.Tensor,
+    device: torch.device,
+    full_depth: bool,
+    compiled: bool = False,
 ) -> tuple[Callable, Callable]:
     """(open-mythos' training step, report). Its ACT leaves the loop once every position halted (after ~3 iterations
     at init), so FLOPs count the iterations it really ran; full_depth raises its halting threshold out of reach.
