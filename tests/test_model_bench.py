@@ -10,7 +10,21 @@ from mythos_train.config import ModelConfig
 
 def test_bench_smoke(capsys):
     results = bench.main(
-        ["--batch", "1", "--seq", "16", "--loops", "2", "--warmup", "0", "--steps", "1", "--peak-size", "128"]
+        [
+            "--batch",
+            "1",
+            "--seq",
+            "16",
+            "--loops",
+            "2",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--peak-size",
+            "128",
+            "--floor",
+        ]
     )
     ours = results["mythos_train"]
     assert ours["tokens_per_s"] > 0 and ours["peak_flops"] > 0
@@ -21,3 +35,6 @@ def test_bench_smoke(capsys):
     if "open_mythos" not in results:  # bench found no reference: skip here, fail under CI
         open_mythos_reference()
     assert results["open_mythos_full_depth"]["loops_run"] == 2  # its ACT may leave the loop early, this run may not
+    # the floors: each model's recorded kernels (their GEMM FLOPs checked in test_bench_floor.py), timed alone
+    assert results["mythos_train_floor"]["gemm_flops"] > 0 and results["open_mythos_full_depth_floor"]["gemm_flops"] > 0
+    assert results["speedup_at_floor"] > 0

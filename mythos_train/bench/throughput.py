@@ -6,7 +6,8 @@ importable, the same step around open-mythos 0.5.0's forward on the same shape, 
 square fp32 matmul, the peak, then one step of each model), and prints our same-depth speed-up as the median of the
 rounds' ratios. `--clock cpu` times CPU work instead of wall time; `--profile FILE` adds the phase table of
 `python -m mythos_train profile` for one of our steps; `--compile` adds both models with their transformer blocks
-compiled (as `parallel.compile` does ours; the loops stay eager) to the same rounds.
+compiled (as `parallel.compile` does ours; the loops stay eager) to the same rounds; `--floor` adds each model's kernel
+floor (its GEMMs and attention kernels replayed alone, bench/floor.py) to the same rounds.
 `bench --sweep --config job.toml` instead times the trainer's real step over checkpointing policy x micro-batch x
 loop depth (mythos_train/bench/sweep.py; `bench --sweep --help`).
 """
@@ -24,10 +25,12 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 
-from mythos_train.config import ModelConfig, TrainConfig
+from mythos_train.bench.floor import gemm_flops, kernel_kind, record_kernels, replay
+from mythos_train.config import ModelConfig, OptimConfig, TrainConfig
 from mythos_train.model import MythosModel
 from mythos_train.model.flops import training_flops_per_token
 from mythos_train.model.open_mythos_compat import load_open_mythos, open_mythos_config_kwargs
+from mythos_train.optim import build_optimizer
 from mythos_train.train_step import Forward, TrainStep, model_forward
 
 BENCH_SHAPE = dict(
@@ -70,6 +73,15 @@ def matmul_flops_per_s(device: torch.device, n: int, clock=time.perf_counter) ->
     return 2 * n**3 / (clock() - start)
 
 
+def seconds(fn: Callable[[], None], device: torch.device, clock=time.perf_counter) -> float:
+    """Time of one call of fn, the device's queued work included."""
+    _sync(device)
+    start = clock()
+    fn()
+    _sync(device)
+    return clock() - start
+
+
 def time_steps(
     steps: dict[str, Callable[[], None]],
     device: torch.device,
@@ -90,18 +102,15 @@ def time_steps(
     for _ in range(n):
         peaks.append(matmul_flops_per_s(device, peak_size, clock))
         for name, step in steps.items():
-            _sync(device)
-            start = clock()
-            step()
-            _sync(device)
-            times[name].append(clock() - start)
+            times[name].append(seconds(step, device, clock))
     return times, peaks
 
 
 def _train_step(model: torch.nn.Module, forward: Forward, tokens: torch.Tensor, loops: int) -> Callable[[], None]:
-    """The trainer's optimizer step (mythos_train/train_step.py) of `model` with plain AdamW, on tokens [B, S + 1],
-    all `loops` iterations with gradients."""
-    step = TrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-4), forward, TrainConfig().max_grad_norm)
+    """The trainer's optimizer step (mythos_train/train_step.py) of `model` with the trainer's AdamW (weight-decay
+    groups, fused kernel), on tokens [B, S + 1], all `loops` iterations with gradients."""
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-4), tokens.device.type)
+    step = TrainStep(model, optimizer, forward, TrainConfig().max_grad_norm)
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}  # [B, S] each
     return lambda: step([batch], 0, loops)
 
@@ -175,6 +184,31 @@ def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: 
     print(rank_tables(report, job) + f"\n  (op table: {args.profile}, trace: {trace})")
 
 
+def _report_floor(name: str, calls: list, times: list[float], row: dict, device: torch.device) -> dict:
+    """The kernel floor beside its model's row: its share of the step, the MFU a step at the floor would have, and
+    (each kind replayed alone, median of 3, after the rounds) its split into attention and GEMMs with their speed."""
+    floor_s = statistics.median(times)
+    gemm_gflop = sum(map(gemm_flops, calls)) / 1e9
+    mfu = row["mfu"] * row["step_s"] / floor_s
+    print(
+        f"{name} kernel floor: its {len(calls)} GEMM and attention calls ({gemm_gflop:.1f} GFLOP of GEMMs) replayed "
+        f"alone take {floor_s * 1e3:.1f} ms = {100 * floor_s / row['step_s']:.0f}% of its step; MFU at the floor "
+        f"{100 * mfu:.1f}%"
+    )
+    kinds = {}
+    for kind in sorted({kernel_kind(call) for call in calls}):
+        subset = [call for call in calls if kernel_kind(call) == kind]
+        run = replay(subset)
+        run()  # warm-up
+        kind_s = statistics.median(seconds(run, device) for _ in range(3))
+        flops = sum(map(gemm_flops, subset))
+        speed = f", {flops / 1e9:.2f} GFLOP at {flops / kind_s / row['peak_flops']:.0%} of the peak" if flops else ""
+        print(f"  {kind}: {len(subset)} calls, {kind_s * 1e3:.1f} ms{speed}")
+        kinds[kind] = {"calls": len(subset), "seconds": kind_s, "flops": flops}
+    share = floor_s / row["step_s"]
+    return {"step_s": floor_s, "share_of_step": share, "mfu": mfu, "gemm_flops": gemm_gflop * 1e9, "kinds": kinds}
+
+
 def _bench_reference(
     reference,
     cfg: ModelConfig,
@@ -193,12 +227,16 @@ def _bench_reference(
     if compiled:  # its blocks, as ours: the MoE's per-expert loop breaks the graph, so not fullgraph
         for block in (*model.prelude, model.recurrent.block, *model.coda):
             block.compile()
-    iterations = []
+    iterations, steps_run = [], []
     model.recurrent.block.register_forward_hook(lambda *_: iterations.append(1))
-    step = _train_step(model, lambda batch, n_nograd, n_grad: model(batch["input_ids"], n_loops=n_nograd + n_grad), tokens, args.loops)  # fmt: skip
+    train = _train_step(model, lambda batch, n_nograd, n_grad: model(batch["input_ids"], n_loops=n_nograd + n_grad), tokens, args.loops)  # fmt: skip
+
+    def step() -> None:
+        steps_run.append(1)
+        train()
 
     def report(times: list[float], peaks: list[float]) -> dict:
-        loops_run = len(iterations) / (args.warmup + args.steps)
+        loops_run = len(iterations) / len(steps_run)
         ref_cfg = dataclasses.replace(cfg, use_act=True)
         one, two = (training_flops_per_token(ref_cfg, args.seq, 0, n) for n in (1, 2))
         flops = (one + (loops_run - 1) * (two - one)) * tokens[:, 1:].numel()
@@ -234,6 +272,11 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     parser.add_argument(
         "--compile", action="store_true", help="also time both models with torch.compile'd transformer blocks"
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time each model's kernel floor: the GEMM and attention kernels of one of its steps replayed alone",
+    )
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one of our steps to this file")
     parser.add_argument(
         "--sweep",
@@ -264,10 +307,15 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
                 reference, cfg, args, tokens, device, full_depth=True, compiled=True
             )
     steps = {name: step for name, (step, _) in candidates.items()}
+    kernels = {name: record_kernels(steps[name]) for name in ("mythos_train", "open_mythos_full_depth") if args.floor and name in steps}  # fmt: skip
+    steps |= {f"{name}_floor": replay(calls) for name, calls in kernels.items()}
     times, peaks = time_steps(steps, device, args.warmup, args.steps, args.peak_size, CLOCKS[args.clock])
     results = {name: report(times[name], peaks) for name, (_, report) in candidates.items()}
+    for name, calls in kernels.items():
+        results[f"{name}_floor"] = _report_floor(name, calls, times[f"{name}_floor"], results[name], device)
     pairs = {  # result key: (ours, open-mythos at the same depth)
         "speedup_same_depth": ("mythos_train", "open_mythos_full_depth"),
+        "speedup_at_floor": ("mythos_train_floor", "open_mythos_full_depth"),
         "speedup_same_depth_compiled": ("mythos_train_compiled", "open_mythos_full_depth_compiled"),
         "speedup_compiled_vs_eager_reference": ("mythos_train_compiled", "open_mythos_full_depth"),
     }
