@@ -8,8 +8,9 @@
 #   sweep      eager `small` and 1B, AC none / loop, depth 4 / 8 / 16, next to the planner's predicted peak;
 #   multi-GPU  with 2+ GPUs only: FSDP2 over all of them, then expert parallelism 2 (gpu_multi.py under torchrun);
 #   plan       the planner's tables for both configs on this GPU type;
-#   bench      `python -m mythos_train bench --floor`: the bench shape (fp32, 8 loops) against open-mythos 0.5.0 at
-#              the same depth, and each model's kernel floor (issue 18's target, measured so far on CPU only).
+#   bench      `python -m mythos_train bench --floor`: the bench shape (fp32, 8 loops, so our experts take torch's
+#              per-expert fp32 grouped_mm) against open-mythos 0.5.0 at the same depth (required: from .whl/), and each
+#              model's kernel floor (issue 18's target, measured so far on CPU only).
 # Logs go to $OUT (if set) or runs/gpu_check; a summary of the PASS/FAIL lines ends the log.
 #
 #   bash benchmarks/gpu_check.sh [extra gpu_check.py arguments for the sweep, e.g. --steps 20]
@@ -83,9 +84,9 @@ part() {
         part "plan $cfg on 1 x 1 $GPU" 30 'FIT' "$PY" -m mythos_train plan --config "$cfg" --nodes 1 --gpus-per-node 1 \
             --gpu "$GPU" --parallel.ep=1 --no-alternatives
     done
-    bench_args=(--floor --warmup 1 --steps 5)
+    bench_args=(--floor --require-reference --warmup 1 --steps 5)
     [[ -n $DRY ]] && bench_args+=(--batch 1 --seq 16 --loops 2 --peak-size 128)
-    part bench 60 '^mythos_train vs open_mythos_full_depth' "$PY" -m mythos_train bench "${bench_args[@]}"
+    part bench 60 '^mythos_train(_floor)? vs open_mythos_full_depth' "$PY" -m mythos_train bench "${bench_args[@]}"
 } 2>&1 | tee "$LOG"
 echo "== summary"
 grep -E '^(PASS|FAIL|skip) ' "$LOG"

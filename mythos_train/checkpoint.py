@@ -497,7 +497,7 @@ def _restore_hyperparameters(optimizer: torch.optim.Optimizer, lr_scheduler: Any
         f"group {i} {key}: {saved_group.get(key)!r} -> {value!r}"
         for i, (saved_group, group) in enumerate(zip(saved["groups"], configured["groups"], strict=True))
         for key, value in group.items()
-        if saved_group.get(key) != value
+        if saved_group.get(key) != value and key not in ("fused", "foreach")  # kernel choice, not a setting
     ]
     if saved["base_lrs"] != configured["base_lrs"]:
         changes.append(f"base lr: {saved['base_lrs']} -> {configured['base_lrs']}")
@@ -509,7 +509,8 @@ def _restore_hyperparameters(optimizer: torch.optim.Optimizer, lr_scheduler: Any
     ):
         group["lr"] = base_lr * factor(lr_scheduler.last_epoch)
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    logger.info("resumed with the config's optimizer settings instead of the checkpoint's: %s", "; ".join(changes))
+    if changes:
+        logger.info("resumed with the config's optimizer settings instead of the checkpoint's: %s", "; ".join(changes))
 
 
 def _broadcast_int(value: int, model: nn.Module) -> int:

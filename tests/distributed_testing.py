@@ -79,8 +79,7 @@ class CollectiveCounter(TorchDispatchMode):
     data-dependent output shapes). A dispatch mode sees the real calls, in forward and in backward, whoever issues
     them (FSDP hooks, DTensor, all-to-all). Usage: `with CollectiveCounter() as c: ...; c.counts ->
     {"_allgather_base_": 7, ...}`. Not seen: `.tolist()` / `.cpu()` of a CPU tensor (no op is dispatched; see
-    HostReadCounter). `host_reads` keeps the tensors `.item()` read (`_local_scalar_dense`), so a caller can tell
-    tensors that live on the host whatever the device (AdamW's step counters) from device values.
+    HostReadCounter).
     """
 
     _NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}
@@ -91,7 +90,6 @@ class CollectiveCounter(TorchDispatchMode):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
         self.host_syncs: collections.Counter = collections.Counter()
-        self.host_reads: list[torch.Tensor] = []
 
     @staticmethod
     def _data_dependent_shape(name: str, args: tuple, kwargs: dict) -> bool:
@@ -110,8 +108,6 @@ class CollectiveCounter(TorchDispatchMode):
             self.counts[name] += 1
         elif name in self.HOST_SYNCS or self._data_dependent_shape(name, args, kwargs):
             self.host_syncs[name] += 1
-            if name == "_local_scalar_dense":
-                self.host_reads.append(args[0])
         return func(*args, **kwargs)
 
 

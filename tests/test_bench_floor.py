@@ -3,6 +3,7 @@ does, and replays exactly those kernels and nothing else."""
 
 from unittest import mock
 
+import pytest
 import torch
 import torch.nn.functional as F
 from model_testing import per_expert_swiglu, tiny_model_config
@@ -72,3 +73,19 @@ def test_a_model_step_records_the_gemm_flops_torch_counts():
     layers = cfg.prelude_layers + cfg.coda_layers
     assert sum(not name.endswith("_backward") for name in attention) == layers + 1 + 2  # every forward pass
     assert sum(name.endswith("_backward") for name in attention) == layers + 2  # gradient passes only
+
+
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "offsets", "expected"),
+    [  # expected: the sum over groups of 2 * rows * contracted * columns (dimensions: multiples of 16 bytes)
+        ((8, 16), (4, 16, 8), [2, 5, 5, 8], 2 * 16 * 8 * (2 + 3 + 0 + 3)),  # rows split among experts
+        ((4, 8, 16), (16, 12), [4, 4, 8, 12], 2 * 8 * 16 * (4 + 0 + 4 + 4)),  # columns split
+        ((8, 12), (12, 8), [4, 4, 8, 12], 2 * 8 * 8 * (4 + 0 + 4 + 4)),  # contracted dimension split (dW)
+        ((4, 8, 16), (4, 16, 12), None, 2 * 8 * 16 * 12 * 4),  # one group per batch entry
+    ],
+)
+def test_gemm_flops_of_each_grouped_layout(a_shape, b_shape, offsets, expected):
+    a, b = torch.randn(a_shape), torch.randn(b_shape)
+    offs = None if offsets is None else torch.tensor(offsets, dtype=torch.int32)
+    (call,) = record_kernels(lambda: F.grouped_mm(a, b, offs=offs))
+    assert gemm_flops(call) == expected

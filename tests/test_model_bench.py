@@ -38,3 +38,11 @@ def test_bench_smoke(capsys):
     # the floors: each model's recorded kernels (their GEMM FLOPs checked in test_bench_floor.py), timed alone
     assert results["mythos_train_floor"]["gemm_flops"] > 0 and results["open_mythos_full_depth_floor"]["gemm_flops"] > 0
     assert results["speedup_at_floor"] > 0
+
+
+def test_bench_refuses_to_run_without_the_reference_when_required(monkeypatch, capsys):
+    """gpu_check.sh's bench part must fail, not pass on our model alone, when open-mythos did not travel along."""
+    monkeypatch.setattr(bench, "load_open_mythos", lambda: None)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--batch", "1", "--seq", "16", "--loops", "1", "--steps", "1", "--require-reference"])
+    assert exit_info.value.code == 2 and "open-mythos 0.5.0 is not importable" in capsys.readouterr().err

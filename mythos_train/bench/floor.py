@@ -111,14 +111,14 @@ def kernel_kind(call: KernelCall) -> str:
 def gemm_flops(call: KernelCall) -> int:
     """Multiply-add FLOPs (2 per MAC) of a recorded GEMM; 0 for attention, whose work depends on its mask.
 
-    mm/bmm/grouped GEMM all contract a's last dimension; a 2D x 2D grouped GEMM (a weight gradient) has its groups
-    along that contracted dimension, so every output element of its [E, m, n] result sums over only its group."""
+    Every row of a meets b's last dimension once: for mm, bmm and the grouped GEMM's [M, K] x [E, K, N] (rows split
+    among experts), [E, M, K] x [E, K, N] and [M, K] x [K, N] (a weight gradient, groups along K) alike. A
+    [E, M, K] x [K, N] grouped GEMM splits b's columns among the E groups instead. Assumes the offsets cover the
+    whole grouped dimension (torch skips what lies past the last one), as the MoE's do."""
     name = call.op.overloadpacket.__name__
     if name not in GEMMS:
         return 0
     a, b = (call.args[1], call.args[2]) if name in ("addmm", "baddbmm") else (call.args[0], call.args[1])
-    if name == "_grouped_mm" and len(a.shape) == 2 and len(b.shape) == 2:
-        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
     if name == "_grouped_mm" and len(a.shape) == 3 and len(b.shape) == 2:
         return 2 * a.shape[1] * a.shape[2] * b.shape[1]
     return 2 * math.prod(a.shape) * b.shape[-1]

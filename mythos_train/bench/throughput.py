@@ -184,7 +184,7 @@ def _profile_step(step, model: torch.nn.Module, cfg: ModelConfig, args, device: 
     print(rank_tables(report, job) + f"\n  (op table: {args.profile}, trace: {trace})")
 
 
-def _report_floor(name: str, calls: list, times: list[float], row: dict, device: torch.device) -> dict:
+def _report_floor(name: str, calls: list, times: list[float], row: dict, device: torch.device, clock) -> dict:
     """The kernel floor beside its model's row: its share of the step, the MFU a step at the floor would have, and
     (each kind replayed alone, median of 3, after the rounds) its split into attention and GEMMs with their speed."""
     floor_s = statistics.median(times)
@@ -200,7 +200,7 @@ def _report_floor(name: str, calls: list, times: list[float], row: dict, device:
         subset = [call for call in calls if kernel_kind(call) == kind]
         run = replay(subset)
         run()  # warm-up
-        kind_s = statistics.median(seconds(run, device) for _ in range(3))
+        kind_s = statistics.median(seconds(run, device, clock) for _ in range(3))
         flops = sum(map(gemm_flops, subset))
         speed = f", {flops / 1e9:.2f} GFLOP at {flops / kind_s / row['peak_flops']:.0%} of the peak" if flops else ""
         print(f"  {kind}: {len(subset)} calls, {kind_s * 1e3:.1f} ms{speed}")
@@ -270,6 +270,11 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     )
     parser.add_argument("--no-reference", action="store_true", help="skip timing open-mythos")
     parser.add_argument(
+        "--require-reference",
+        action="store_true",
+        help="fail when open-mythos 0.5.0 is not importable, instead of timing our model alone (gpu_check.sh)",
+    )
+    parser.add_argument(
         "--compile", action="store_true", help="also time both models with torch.compile'd transformer blocks"
     )
     parser.add_argument(
@@ -299,6 +304,10 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     if args.compile:
         candidates["mythos_train_compiled"] = _bench_ours(cfg, args, tokens, device, compiled=True)
     reference = None if args.no_reference else load_open_mythos()
+    if reference is None and args.require_reference:
+        parser.error(
+            "--require-reference: open-mythos 0.5.0 is not importable (pip install --no-deps open-mythos==0.5.0)"
+        )
     if reference is not None:
         candidates["open_mythos"] = _bench_reference(reference, cfg, args, tokens, device, full_depth=False)
         candidates["open_mythos_full_depth"] = _bench_reference(reference, cfg, args, tokens, device, full_depth=True)
@@ -312,7 +321,9 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     times, peaks = time_steps(steps, device, args.warmup, args.steps, args.peak_size, CLOCKS[args.clock])
     results = {name: report(times[name], peaks) for name, (_, report) in candidates.items()}
     for name, calls in kernels.items():
-        results[f"{name}_floor"] = _report_floor(name, calls, times[f"{name}_floor"], results[name], device)
+        results[f"{name}_floor"] = _report_floor(
+            name, calls, times[f"{name}_floor"], results[name], device, CLOCKS[args.clock]
+        )
     pairs = {  # result key: (ours, open-mythos at the same depth)
         "speedup_same_depth": ("mythos_train", "open_mythos_full_depth"),
         "speedup_at_floor": ("mythos_train_floor", "open_mythos_full_depth"),
