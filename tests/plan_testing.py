@@ -167,9 +167,17 @@ def count_traffic(model, wrap, tokens: torch.Tensor, n_nograd: int, n_grad: int,
     return {"calls": dict(calls), "payload": dict(payload)}
 
 
+def assert_rss_matches(rss_growth: int, working: int, label) -> None:
+    """RSS growth cross-checks an allocator peak: at most 25% above it (memory the allocator's reading would miss)
+    and at least half of it. It can read low, never high: a step's blocks under MALLOC_MMAP_THRESHOLD_ may land in
+    heap holes its set-up left without growing RSS (tiny configs read 0.71-0.73 of the peak in 1-2 runs of 3 of
+    test_plan_matches_sharded_step after other test files, with the for-each AdamW as with the fused one)."""
+    assert 0.5 * working <= rss_growth <= 1.25 * working, label
+
+
 def assert_memory_matches(got: dict, plan, label: str, rel: float = 0.25) -> str:
     """One rank's measure_step against its MemoryPlan: static bytes exactly (unpadded numel and padded storage),
-    the activations saved at the end of forward and the micro-batch peak (allocator and RSS) within `rel`.
+    the activations saved at the end of forward and the allocator peak within `rel`, the RSS peak as assert_rss_matches.
     Returns the line for the test's report."""
     st = plan.static
     assert got["params"] == (st.param_numel * 4, st.params), label
@@ -180,5 +188,5 @@ def assert_memory_matches(got: dict, plan, label: str, rel: float = 0.25) -> str
             f"{got['rss_growth']}) vs {working} ({plan.peak_phase})")  # fmt: skip
     assert got["saved"] == pytest.approx(plan.forward_end, rel=rel), line
     assert got["peak"] == pytest.approx(working, rel=rel), line
-    assert got["rss_growth"] == pytest.approx(working, rel=rel), line
+    assert_rss_matches(got["rss_growth"], working, line)
     return line
