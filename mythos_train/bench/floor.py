@@ -56,9 +56,12 @@ def _spec(tensor: torch.Tensor) -> TensorSpec | torch.Tensor:
     return tensor.clone()
 
 
+def _name(op) -> str:
+    return op.overloadpacket.__name__
+
+
 def is_kernel(op) -> bool:
-    name = op.overloadpacket.__name__
-    return name in GEMMS or name.startswith(ATTENTION_PREFIX)
+    return _name(op) in GEMMS or _name(op).startswith(ATTENTION_PREFIX)
 
 
 class _Recorder(TorchDispatchMode):
@@ -104,7 +107,7 @@ def replay(calls: list[KernelCall]) -> Callable[[], None]:
 
 def kernel_kind(call: KernelCall) -> str:
     """'attention', 'grouped GEMM' or 'GEMM' (mm, addmm, bmm, baddbmm)."""
-    name = call.op.overloadpacket.__name__
+    name = _name(call.op)
     return "attention" if name.startswith(ATTENTION_PREFIX) else "grouped GEMM" if name == "_grouped_mm" else "GEMM"
 
 
@@ -115,7 +118,7 @@ def gemm_flops(call: KernelCall) -> int:
     among experts), [E, M, K] x [E, K, N] and [M, K] x [K, N] (a weight gradient, groups along K) alike. A
     [E, M, K] x [K, N] grouped GEMM splits b's columns among the E groups instead. Assumes the offsets cover the
     whole grouped dimension (torch skips what lies past the last one), as the MoE's do."""
-    name = call.op.overloadpacket.__name__
+    name = _name(call.op)
     if name not in GEMMS:
         return 0
     a, b = (call.args[1], call.args[2]) if name in ("addmm", "baddbmm") else (call.args[0], call.args[1])

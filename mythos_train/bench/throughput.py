@@ -189,11 +189,10 @@ def _report_floor(name: str, calls: list, times: list[float], row: dict, device:
     (each kind replayed alone, median of 3, after the rounds) its split into attention and GEMMs with their speed."""
     floor_s = statistics.median(times)
     gemm_gflop = sum(map(gemm_flops, calls)) / 1e9
-    mfu = row["mfu"] * row["step_s"] / floor_s
+    share, mfu = floor_s / row["step_s"], row["mfu"] * row["step_s"] / floor_s
     print(
         f"{name} kernel floor: its {len(calls)} GEMM and attention calls ({gemm_gflop:.1f} GFLOP of GEMMs) replayed "
-        f"alone take {floor_s * 1e3:.1f} ms = {100 * floor_s / row['step_s']:.0f}% of its step; MFU at the floor "
-        f"{100 * mfu:.1f}%"
+        f"alone take {floor_s * 1e3:.1f} ms = {share:.0%} of its step; MFU at the floor {mfu:.1%}"
     )
     kinds = {}
     for kind in sorted({kernel_kind(call) for call in calls}):
@@ -205,7 +204,6 @@ def _report_floor(name: str, calls: list, times: list[float], row: dict, device:
         speed = f", {flops / 1e9:.2f} GFLOP at {flops / kind_s / row['peak_flops']:.0%} of the peak" if flops else ""
         print(f"  {kind}: {len(subset)} calls, {kind_s * 1e3:.1f} ms{speed}")
         kinds[kind] = {"calls": len(subset), "seconds": kind_s, "flops": flops}
-    share = floor_s / row["step_s"]
     return {"step_s": floor_s, "share_of_step": share, "mfu": mfu, "gemm_flops": gemm_gflop * 1e9, "kinds": kinds}
 
 
